@@ -1,0 +1,1 @@
+"""HuMo: Whisper audio conditioning on the Wan backbone."""

@@ -1,0 +1,1 @@
+"""InfiniteTalk / MultiTalk audio conditioning and the long-video loop."""

@@ -1,0 +1,1 @@
+"""Wan 2.1 model, attention, VAE and schedulers."""

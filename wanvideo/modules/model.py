@@ -1,0 +1,420 @@
+"""Wan 2.1 diffusion transformer (T2V and I2V), following the official WanModel numerics.
+
+Precision contract (REFERENCE.md 1.3-1.5): the time embedding, modulation, gated residual adds and the
+head run in float32; the residual stream is float32; linear layers compute in their own dtype; RoPE
+angles come from float64 tables; attention runs in the model's compute dtype.
+
+Modules take `device`, `dtype` and `operations` (a namespace with `Linear`, `Conv3d`, `LayerNorm`)
+explicitly. Quantization swaps `Linear` modules afterwards, in one place (`wanvideo.quantization`).
+Audio add-ons (InfiniteTalk, HuMo) plug into each block through `block.audio_adapter`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_dim: int = 36
+    out_dim: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    image_branch: bool = True   # I2V CLIP cross-attention (k_img/v_img, img_emb)
+    clip_dim: int = 1280
+    audio: Any = None           # add-on config (multitalk.InfiniteTalkConfig / humo.HumoConfig) or None
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def model_type(self) -> str:
+        return "i2v" if self.in_dim != self.out_dim else "t2v"
+
+    def with_(self, **kw) -> "WanConfig":
+        return replace(self, **kw)
+
+
+WAN_I2V_14B = WanConfig()
+WAN_T2V_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, image_branch=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings and RoPE
+# ----------------------------------------------------------------------------------------------
+
+def sinusoidal_embedding_1d(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """`[cos(t*f), sin(t*f)]` with f_k = 10000^(-k/half), computed in float64, returned as float32."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    args = torch.outer(t, freqs)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+
+
+def rope_inv_freqs(head_dim: int) -> list[torch.Tensor]:
+    """float64 inverse frequencies of the (time, height, width) RoPE parts, split 22/21/21 at d=128."""
+    half = head_dim // 2
+    parts = [half - 2 * (half // 3), half // 3, half // 3]
+    out = []
+    for n in parts:
+        d = 2 * n
+        out.append(1.0 / torch.pow(10000.0, torch.arange(0, d, 2, dtype=torch.float64) / d))
+    return out
+
+
+def rope_params(max_len: int, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """complex128 `[max_len, dim/2]` table, as the official `rope_params`."""
+    inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return torch.polar(torch.ones(max_len, dim // 2, dtype=torch.float64), torch.outer(torch.arange(max_len, dtype=torch.float64), inv))
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, device, offsets=(0, 0, 0)) -> torch.Tensor:
+    """float64 angle per (token, complex pair): `[F*H*W, head_dim/2]` in row-major (f, h, w) order."""
+    f, h, w = grid
+    inv_t, inv_h, inv_w = (x.to(device) for x in rope_inv_freqs(head_dim))
+    pos = lambda n, off: torch.arange(off, off + n, dtype=torch.float64, device=device)
+    at = torch.outer(pos(f, offsets[0]), inv_t)[:, None, None, :].expand(f, h, w, -1)
+    ah = torch.outer(pos(h, offsets[1]), inv_h)[None, :, None, :].expand(f, h, w, -1)
+    aw = torch.outer(pos(w, offsets[2]), inv_w)[None, None, :, :].expand(f, h, w, -1)
+    return torch.cat([at, ah, aw], dim=-1).reshape(f * h * w, -1)
+
+
+def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin tables `[L, 1, head_dim/2]` from float64 angles (computed once per forward)."""
+    ang = rope_angles(grid, head_dim, device)
+    return torch.cos(ang).float()[:, None, :], torch.sin(ang).float()[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (2i, 2i+1) of `x` `[B, L, H, D]`; tokens past the table pass through.
+
+    Returns float32, as the official implementation does.
+    """
+    n = cos.shape[0]
+    xr = x[:, :n].float().unflatten(-1, (-1, 2))
+    x0, x1 = xr[..., 0], xr[..., 1]
+    rot = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    if n == x.shape[1]:
+        return rot
+    return torch.cat([rot, x[:, n:].float()], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms and float32 helpers
+# ----------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps)` in float32, cast back to x's dtype, then times the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x)
+        return y * self.weight.to(y.dtype)
+
+
+def layer_norm_fp32(x: torch.Tensor, norm: nn.Module | None, dim: int, eps: float) -> torch.Tensor:
+    """LayerNorm computed in float32 (affine parameters upcast); output float32."""
+    w = b = None
+    if norm is not None:
+        w, b = norm.weight.float(), (norm.bias.float() if norm.bias is not None else None)
+    return F.layer_norm(x.float(), (dim,), w, b, eps)
+
+
+def linear_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a linear layer in float32, as the official autocast(float32) regions do."""
+    if type(layer) is nn.Linear or isinstance(layer, nn.Linear):
+        return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    return layer(x.float()).float()
+
+
+def linear_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a (possibly quantized) linear layer, feeding it its compute dtype."""
+    dtype = getattr(layer, "compute_dtype", None) or layer.weight.dtype
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        dtype = torch.bfloat16
+    return layer(x.to(dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention modules
+# ----------------------------------------------------------------------------------------------
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float, *, device, dtype, operations):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.q = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.k = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.v = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.o = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.norm_q = RMSNorm(dim, eps, device=device, dtype=dtype)
+        self.norm_k = RMSNorm(dim, eps, device=device, dtype=dtype)
+        self.attention_mode = "auto"
+
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """q and k after RMSNorm and RoPE (float32), v; all `[B, L, H, D]`."""
+        b, s, _ = x.shape
+        q = self.norm_q(linear_in(self.q, x)).view(b, s, self.num_heads, self.head_dim)
+        k = self.norm_k(linear_in(self.k, x)).view(b, s, self.num_heads, self.head_dim)
+        v = linear_in(self.v, x).view(b, s, self.num_heads, self.head_dim)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def forward(self, x, rope, k_lens=None, keep_qk: list | None = None):
+        q, k, v = self.qkv(x, rope)
+        if keep_qk is not None:
+            keep_qk.extend([q, k])
+        cd = v.dtype
+        out = attention(q.to(cd), k.to(cd), v, mode=self.attention_mode, k_lens=k_lens)
+        return linear_in(self.o, out.flatten(2))
+
+
+class WanCrossAttention(nn.Module):
+    """Text cross-attention, plus the I2V CLIP-image branch (`k_img`, `v_img`) when `image_branch`."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image_branch: bool, *, device, dtype, operations):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.image_branch = image_branch
+        self.q = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.k = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.v = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.o = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.norm_q = RMSNorm(dim, eps, device=device, dtype=dtype)
+        self.norm_k = RMSNorm(dim, eps, device=device, dtype=dtype)
+        if image_branch:
+            self.k_img = operations.Linear(dim, dim, device=device, dtype=dtype)
+            self.v_img = operations.Linear(dim, dim, device=device, dtype=dtype)
+            self.norm_k_img = RMSNorm(dim, eps, device=device, dtype=dtype)
+        self.attention_mode = "auto"
+
+    def forward(self, x, context, text_len: int):
+        b = x.shape[0]
+        heads = lambda t: t.view(b, -1, self.num_heads, self.head_dim)
+        q = heads(self.norm_q(linear_in(self.q, x)))
+        txt = context[:, -text_len:]
+        k = heads(self.norm_k(linear_in(self.k, txt)))
+        v = heads(linear_in(self.v, txt))
+        out = attention(q, k.to(q.dtype), v.to(q.dtype), mode=self.attention_mode)
+        if self.image_branch and context.shape[1] > text_len:
+            img = context[:, :-text_len]
+            k_img = heads(self.norm_k_img(linear_in(self.k_img, img)))
+            v_img = heads(linear_in(self.v_img, img))
+            out = out + attention(q, k_img.to(q.dtype), v_img.to(q.dtype), mode=self.attention_mode)
+        return linear_in(self.o, out.flatten(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks, head, image embedding
+# ----------------------------------------------------------------------------------------------
+
+class BlockInputs:
+    """Per-forward state shared by all blocks (avoids threading a dozen arguments)."""
+
+    def __init__(self, e0, rope, context, grid, seq_lens=None, audio=None):
+        self.e0, self.rope, self.context, self.grid = e0, rope, context, grid
+        self.seq_lens, self.audio = seq_lens, audio
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, cfg: WanConfig, *, device, dtype, operations, audio_adapter: nn.Module | None = None):
+        super().__init__()
+        self.dim, self.eps, self.text_len = cfg.dim, cfg.eps, cfg.text_len
+        self.self_attn = WanSelfAttention(cfg.dim, cfg.num_heads, cfg.eps, device=device, dtype=dtype, operations=operations)
+        self.norm3 = operations.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True, device=device, dtype=dtype)
+        self.cross_attn = WanCrossAttention(cfg.dim, cfg.num_heads, cfg.eps, cfg.image_branch,
+                                            device=device, dtype=dtype, operations=operations)
+        self.ffn = nn.Sequential(operations.Linear(cfg.dim, cfg.ffn_dim, device=device, dtype=dtype),
+                                 nn.GELU(approximate="tanh"),
+                                 operations.Linear(cfg.ffn_dim, cfg.dim, device=device, dtype=dtype))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim, device=device, dtype=dtype) / cfg.dim ** 0.5)
+        if audio_adapter is not None:
+            # Registered under the add-on's own key names (e.g. `audio_cross_attn`, `norm_x`).
+            for name, module in audio_adapter.named_children():
+                self.add_module(name, module)
+            self.audio_adapter = audio_adapter.forward_in_block
+        else:
+            self.audio_adapter = None
+
+    def forward(self, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
+        m = (self.modulation.float() + inp.e0).unbind(1)  # shift, scale, gate (msa), shift, scale, gate (mlp)
+        norm1 = layer_norm_fp32(x, None, self.dim, self.eps)
+        want_qk = self.audio_adapter is not None and inp.audio is not None and getattr(inp.audio, "needs_qk", False)
+        keep_qk = [] if want_qk else None
+        y = self.self_attn(norm1 * (1 + m[1][:, None]) + m[0][:, None], inp.rope, inp.seq_lens, keep_qk)
+        x = x + y.float() * m[2][:, None]
+        x = x + self.cross_attn(layer_norm_fp32(x, self.norm3, self.dim, self.eps), inp.context, self.text_len).float()
+        if self.audio_adapter is not None and inp.audio is not None:
+            x = x + self.audio_adapter(self, x, inp, keep_qk).float()
+        norm2 = layer_norm_fp32(x, None, self.dim, self.eps)
+        y = linear_in(self.ffn[2], self.ffn[1](linear_in(self.ffn[0], norm2 * (1 + m[4][:, None]) + m[3][:, None])))
+        return x + y.float() * m[5][:, None]
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_dim: int, patch_size, eps: float, *, device, dtype, operations):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.head = operations.Linear(dim, math.prod(patch_size) * out_dim, device=device, dtype=dtype)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim, device=device, dtype=dtype) / dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.float()[:, None]).unbind(1)
+        return linear_fp32(self.head, layer_norm_fp32(x, None, self.dim, self.eps) * (1 + scale[:, None]) + shift[:, None])
+
+
+class MLPProj(nn.Module):
+    """CLIP image tokens (1280) to model dim: LN, Linear, GELU(erf), Linear, LN."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, device, dtype, operations):
+        super().__init__()
+        self.proj = nn.Sequential(
+            operations.LayerNorm(in_dim, device=device, dtype=dtype),
+            operations.Linear(in_dim, in_dim, device=device, dtype=dtype),
+            nn.GELU(),
+            operations.Linear(in_dim, out_dim, device=device, dtype=dtype),
+            operations.LayerNorm(out_dim, device=device, dtype=dtype))
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        p = self.proj
+        x = layer_norm_fp32(clip_fea, p[0], p[0].normalized_shape[0], p[0].eps)
+        x = linear_in(p[3], p[2](linear_in(p[1], x)))
+        return layer_norm_fp32(x, p[4], p[4].normalized_shape[0], p[4].eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+AudioAdapterFactory = Callable[..., nn.Module]
+
+
+class WanModel(nn.Module):
+    """Wan 2.1 DiT. `forward_batched` is the pack's interface; `forward` the official call convention."""
+
+    def __init__(self, cfg: WanConfig, *, device=None, dtype=torch.bfloat16, operations=nn,
+                 audio_adapter_factory: AudioAdapterFactory | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.patch_embedding = operations.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                                 device=device, dtype=dtype)
+        self.text_embedding = nn.Sequential(operations.Linear(cfg.text_dim, cfg.dim, device=device, dtype=dtype),
+                                            nn.GELU(approximate="tanh"),
+                                            operations.Linear(cfg.dim, cfg.dim, device=device, dtype=dtype))
+        self.time_embedding = nn.Sequential(operations.Linear(cfg.freq_dim, cfg.dim, device=device, dtype=dtype),
+                                            nn.SiLU(),
+                                            operations.Linear(cfg.dim, cfg.dim, device=device, dtype=dtype))
+        self.time_projection = nn.Sequential(nn.SiLU(), operations.Linear(cfg.dim, cfg.dim * 6, device=device, dtype=dtype))
+        self.blocks = nn.ModuleList([
+            WanAttentionBlock(cfg, device=device, dtype=dtype, operations=operations,
+                              audio_adapter=(audio_adapter_factory(cfg, device=device, dtype=dtype, operations=operations)
+                                             if audio_adapter_factory is not None else None))
+            for _ in range(cfg.num_layers)])
+        self.head = Head(cfg.dim, cfg.out_dim, cfg.patch_size, cfg.eps, device=device, dtype=dtype, operations=operations)
+        if cfg.image_branch:
+            self.img_emb = MLPProj(cfg.clip_dim, cfg.dim, device=device, dtype=dtype, operations=operations)
+        self.attention_mode = "auto"
+        self.block_runner = None  # optional callable(block_index, block, x, inputs) -> x, e.g. block swap
+
+    # -- configuration -------------------------------------------------------------------------
+    def set_attention_mode(self, mode: str) -> None:
+        self.attention_mode = mode
+        for m in self.modules():
+            if hasattr(m, "attention_mode") and m is not self:
+                m.attention_mode = mode
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.dtype if self.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+
+    # -- pieces --------------------------------------------------------------------------------
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e `[B, dim]`, e0 `[B, 6, dim]`), float32."""
+        e = linear_fp32(self.time_embedding[2], self.time_embedding[1](linear_fp32(self.time_embedding[0],
+                        sinusoidal_embedding_1d(self.cfg.freq_dim, t))))
+        e0 = linear_fp32(self.time_projection[1], self.time_projection[0](e)).unflatten(1, (6, self.cfg.dim))
+        return e, e0
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """`[B, Lt, text_dim]` -> `[B, text_len, dim]`; rows are zero-padded to text_len BEFORE the MLP."""
+        b, lt, _ = context.shape
+        if lt < self.cfg.text_len:
+            context = torch.cat([context, context.new_zeros(b, self.cfg.text_len - lt, context.shape[2])], dim=1)
+        elif lt > self.cfg.text_len:
+            context = context[:, :self.cfg.text_len]
+        te = self.text_embedding
+        return linear_in(te[2], te[1](linear_in(te[0], context)))
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        w = self.patch_embedding.weight
+        x = self.patch_embedding(x.to(w.dtype if w.dtype.is_floating_point and w.dtype.itemsize >= 2 else self.compute_dtype))
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2).float(), grid
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """`[B, L, prod(patch)*out]` -> `[B, out, F*p0, H*p1, W*p2]` (channel fastest per token)."""
+        f, h, w = grid
+        p0, p1, p2 = self.cfg.patch_size
+        c = self.cfg.out_dim
+        x = x[:, :f * h * w].reshape(x.shape[0], f, h, w, p0, p1, p2, c)
+        return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(x.shape[0], c, f * p0, h * p1, w * p2)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward_batched(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                        clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                        audio: Any = None, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """x `[B, C, F, H, W]`, t `[B]`, context `[B, Lt, text_dim]`, clip_fea `[B, 257, 1280]`,
+        y `[B, in_dim - C, F, H, W]` -> float32 `[B, out_dim, F, H, W]`."""
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.shape[1] != self.cfg.in_dim:
+            raise ValueError(f"WanModel expects {self.cfg.in_dim} input channels (latent + I2V conditioning), "
+                             f"got {x.shape[1]}; an I2V model needs the image conditioning `y`.")
+        tokens, grid = self.patchify(x)
+        e, e0 = self.embed_time(t.to(tokens.device).expand(x.shape[0]))
+        ctx = self.embed_text(context.to(self.compute_dtype))
+        if self.cfg.image_branch and clip_fea is not None:
+            ctx = torch.cat([self.img_emb(clip_fea.to(self.compute_dtype)).to(ctx.dtype), ctx], dim=1)
+        rope = rope_cos_sin(grid, self.cfg.head_dim, tokens.device)
+        inputs = BlockInputs(e0, rope, ctx, grid, seq_lens, audio)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, inputs) if self.block_runner is None else self.block_runner(i, block, tokens, inputs)
+        return self.unpatchify(self.head(tokens, e), grid)
+
+    def forward(self, x, t, context, seq_len=None, clip_fea=None, y=None, **kwargs):
+        """Official convention: lists of `[C, F, H, W]` latents and `[L, text_dim]` contexts -> list of outputs."""
+        outs = []
+        for i, xi in enumerate(x):
+            yi = None if y is None else y[i][None]
+            ci = None if clip_fea is None else clip_fea[i:i + 1]
+            ti = t[i:i + 1] if t.dim() > 0 and t.numel() > 1 else t.reshape(1)
+            audio = self.audio_from_official(kwargs, i) if kwargs else None
+            outs.append(self.forward_batched(xi[None], ti, context[i][None], ci, yi, audio=audio)[0])
+        return outs
+
+    def audio_from_official(self, kwargs: dict, index: int):
+        """Hook for add-ons to translate official keyword arguments (InfiniteTalk `audio`, HuMo `audio`)."""
+        if self.cfg.audio is None:
+            raise TypeError(f"unexpected arguments for a plain Wan model: {sorted(kwargs)}")
+        return self.cfg.audio.from_official(self, kwargs, index)
