@@ -1,0 +1,216 @@
+"""Loading a Wan 2.1 DiT (plus InfiniteTalk / HuMo add-ons) from checkpoint files.
+
+The config is inferred from tensor shapes; the model is built on the meta device, the quantization policy is
+applied once, then tensors stream from disk one at a time onto the load device (quantized on the way).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import quantization as policy
+from .checkpoint import CheckpointError, CheckpointReader, describe_foreign, strip_prefix
+from .modules.model import WanConfig, WanModel
+from .modules.attention import ATTENTION_MODES
+
+log = logging.getLogger("wantalk")
+
+BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class AddOn:
+    """A model add-on recognised from its keys: its config and the block adapter factory to build it."""
+    name: str
+    config: object
+    adapter_factory: object
+    top_level: dict  # name -> nn.Module factory(cfg, device, dtype, operations) for top-level modules
+
+
+def addon_detectors():
+    """Add-on detectors in priority order; each maps (shapes, cfg) -> AddOn | None."""
+    detectors = []
+    try:
+        from ..multitalk.model_addon import detect_infinitetalk
+        detectors.append(detect_infinitetalk)
+    except ImportError:
+        pass
+    try:
+        from ..humo.model_addon import detect_humo
+        detectors.append(detect_humo)
+    except ImportError:
+        pass
+    return detectors
+
+
+def _head_count(dim: int, hints: dict) -> int:
+    if "num_heads" in hints:
+        return int(hints["num_heads"])
+    if dim % 128 == 0:
+        return dim // 128  # every published Wan 2.1 model uses head_dim 128
+    raise CheckpointError(f"cannot infer the number of attention heads for model dim {dim} (not a multiple of 128); "
+                          f"pass config_overrides={{'num_heads': N}} or put a config.json beside the file.")
+
+
+def infer_config(shapes: dict[str, tuple], hints: dict | None = None, source: str = "checkpoint") -> WanConfig:
+    """WanConfig from the shapes of the (prefix-stripped) base keys."""
+    hints = dict(hints or {})
+    need = ["patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "head.head.weight",
+            "blocks.0.ffn.0.weight"]
+    missing = [k for k in need if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{source}: not a Wan 2.1 diffusion model; missing {', '.join(missing)}.")
+    pe = shapes["patch_embedding.weight"]
+    if len(pe) != 5:
+        raise CheckpointError(f"{source}: patch_embedding.weight has shape {pe}; expected a Conv3d weight "
+                              f"(dim, in_dim, 1, 2, 2). This is not a Wan 2.1 layout.")
+    dim, in_dim, patch = pe[0], pe[1], tuple(pe[2:])
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
+    out_dim = shapes["head.head.weight"][0] // (patch[0] * patch[1] * patch[2])
+    cfg = WanConfig(dim=dim, ffn_dim=shapes["blocks.0.ffn.0.weight"][0], num_heads=_head_count(dim, hints),
+                    num_layers=layers, in_dim=in_dim, out_dim=out_dim, text_dim=shapes["text_embedding.0.weight"][1],
+                    freq_dim=shapes["time_embedding.0.weight"][1], patch_size=patch,
+                    image_branch="blocks.0.cross_attn.k_img.weight" in shapes,
+                    clip_dim=shapes.get("img_emb.proj.1.weight", (0, 1280))[1])
+    for key in ("text_len", "eps"):
+        if key in hints:
+            cfg = cfg.with_(**{key: type(getattr(cfg, key))(hints[key])})
+    checks = {"text_embedding.2.weight": (dim, dim), "blocks.0.self_attn.q.weight": (dim, dim),
+              "blocks.0.ffn.2.weight": (dim, cfg.ffn_dim), "time_projection.1.weight": (6 * dim, dim),
+              "blocks.0.modulation": (1, 6, dim)}
+    for key, expect in checks.items():
+        if key in shapes and tuple(shapes[key]) != expect:
+            raise CheckpointError(f"{source}: '{key}' has shape {tuple(shapes[key])}, expected {expect} for a Wan "
+                                  f"model of dim {dim}; the file fits no known Wan 2.1 layout.")
+    return cfg
+
+
+def _config_hints(path: str, reader: CheckpointReader) -> dict:
+    """num_heads etc. from safetensors metadata or a config.json beside the file, when present."""
+    hints = {}
+    meta = reader.metadata.get("config") if reader.metadata else None
+    if meta:
+        try:
+            hints.update(json.loads(meta))
+        except json.JSONDecodeError:
+            pass
+    side = os.path.join(os.path.dirname(path), "config.json")
+    if os.path.isfile(side):
+        try:
+            with open(side) as f:
+                hints.update({k: v for k, v in json.load(f).items() if k in ("num_heads", "text_len", "eps")})
+        except (OSError, json.JSONDecodeError):
+            pass
+    return hints
+
+
+def build_model(cfg: WanConfig, addon: AddOn | None, *, device, dtype) -> WanModel:
+    factory = addon.adapter_factory if addon else None
+    model = WanModel(cfg, device=device, dtype=dtype, audio_adapter_factory=factory)
+    if addon:
+        for name, make in addon.top_level.items():
+            model.add_module(name, make(cfg, device=device, dtype=dtype, operations=torch.nn))
+    return model
+
+
+class _Sources:
+    """Merged view over several checkpoint files; later files override earlier ones key by key."""
+
+    def __init__(self, paths: list[str]):
+        self.readers = [CheckpointReader(p) for p in paths]
+        self.where: dict[str, tuple[CheckpointReader, str]] = {}
+        self.aux: dict[str, dict[str, tuple[CheckpointReader, str]]] = {}
+        for reader in self.readers:
+            keys = reader.keys()
+            prefix = strip_prefix(keys)
+            for raw in keys:
+                key = raw[len(prefix):] if prefix and raw.startswith(prefix) else raw
+                if key in policy.GLOBAL_MARKERS:
+                    continue
+                base, _, suffix = key.rpartition(".")
+                if suffix in policy.AUX_SUFFIXES:
+                    self.aux.setdefault(base + ".weight", {})[suffix] = (reader, raw)
+                else:
+                    self.where[key] = (reader, raw)
+
+    def shapes(self) -> dict[str, tuple]:
+        return {k: r.shape(raw) for k, (r, raw) in self.where.items()}
+
+    def get(self, key: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        reader, raw = self.where[key]
+        aux = {s: r.get(rk) for s, (r, rk) in self.aux.get(key, {}).items()}
+        return reader.get(raw), aux
+
+
+def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quantization: str = "disabled",
+                   attention_mode: str = "auto", params_to_keep=None, extra_weights=(),
+                   config_overrides: dict | None = None) -> WanModel:
+    """Load a Wan 2.1 DiT (optionally with add-on files in `extra_weights`) ready for inference."""
+    if isinstance(base_dtype, str):
+        base_dtype = BASE_DTYPES[base_dtype]
+    if attention_mode not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention_mode '{attention_mode}'; expected one of {', '.join(ATTENTION_MODES)}")
+    t0 = time.perf_counter()
+    paths = [path, *extra_weights]
+    sources = _Sources(paths)
+    main_keys = sources.readers[0].keys()
+    foreign = describe_foreign(main_keys)
+    if foreign:
+        raise CheckpointError(f"'{path}' is {foreign}.")
+    shapes = sources.shapes()
+    hints = _config_hints(path, sources.readers[0])
+    hints.update(config_overrides or {})
+    cfg = infer_config(shapes, hints, source=f"'{path}'")
+    addon = None
+    for detect in addon_detectors():
+        addon = detect(shapes, cfg)
+        if addon is not None:
+            cfg = cfg.with_(audio=addon.config)
+            break
+    with torch.device("meta"):
+        model = build_model(cfg, addon, device="meta", dtype=base_dtype)
+    expected = dict(model.state_dict(keep_vars=True))
+    missing = [k for k in expected if k not in sources.where]
+    unexpected = [k for k in sources.where if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(_key_mismatch_message(paths, missing, unexpected))
+    for key, param in expected.items():
+        if tuple(param.shape) != tuple(shapes[key]):
+            raise CheckpointError(f"'{key}' has shape {tuple(shapes[key])} in the checkpoint but the model inferred "
+                                  f"from it needs {tuple(param.shape)}; are the files from different models "
+                                  f"(e.g. a 14B add-on on a 1.3B model)?")
+    if quantization not in policy.QUANTIZATION_MODES:
+        raise ValueError(f"unknown quantization '{quantization}'; expected one of {', '.join(policy.QUANTIZATION_MODES)}")
+    keep = policy.parse_params_to_keep(params_to_keep)
+    report = policy.apply_policy(model, quantization, keep, base_dtype=base_dtype)
+    device = torch.device(device)
+    for key in expected:
+        tensor, aux = sources.get(key)
+        policy.load_param(model, key, tensor, aux=aux, device=device, base_dtype=base_dtype)
+    leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:
+        raise CheckpointError(f"internal: parameters not loaded: {leftover[:5]}")
+    model.eval().requires_grad_(False)
+    model.set_attention_mode(attention_mode)
+    model.quant_report = report
+    log.info("wantalk: loaded %s (%s, dim %d, %d layers%s) in %.1fs; %s", os.path.basename(path), cfg.model_type,
+             cfg.dim, cfg.num_layers, f", {addon.name}" if addon else "", time.perf_counter() - t0, report.summary())
+    return model
+
+
+def _key_mismatch_message(paths, missing, unexpected) -> str:
+    files = ", ".join(f"'{p}'" for p in paths)
+    parts = [f"the checkpoint keys of {files} do not match the model inferred from them."]
+    if missing:
+        parts.append(f"{len(missing)} missing (first: {', '.join(missing[:6])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:6])})")
+    if any(k.startswith("blocks.") and ("audio" in k or "norm_x" in k) for k in missing):
+        parts.append("Audio layers are missing: give the InfiniteTalk/HuMo file too, or use the matching base model.")
+    return " ".join(parts)
