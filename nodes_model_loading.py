@@ -1,3 +1,113 @@
-"""Model loading nodes (filled in below)."""
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+"""Model loading nodes: thin wrappers over `wanvideo.loader`."""
+from __future__ import annotations
+
+import torch
+
+from . import host
+from .wanvideo.loader import BASE_DTYPES, load_wan_model
+from .wanvideo.modules.attention import ATTENTION_MODES
+from .wanvideo.quantization import DEFAULT_PARAMS_TO_KEEP, QUANTIZATION_MODES
+
+MODEL_TYPE = "WANTALK_MODEL"
+CATEGORY = "wantalk"
+
+
+class NodeInputError(ValueError):
+    """An error that names the node and the input, says what was expected and what to do."""
+
+    def __init__(self, node: str, input_name: str, message: str):
+        super().__init__(f"[wantalk {node}] input '{input_name}': {message}")
+
+
+def addon_files() -> list[str]:
+    """InfiniteTalk / HuMo add-on candidates: ComfyUI's model_patches folder, then diffusion_models."""
+    return ["none"] + host.model_files("model_patches") + host.model_files("diffusion_models")
+
+
+def resolve_addon(name: str) -> str:
+    for kind in ("model_patches", "diffusion_models"):
+        try:
+            return host.model_path(kind, name)
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(f"add-on file '{name}' is neither in models/model_patches nor in models/diffusion_models")
+
+
+class WanTalkModelLoader:
+    DESCRIPTION = ("Loads a Wan 2.1 diffusion model (T2V/I2V, InfiniteTalk, MultiTalk, HuMo) from any bf16/fp16/fp8/"
+                   "fp8-scaled file, quantizing while it streams weights from disk.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (host.model_files("diffusion_models"), {
+                    "tooltip": "Wan 2.1 diffusion model from models/diffusion_models (a combined InfiniteTalk or HuMo "
+                               "file works too). bf16, fp16, fp8 and fp8-scaled files are recognised automatically."}),
+                "base_precision": (list(BASE_DTYPES), {
+                    "default": "bf16",
+                    "tooltip": "Precision of the layers that are not quantized and of the matmuls of non-fast modes. "
+                               "bf16 is right for almost everyone; fp16 for GPUs without bf16."}),
+                "quantization": (list(QUANTIZATION_MODES), {
+                    "default": "disabled",
+                    "tooltip": "How linear weights are stored. fp8_e4m3fn_scaled: half the memory of bf16 with "
+                               "per-channel scales (best quality of the fp8 modes). _fast: fp8 matmuls on RTX 40xx / "
+                               "H100 and newer. fp4: a quarter of bf16, works on any CUDA GPU."}),
+                "attention_mode": (list(ATTENTION_MODES), {
+                    "default": "auto",
+                    "tooltip": "Attention kernel. auto picks the fastest kernel that is correct for each shape on "
+                               "your GPU; the others pin a kernel and fall back (with a log line) where it cannot "
+                               "serve a shape correctly."}),
+                "load_device": (["main_device", "offload_device"], {
+                    "default": "main_device",
+                    "tooltip": "Where the weights are placed after loading. offload_device keeps them in CPU RAM "
+                               "(use with block swap on small GPUs)."}),
+            },
+            "optional": {
+                "addon_model": (addon_files(), {
+                    "default": "none",
+                    "tooltip": "InfiniteTalk / MultiTalk / HuMo weights stored separately from the Wan base model "
+                               "(models/model_patches or models/diffusion_models). 'none' when the model file "
+                               "already contains them."}),
+                "params_to_keep": ("STRING", {
+                    "default": ", ".join(DEFAULT_PARAMS_TO_KEEP),
+                    "tooltip": "Comma-separated name fragments: a parameter whose name contains one of them stays in "
+                               "the base precision (norms, biases, embeddings, modulation, head, audio projection)."}),
+            },
+        }
+
+    RETURN_TYPES = (MODEL_TYPE, "STRING")
+    RETURN_NAMES = ("model", "quantization_report")
+    OUTPUT_TOOLTIPS = ("The loaded Wan model for the wantalk sampler.",
+                       "Which layers were quantized and which kept, with their sizes.")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, model, base_precision, quantization, attention_mode, load_device,
+             addon_model="none", params_to_keep=None):
+        node = "Load Wan Model"
+        try:
+            path = host.model_path("diffusion_models", model)
+        except FileNotFoundError as exc:
+            raise NodeInputError(node, "model", f"{exc}") from None
+        extra = []
+        if addon_model and addon_model != "none":
+            try:
+                extra.append(resolve_addon(addon_model))
+            except FileNotFoundError as exc:
+                raise NodeInputError(node, "addon_model", str(exc)) from None
+        device = host.torch_device() if load_device == "main_device" else host.offload_device()
+        try:
+            wan = load_wan_model(path, device=device, base_dtype=BASE_DTYPES[base_precision],
+                                 quantization=quantization, attention_mode=attention_mode,
+                                 params_to_keep=params_to_keep, extra_weights=tuple(extra))
+        except ValueError as exc:
+            raise NodeInputError(node, "model" if not extra else "model/addon_model", str(exc)) from None
+        except torch.cuda.OutOfMemoryError:
+            raise NodeInputError(node, "quantization", "the model does not fit in GPU memory: choose an fp8 or fp4 "
+                                 "quantization, or load_device 'offload_device' with block swap.") from None
+        return (wan, wan.quant_report.summary())
+
+
+NODE_CLASS_MAPPINGS = {"WanTalkModelLoader": WanTalkModelLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanTalkModelLoader": "Load Wan Model (wantalk)"}
