@@ -152,21 +152,36 @@ def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quanti
                    attention_mode: str = "auto", params_to_keep=None, extra_weights=(),
                    config_overrides: dict | None = None) -> WanModel:
     """Load a Wan 2.1 DiT (optionally with add-on files in `extra_weights`) ready for inference."""
+    t0 = time.perf_counter()
+    paths = [path, *extra_weights]
+    sources = _Sources(paths)
+    foreign = describe_foreign(sources.readers[0].keys())
+    if foreign:
+        raise CheckpointError(f"'{path}' is {foreign}.")
+    hints = _config_hints(path, sources.readers[0])
+    hints.update(config_overrides or {})
+    model = assemble_model(sources.shapes(), sources.get, device=device, base_dtype=base_dtype,
+                           quantization=quantization, attention_mode=attention_mode, params_to_keep=params_to_keep,
+                           hints=hints, files=paths)
+    cfg = model.cfg
+    log.info("wantalk: loaded %s (%s, dim %d, %d layers%s) in %.1fs; %s", os.path.basename(path), cfg.model_type,
+             cfg.dim, cfg.num_layers, f", {model.addon_name}" if model.addon_name else "",
+             time.perf_counter() - t0, model.quant_report.summary())
+    return model
+
+
+def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=torch.bfloat16,
+                   quantization: str = "disabled", attention_mode: str = "auto", params_to_keep=None,
+                   hints: dict | None = None, files=("checkpoint",)) -> WanModel:
+    """Infer the config from `shapes`, build on meta, apply the quantization policy, then materialise every
+    tensor from `fetch(key) -> (tensor, aux)` one at a time onto `device`."""
     if isinstance(base_dtype, str):
         base_dtype = BASE_DTYPES[base_dtype]
     if attention_mode not in ATTENTION_MODES:
         raise ValueError(f"unknown attention_mode '{attention_mode}'; expected one of {', '.join(ATTENTION_MODES)}")
-    t0 = time.perf_counter()
-    paths = [path, *extra_weights]
-    sources = _Sources(paths)
-    main_keys = sources.readers[0].keys()
-    foreign = describe_foreign(main_keys)
-    if foreign:
-        raise CheckpointError(f"'{path}' is {foreign}.")
-    shapes = sources.shapes()
-    hints = _config_hints(path, sources.readers[0])
-    hints.update(config_overrides or {})
-    cfg = infer_config(shapes, hints, source=f"'{path}'")
+    if quantization not in policy.QUANTIZATION_MODES:
+        raise ValueError(f"unknown quantization '{quantization}'; expected one of {', '.join(policy.QUANTIZATION_MODES)}")
+    cfg = infer_config(shapes, hints, source=f"'{files[0]}'")
     addon = None
     for detect in addon_detectors():
         addon = detect(shapes, cfg)
@@ -176,22 +191,19 @@ def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quanti
     with torch.device("meta"):
         model = build_model(cfg, addon, device="meta", dtype=base_dtype)
     expected = dict(model.state_dict(keep_vars=True))
-    missing = [k for k in expected if k not in sources.where]
-    unexpected = [k for k in sources.where if k not in expected]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
-        raise CheckpointError(_key_mismatch_message(paths, missing, unexpected))
+        raise CheckpointError(_key_mismatch_message(files, missing, unexpected))
     for key, param in expected.items():
         if tuple(param.shape) != tuple(shapes[key]):
             raise CheckpointError(f"'{key}' has shape {tuple(shapes[key])} in the checkpoint but the model inferred "
                                   f"from it needs {tuple(param.shape)}; are the files from different models "
                                   f"(e.g. a 14B add-on on a 1.3B model)?")
-    if quantization not in policy.QUANTIZATION_MODES:
-        raise ValueError(f"unknown quantization '{quantization}'; expected one of {', '.join(policy.QUANTIZATION_MODES)}")
-    keep = policy.parse_params_to_keep(params_to_keep)
-    report = policy.apply_policy(model, quantization, keep, base_dtype=base_dtype)
+    report = policy.apply_policy(model, quantization, policy.parse_params_to_keep(params_to_keep), base_dtype=base_dtype)
     device = torch.device(device)
     for key in expected:
-        tensor, aux = sources.get(key)
+        tensor, aux = fetch(key)
         policy.load_param(model, key, tensor, aux=aux, device=device, base_dtype=base_dtype)
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if leftover:
@@ -199,8 +211,7 @@ def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quanti
     model.eval().requires_grad_(False)
     model.set_attention_mode(attention_mode)
     model.quant_report = report
-    log.info("wantalk: loaded %s (%s, dim %d, %d layers%s) in %.1fs; %s", os.path.basename(path), cfg.model_type,
-             cfg.dim, cfg.num_layers, f", {addon.name}" if addon else "", time.perf_counter() - t0, report.summary())
+    model.addon_name = addon.name if addon else None
     return model
 
 

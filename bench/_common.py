@@ -1,0 +1,57 @@
+"""Shared helpers for the benchmark scripts: import the pack, find the reference key listings, time on the GPU."""
+import importlib.util
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("WANTALK_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+
+
+def import_pack(name: str = "wantalk"):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def reference_shapes(listing: str) -> dict:
+    """Key -> shape from one of shared/reference/keys/*.txt (or bench/keys/ when shared/ is absent)."""
+    for folder in (os.path.join(SHARED, "reference", "keys"), os.path.join(ROOT, "bench", "keys")):
+        path = os.path.join(folder, listing)
+        if os.path.isfile(path):
+            out = {}
+            for line in open(path):
+                key, shape = line.rstrip("\n").split("\t")[:2]
+                out[key] = tuple(int(x) for x in re.findall(r"\d+", shape))
+            return out
+    raise FileNotFoundError(f"key listing {listing} not found under {SHARED}/reference/keys or bench/keys")
+
+
+def cuda_time(fn, warmup: int = 1, repeats: int = 3) -> list[float]:
+    """Seconds per call, measured with CUDA events after warm-up."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return times
+
+
+def write_result(name: str, result: dict) -> None:
+    print(json.dumps(result))
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, f"{name}.json"), "a") as f:
+            f.write(json.dumps(result) + "\n")
