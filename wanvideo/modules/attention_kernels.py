@@ -1,0 +1,305 @@
+"""Attention kernels and their contracts, in one table.
+
+A contract states exactly which inputs a kernel handles correctly and safely: layout, strides, alignment,
+dtypes, head dims, key-length rules, masks, GQA, scale, side effects and GPU capability. The dispatcher in
+`attention.py` only ever hands a kernel tensors that meet its contract (copying once when they don't) and
+routes any call the kernel cannot serve correctly to the next kernel. The adapters below are thin: they
+receive q, k, v already in their contract's layout and dtype and return the output in that same layout.
+
+Facts behind the table: `/work/shared/docs/KERNELS.md` (sageattention 1.0.6 key-length bug and in-place
+`k -= km`, SageAttention3 sm120/121 only, 16-byte vector loads) and the PyTorch issue tracker (cuDNN SDPA:
+silently wrong with float masks of another dtype, pytorch#191612; wrong with GQA on sm100, pytorch#193893;
+mask-dependent failures, pytorch#134001, #196678; memory-efficient SDPA wrong on stride-0 k/v, #191937).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+HALF = (torch.float16, torch.bfloat16)
+FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+ANY_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the dispatcher knows about one attention call, in terms a contract can judge."""
+    device_type: str
+    capability: tuple[int, int] | None
+    dtype: torch.dtype                # compute dtype (the caller's q dtype, or bf16 for non-float q)
+    head_dim: int
+    q_heads: int
+    kv_heads: int
+    kv_lens: tuple[int, ...]          # key length of every kernel launch (several when k_lens is sliced)
+    has_mask: bool                    # an explicit attn_mask, or k_lens the kernel must apply itself
+    default_scale: bool               # scale == head_dim ** -0.5
+    largest_numel: int                # largest q/k/v element count after any head-dim padding
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Inputs a kernel serves correctly. Anything else is copied (layout) or routed elsewhere (the rest)."""
+    layout: str                                   # "HND" = [B, H, L, D]; "NHD" = [B, L, H, D]
+    dtypes: tuple[torch.dtype, ...]
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    head_dims: tuple[int, ...] | None = None      # only these head dims are run ...
+    pads_head_dim: bool = False                   # ... smaller ones are zero-padded up (exact with custom scale)
+    contiguity: str = "last"                      # "none", "last" (stride(-1) == 1) or "full"
+    align_bytes: int = 16                         # base pointer and strides of dims with extent > 1
+    broadcast_ok: bool = False                    # stride-0 (expanded) dims allowed
+    max_numel: int | None = None                  # int32 element offsets inside the kernel
+    kv_len_multiple: int = 1                      # correct only when every key length is a multiple
+    masks: bool = False                           # additive/bool attn_mask honoured
+    gqa: bool = False                             # fewer k/v heads than q heads
+    custom_scale: bool = True
+    clobbers_k: bool = False                      # writes into k: always gets a private copy
+    devices: tuple[str, ...] = ("cuda",)
+    min_capability: tuple[int, int] | None = None
+    capabilities: tuple[tuple[int, int], ...] | None = None   # exact list, when not a minimum
+    exact: bool = True                            # False: quantizes internally (approximate by design)
+
+    def feed_head_dim(self, head_dim: int) -> int | None:
+        """The head dim the kernel is fed (head_dim, or the padded size), None if it cannot serve it."""
+        if self.head_dims is not None:
+            fits = [d for d in self.head_dims if d >= head_dim] if self.pads_head_dim else \
+                   [d for d in self.head_dims if d == head_dim]
+            return min(fits) if fits else None
+        if self.max_head_dim is not None and head_dim > self.max_head_dim:
+            return None
+        return head_dim if head_dim % self.head_dim_multiple == 0 else None
+
+    def rejection(self, call: Call) -> str | None:
+        """Why this kernel cannot serve the call correctly (a stable phrase, logged once), or None."""
+        if call.device_type not in self.devices:
+            return f"runs on {'/'.join(self.devices)} only"
+        if call.device_type == "cuda":
+            cap = call.capability
+            if self.capabilities is not None and cap not in self.capabilities:
+                return "needs GPU capability " + "/".join(f"sm{a}{b}" for a, b in self.capabilities)
+            if self.min_capability is not None and (cap is None or cap < self.min_capability):
+                return "needs GPU capability >= sm{}{}".format(*self.min_capability)
+        if call.dtype not in self.dtypes:
+            return f"dtype {call.dtype} unsupported"
+        fed = self.feed_head_dim(call.head_dim)
+        if fed is None:
+            return f"head_dim {call.head_dim} unsupported"
+        if fed != call.head_dim and not self.custom_scale:
+            return "head_dim padding needs a custom scale"
+        if self.contiguity != "none" and (fed * call.dtype.itemsize) % self.align_bytes:
+            return f"head_dim {call.head_dim} rows not {self.align_bytes}-byte aligned"
+        if call.q_heads != call.kv_heads and not self.gqa:
+            return "grouped-query attention unsupported"
+        if call.has_mask and not self.masks:
+            return "masks unsupported"
+        if not call.default_scale and not self.custom_scale:
+            return "custom scale unsupported"
+        if any(n % self.kv_len_multiple for n in call.kv_lens):
+            return f"wrong results when key length % {self.kv_len_multiple} != 0"
+        if self.max_numel is not None and call.largest_numel >= self.max_numel:
+            return "tensor too large for 32-bit indexing"
+        return None
+
+    def layout_violation(self, t: torch.Tensor) -> str | None:
+        """Why tensor `t` (already in this contract's layout) must be copied before the kernel sees it."""
+        if t.dtype not in self.dtypes:
+            return "dtype"
+        if not self.broadcast_ok and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            return "broadcast (stride 0) dim"
+        if self.contiguity == "full" and not t.is_contiguous():
+            return "not contiguous"
+        if self.contiguity == "last" and t.shape[-1] > 1 and t.stride(-1) != 1:
+            return "last dim not contiguous"
+        if self.contiguity != "none":
+            size = t.element_size()
+            if t.data_ptr() % self.align_bytes:
+                return "base pointer misaligned"
+            if any((st * size) % self.align_bytes for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+                return "stride misaligned"
+        if self.max_numel is not None:
+            span = 1 + sum((n - 1) * abs(st) for st, n in zip(t.stride(), t.shape))
+            if span >= self.max_numel:
+                return "span beyond 32-bit indexing"
+        return None
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A contract plus the adapter that runs it. `run(q, k, v, *, scale, mask)` gets contract-layout tensors."""
+    name: str
+    contract: Contract
+    run: Callable[..., torch.Tensor]
+    unavailable: Callable[[], str | None] = lambda: None   # None when usable, else why not (logged once)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optional packages
+# ------------------------------------------------------------------------------------------------------------
+
+def _import(name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception:   # a broken optional install (missing CUDA symbols, Triton errors) is "absent"
+        return None
+
+
+def installed_version(dist: str) -> tuple[int, ...] | None:
+    """Version tuple of an installed distribution (numeric parts only), None when absent."""
+    try:
+        text = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def sageattention_is_buggy(version: tuple[int, ...] | None) -> bool:
+    """sageattention <= 1.0.6 (the PyPI release) is wrong for key lengths % 64 != 0 and clobbers k."""
+    return version is None or version <= (1, 0, 6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Adapters
+# ------------------------------------------------------------------------------------------------------------
+
+def _sdpa(backend_name: str | None):
+    """SDPA pinned to one backend (None: PyTorch's own choice, used on CPU only)."""
+    def run(q, k, v, *, scale, mask):
+        gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+        if backend_name is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(getattr(SDPBackend, backend_name)):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+    return run
+
+
+def _flash_module():
+    return _import("flash_attn_interface") or _import("flash_attn")
+
+
+def _flash_attn(q, k, v, *, scale, mask):
+    out = _flash_module().flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+    return out[0] if isinstance(out, tuple) else out   # FA3 returns (out, lse) in some versions
+
+
+def _sageattn(q, k, v, *, scale, mask):
+    return _import("sageattention").sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)
+
+
+def _sageattn_fp8(q, k, v, *, scale, mask):
+    sage = _import("sageattention")
+    if torch.cuda.get_device_capability(q.device) == (9, 0):
+        return sage.sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, tensor_layout="NHD", sm_scale=scale,
+                                                      pv_accum_dtype="fp32+fp32")
+    return sage.sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout="NHD", sm_scale=scale,
+                                             pv_accum_dtype="fp32+fp16")
+
+
+def _sageattn3(per_block_mean: bool):
+    def run(q, k, v, *, scale, mask):
+        return _import("sageattn3").sageattn3_blackwell(q, k, v, per_block_mean=per_block_mean)
+    return run
+
+
+def _needs(module: str, attr: str | None = None, what: str | None = None):
+    def unavailable():
+        mod = _import(module)
+        if mod is None or (attr is not None and not hasattr(mod, attr)):
+            return f"{what or module} not installed"
+        return None
+    return unavailable
+
+
+def _flash_unavailable():
+    return None if _flash_module() is not None else "flash_attn not installed"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The table
+# ------------------------------------------------------------------------------------------------------------
+
+_SAGE_COMMON = dict(layout="NHD", dtypes=HALF, contiguity="last", align_bytes=16, max_numel=2 ** 31,
+                    gqa=True, exact=False)
+
+CONTRACTS: dict[str, Contract] = {
+    # cuDNN: fastest on sm90; routed away from masks and GQA (silent-wrong-result reports, see module doc).
+    "sdpa_cudnn": Contract(layout="HND", dtypes=HALF, max_head_dim=128, head_dim_multiple=8,
+                           min_capability=(8, 0)),
+    "sdpa_flash": Contract(layout="HND", dtypes=HALF, max_head_dim=256, head_dim_multiple=8, gqa=True,
+                           min_capability=(8, 0)),
+    "sdpa_efficient": Contract(layout="HND", dtypes=FLOAT, head_dim_multiple=8, masks=True,
+                               min_capability=(5, 0)),
+    "sdpa_math": Contract(layout="HND", dtypes=ANY_FLOAT, contiguity="none", align_bytes=1, broadcast_ok=True,
+                          masks=True, gqa=True, devices=("cuda", "cpu")),
+    "sdpa_native": Contract(layout="HND", dtypes=ANY_FLOAT, contiguity="none", align_bytes=1, broadcast_ok=True,
+                            masks=True, gqa=True, devices=("cpu",)),
+    "flash_attn": Contract(layout="NHD", dtypes=HALF, max_head_dim=256, head_dim_multiple=8, gqa=True,
+                           min_capability=(8, 0)),
+    # PyPI sageattention <= 1.0.6 (Triton): wrong unless Lk % 64 == 0; `k -= km` in place; D in {64, 96, 128}.
+    "sageattn_legacy": Contract(**_SAGE_COMMON, head_dims=(64, 96, 128), pads_head_dim=True, kv_len_multiple=64,
+                                clobbers_k=True, min_capability=(8, 0)),
+    # sageattention >= 2: pads head dims <= 128 itself, masks padded keys, no in-place writes.
+    "sageattn": Contract(**_SAGE_COMMON, max_head_dim=128,
+                         capabilities=((8, 0), (8, 6), (8, 9), (9, 0), (12, 0), (12, 1))),
+    "sageattn_3_fp8": Contract(**_SAGE_COMMON, max_head_dim=128,
+                               capabilities=((8, 9), (9, 0), (12, 0), (12, 1))),
+    # SageAttention3 (FP4 microscaling): HND only, scale fixed at D^-0.5, mask ignored, `k -= mean` in place.
+    "sageattn_3": Contract(layout="HND", dtypes=HALF, head_dims=(64, 128), contiguity="full", align_bytes=16,
+                           custom_scale=False, clobbers_k=True, capabilities=((12, 0), (12, 1)), exact=False),
+}
+CONTRACTS["sageattn_3_fp4"] = CONTRACTS["sageattn_3"]
+
+
+def _sage_kernel() -> Kernel:
+    buggy = sageattention_is_buggy(installed_version("sageattention"))
+    return Kernel("sageattn", CONTRACTS["sageattn_legacy" if buggy else "sageattn"], _sageattn,
+                  _needs("sageattention"))
+
+
+KERNELS: dict[str, Kernel] = {
+    "sdpa_cudnn": Kernel("sdpa_cudnn", CONTRACTS["sdpa_cudnn"], _sdpa("CUDNN_ATTENTION")),
+    "sdpa_flash": Kernel("sdpa_flash", CONTRACTS["sdpa_flash"], _sdpa("FLASH_ATTENTION")),
+    "sdpa_efficient": Kernel("sdpa_efficient", CONTRACTS["sdpa_efficient"], _sdpa("EFFICIENT_ATTENTION")),
+    "sdpa_math": Kernel("sdpa_math", CONTRACTS["sdpa_math"], _sdpa("MATH")),
+    "sdpa_native": Kernel("sdpa_native", CONTRACTS["sdpa_native"], _sdpa(None)),
+    "flash_attn": Kernel("flash_attn", CONTRACTS["flash_attn"], _flash_attn, _flash_unavailable),
+    "sageattn": _sage_kernel(),
+    "sageattn_3_fp8": Kernel("sageattn_3_fp8", CONTRACTS["sageattn_3_fp8"], _sageattn_fp8,
+                             _needs("sageattention", "sageattn_qk_int8_pv_fp8_cuda", "sageattention>=2")),
+    "sageattn_3": Kernel("sageattn_3", CONTRACTS["sageattn_3"], _sageattn3(True), _needs("sageattn3")),
+    "sageattn_3_fp4": Kernel("sageattn_3_fp4", CONTRACTS["sageattn_3_fp4"], _sageattn3(False),
+                             _needs("sageattn3")),
+}
+
+
+@contextmanager
+def stand_in_kernels(*kernels: Kernel):
+    """Temporarily replace (or add) kernels by name: tests plug in recording fakes with real contracts."""
+    saved = {k.name: KERNELS.get(k.name) for k in kernels}
+    KERNELS.update({k.name: k for k in kernels})
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                KERNELS.pop(name, None)
+            else:
+                KERNELS[name] = old
+
+
+def on_cpu(contract: Contract) -> Contract:
+    """The same contract, made runnable on CPU (for stand-in kernels in tests)."""
+    return dataclasses.replace(contract, devices=("cpu",), min_capability=None, capabilities=None)
