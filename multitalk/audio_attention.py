@@ -1,0 +1,136 @@
+"""Per-block audio cross-attention of InfiniteTalk / MultiTalk (REFERENCE.md 5.4).
+
+Each latent frame's h*w video tokens attend to that frame's own audio tokens (32 per speaker); no gate.
+With two speakers, every video token gets a 1-D RoPE position from the speaker it looks at in the first
+latent frame (the reference attention map of the block's self-attention), and each speaker's audio keys get
+a position inside that speaker's range, so tokens of speaker 1 mostly hear audio of speaker 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..wanvideo.modules.attention import attention
+from ..wanvideo.modules.model import apply_rope, layer_norm_fp32, linear_in
+
+ROPE_1D_THETA = 10000
+
+
+def rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """1-D RoPE on adjacent pairs of `x` `[B, L, H, D]` at float `positions` `[B, L]`; returns float32.
+
+    Angles are float32 products, as the official RotaryPositionalEmbedding1D computes them."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (ROPE_1D_THETA ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
+    angles = positions.to(device=x.device, dtype=torch.float32)[..., None] * inv_freq
+    cos, sin = torch.cos(angles)[..., None, :], torch.sin(angles)[..., None, :]
+    return torch.cat([apply_rope(x[i:i + 1], cos[i], sin[i]) for i in range(x.shape[0])])
+
+
+def reference_attention_map(q: torch.Tensor, k: torch.Tensor, frame_tokens: int, masks: torch.Tensor,
+                            dtype: torch.dtype, head_groups: int = 2) -> torch.Tensor:
+    """How much each video token attends to each class region (speaker 1, speaker 2, background) of the
+    first latent frame: `[B, classes, L]` in `dtype`.
+
+    Per head: softmax(q k_ref^T / sqrt(D)) over the first frame's tokens, summed over a class mask and divided
+    by its size; averaged over the heads of each of `head_groups` equal groups, then over the groups (heads
+    past `head_groups * (H // head_groups)` are left out, as in the official code). The masked sums are one
+    fused attention with the masks as values, so the `[L, h*w]` map is never materialised.
+    """
+    b, _, heads, d = q.shape
+    classes = masks.shape[0]
+    if classes > d:
+        raise ValueError(f"at most {d} class masks are supported, got {classes}")
+    values = torch.zeros(b, frame_tokens, heads, d, device=q.device, dtype=dtype)
+    values[..., :classes] = masks.t().to(device=q.device, dtype=dtype)[None, :, None, :]
+    out = attention(q.to(dtype), k[:, :frame_tokens].to(dtype), values, mode="sdpa")[..., :classes].float()
+    per_group = heads // head_groups
+    groups = out[:, :, :per_group * head_groups].unflatten(2, (head_groups, per_group))
+    mean = groups.mean(dim=3).mean(dim=2)  # [B, L, classes]
+    return (mean / masks.sum(dim=1).float().to(mean.device)).transpose(1, 2).to(dtype)
+
+
+def speaker_positions(amap: torch.Tensor, speaker_ranges, background: float) -> torch.Tensor:
+    """1-D RoPE position of every video token `[B, L]` from the map `[B, 3, L]`: each speaker's map row is
+    rescaled from its (min, max) to that speaker's range; a token takes the value of its argmax class.
+
+    The arithmetic runs in the map's dtype, as the official code does (bf16 positions in practice)."""
+    rows = []
+    for c, (start, stop) in enumerate(speaker_ranges):
+        row = amap[:, c]
+        lo, hi = row.amin(dim=1, keepdim=True), row.amax(dim=1, keepdim=True)
+        rows.append((row - lo) / (hi - lo + 1e-8) * (stop - start) + start)
+    rows.append(torch.full_like(amap[:, 0], background))
+    return torch.stack(rows, dim=1).gather(1, amap.argmax(dim=1, keepdim=True))[:, 0]
+
+
+def audio_key_positions(tokens_per_frame: int, frames: int, speaker_ranges, device=None) -> torch.Tensor:
+    """1-D RoPE position of every audio key `[frames * tokens_per_frame]`: the first half of each frame's
+    tokens (speaker 1) sits at the centre of speaker 1's range, the second half at the centre of speaker 2's."""
+    (a0, a1), (b0, b1) = speaker_ranges
+    per_frame = torch.full((tokens_per_frame,), (b0 + b1) / 2, device=device)
+    per_frame[:tokens_per_frame // 2] = (a0 + a1) / 2
+    return per_frame.repeat(frames)
+
+
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a (possibly quantized) linear layer computes in, as `linear_in` feeds it."""
+    dtype = getattr(layer, "compute_dtype", None) or layer.weight.dtype
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.bfloat16
+
+
+class AudioCrossAttention(nn.Module):
+    """`audio_cross_attn`: q from video tokens, k/v from audio tokens (`kv_linear` rows: k then v), `proj`."""
+
+    def __init__(self, dim: int, audio_dim: int, num_heads: int, *, device, dtype, operations):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.q_linear = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.kv_linear = operations.Linear(audio_dim, 2 * dim, device=device, dtype=dtype)
+        self.proj = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.attention_mode = "auto"
+
+    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, grid, q_positions=None, k_positions=None):
+        """x `[B, F*h*w, dim]`, audio_tokens `[B, F, N_a, audio_dim]`, positions `[B, F*h*w]` / `[B, F*N_a]`
+        (two speakers only) -> `[B, F*h*w, dim]` in the compute dtype."""
+        b = x.shape[0]
+        f, h, w = grid
+        n_a = audio_tokens.shape[2]
+        q = linear_in(self.q_linear, x).view(b, f * h * w, self.num_heads, self.head_dim)
+        k, v = linear_in(self.kv_linear, audio_tokens).view(b, f * n_a, 2, self.num_heads, self.head_dim).unbind(2)
+        if q_positions is not None:
+            q = rope_1d(q, q_positions).to(q.dtype)
+            k = rope_1d(k, k_positions).to(k.dtype)
+        out = attention(q.reshape(b * f, h * w, self.num_heads, self.head_dim),
+                        k.reshape(b * f, n_a, self.num_heads, self.head_dim),
+                        v.reshape(b * f, n_a, self.num_heads, self.head_dim), mode=self.attention_mode)
+        return linear_in(self.proj, out.reshape(b, f * h * w, self.dim))
+
+
+class InfiniteTalkBlockAdapter(nn.Module):
+    """The per-block add-on: its children (`audio_cross_attn`, `norm_x`) are registered into each Wan block;
+    `forward_in_block` runs after the text cross-attention and returns the residual to add."""
+
+    def __init__(self, cfg, *, device=None, dtype=None, operations=nn):
+        super().__init__()
+        acfg = cfg.audio
+        self.audio_cross_attn = AudioCrossAttention(cfg.dim, acfg.output_dim, cfg.num_heads,
+                                                    device=device, dtype=dtype, operations=operations)
+        self.norm_x = operations.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True, device=device, dtype=dtype)
+        self.acfg = acfg
+
+    def forward_in_block(self, block: nn.Module, x: torch.Tensor, inp, keep_qk) -> torch.Tensor:
+        # Modules are taken from the block: quantization or offloading may have swapped them there.
+        cond, attn = inp.audio, block.audio_cross_attn
+        tokens = cond.tokens_for(x.shape[0], inp.grid)
+        q_pos = k_pos = None
+        if cond.needs_qk:
+            if not keep_qk:
+                raise RuntimeError("two-speaker audio needs the self-attention q/k of the block (keep_qk)")
+            f, h, w = inp.grid
+            amap = reference_attention_map(keep_qk[0], keep_qk[1], h * w, cond.token_masks(inp.grid),
+                                           compute_dtype(attn.q_linear))
+            q_pos = speaker_positions(amap, self.acfg.speaker_ranges, self.acfg.background_position)
+            k_pos = audio_key_positions(tokens.shape[2], f, self.acfg.speaker_ranges, x.device).expand(x.shape[0], -1)
+        xn = layer_norm_fp32(x, block.norm_x, x.shape[-1], block.norm_x.eps)
+        return attn(xn, tokens, inp.grid, q_pos, k_pos)
