@@ -240,12 +240,15 @@ def whisper_config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int |
 
     Head count is not visible in shapes; Whisper uses 64-dim heads, so it defaults to `d_model // 64`.
     """
+    missing = [k for k in ("conv1.weight", "embed_positions.weight", "layers.0.fc1.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"Whisper encoder tensors missing: {['encoder.' + k for k in missing]}")
     d_model, n_mels, _ = sd["conv1.weight"].shape
-    num_layers = 1 + max((int(m.group(1)) for k in sd if (m := _LAYER_KEY.match(k))), default=-1)
     return WhisperEncoderConfig(
-        n_mels=n_mels, d_model=d_model, num_layers=num_layers,
+        n_mels=n_mels, d_model=d_model,
+        num_layers=1 + max(int(m.group(1)) for k in sd if (m := _LAYER_KEY.match(k))),
         num_heads=num_heads or max(1, d_model // WHISPER_HEAD_DIM),
-        ffn_dim=sd["layers.0.fc1.weight"].shape[0] if num_layers else 4 * d_model,
+        ffn_dim=sd["layers.0.fc1.weight"].shape[0],
         num_positions=sd["embed_positions.weight"].shape[0])
 
 

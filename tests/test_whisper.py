@@ -281,3 +281,7 @@ def test_load_rejects_non_whisper_and_incomplete_files(tmp_path, rng):
     save_file(sd, path)
     with pytest.raises(ValueError, match="layers.1.fc2.bias"):
         load_whisper_encoder(path)
+    del sd["encoder.embed_positions.weight"]
+    save_file(sd, path)
+    with pytest.raises(ValueError, match="embed_positions"):
+        load_whisper_encoder(path)
