@@ -1,0 +1,191 @@
+"""Quantized linear layers: FP8 (per-output-channel scales) and NVFP4 weights, with fused fast matmuls.
+
+Every layer computes `x @ W^T + b` with W stored quantized and the bias in the base dtype. Paths:
+- default: dequantize W to the activation dtype and `F.linear` (any device; the CPU path);
+- `fast`: FP8 tensor-core matmul through `torch._scaled_mm` with row-wise scales, the activation quantized
+  by ONE fused Triton pass (per-row amax + cast) - no eager amax/divide/cast chain, which eats the gain
+  (KERNELS.md 7-8). NVFP4 weights take it too, re-expressed as E4M3 by a Triton kernel on the fly.
+  When FP8 compute or Triton is missing, the layer logs once and takes the default path.
+Layers hold no state that changes between calls: CFG passes and batch sizes are independent.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .wanvideo.kernels import quant_formats as qf
+
+log = logging.getLogger("wantalk")
+
+FAST_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+_reported: set[str] = set()
+_SCALED_MM_BIAS = {"ok": True}  # capability probe: some torch builds refuse a bias with row-wise scales
+
+
+def _once(message: str) -> None:
+    if message not in _reported:
+        _reported.add(message)
+        log.warning("wantalk: %s", message)
+
+
+def _triton():
+    try:
+        from .wanvideo.kernels import quant_triton
+    except ImportError:
+        return None
+    return quant_triton if quant_triton.triton is not None else None
+
+
+def fp8_compute_reason(device: torch.device) -> str | None:
+    """None when FP8 matmuls with fused activation quantization can run on `device`, else why not."""
+    if device.type != "cuda":
+        return f"fp8 matmul needs a CUDA GPU (activations are on {device.type})"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return "fp8 matmul needs compute capability 8.9+ (Ada/Hopper/Blackwell)"
+    if not hasattr(torch, "_scaled_mm"):
+        return "this torch has no torch._scaled_mm"
+    if _triton() is None:
+        return "Triton is not installed (needed for the fused activation quantization)"
+    return None
+
+
+def fp8_rowwise_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x [M, K]` bf16/fp16 @ (w_fp8 * w_scale[:, None])^T + bias via a row-wise scaled FP8 GEMM."""
+    xq, xs = _triton().quantize_rows(x, torch.float8_e4m3fn)
+    scale_b = w_scale.reshape(1, -1)
+    if bias is not None and _SCALED_MM_BIAS["ok"]:
+        try:
+            return torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=scale_b, bias=bias.to(x.dtype),
+                                    out_dtype=x.dtype, use_fast_accum=True)
+        except RuntimeError as exc:
+            _SCALED_MM_BIAS["ok"] = False
+            _once(f"torch._scaled_mm refused a fused bias ({str(exc)[:120]}); adding it separately")
+    y = torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=scale_b, out_dtype=x.dtype, use_fast_accum=True)
+    return y if bias is None else y.add_(bias.to(y.dtype))
+
+
+class QuantizedLinear(nn.Module):
+    """Common part: shapes, the base-dtype bias, the dispatch between the fast and the dequantizing path."""
+
+    format_name = "?"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, compute_dtype=torch.bfloat16,
+                 fast: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.fast = fast
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=compute_dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format_name}, fast={self.fast}")
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fp8_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(E4M3 weight `[N, K]`, fp32 per-row scale `[N]`) for the fast path, or None if this weight can't."""
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for n, t in self.named_buffers() if n != "bias") + \
+            sum(p.numel() * p.element_size() for n, p in self.named_parameters() if n != "bias")
+
+    def _fast_reason(self, x: torch.Tensor) -> str | None:
+        if x.dtype not in FAST_ACTIVATION_DTYPES:
+            return None if x.dtype == torch.float32 else f"fp8 matmul needs bf16/fp16 activations, got {x.dtype}"
+        if self.in_features % 16 or self.out_features % 16:
+            return f"fp8 matmul needs in/out features divisible by 16 ({self.in_features}x{self.out_features})"
+        return fp8_compute_reason(x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        dtype = x.dtype if x.dtype in (torch.float32, *FAST_ACTIVATION_DTYPES) else self.compute_dtype
+        if self.fast and x2.shape[0] and x.dtype != torch.float32:
+            reason = self._fast_reason(x2)
+            operands = None if reason else self.fp8_operands()
+            if operands is not None:
+                return fp8_rowwise_linear(x2, *operands, self.bias).reshape(*lead, self.out_features)
+            _once(f"{self.format_name} fast path unavailable ({reason or 'weight format has no fp8 form'}); "
+                  f"using the dequantizing path")
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x2.to(dtype), self.dequantize(dtype), bias).reshape(*lead, self.out_features)
+
+
+class FP8Linear(QuantizedLinear):
+    """Weight as fp8 codes `[N, K]` with an fp32 scale per output channel (all ones when unscaled)."""
+
+    def __init__(self, in_features, out_features, bias=True, *, fp8_dtype=torch.float8_e4m3fn, scaled=True,
+                 compute_dtype=torch.bfloat16, fast=False, device=None):
+        super().__init__(in_features, out_features, bias, compute_dtype=compute_dtype, fast=fast, device=device)
+        self.scaled = scaled
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=fp8_dtype),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.empty(out_features, device=device, dtype=torch.float32))
+
+    @property
+    def format_name(self) -> str:
+        return f"{str(self.weight.dtype).replace('torch.', '')}{'_scaled' if self.scaled else ''}"
+
+    def set_from_float(self, w: torch.Tensor) -> None:
+        q, s = qf.fp8_quantize(w, self.weight.dtype, self.scaled)
+        self.set_codes(q, s)
+
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.weight_scale = scale.float().reshape(-1).expand(self.out_features).contiguous()
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return qf.fp8_dequantize(self.weight, self.weight_scale, dtype)
+
+    def fp8_operands(self):
+        return (self.weight, self.weight_scale) if self.weight.dtype == torch.float8_e4m3fn else None
+
+
+class NVFP4Linear(QuantizedLinear):
+    """NVFP4 weight: `weight` packed E2M1 `[Np, Kp/2]` uint8, `weight_scale` E4M3 `[Np, Kp/16]` (row-major),
+    `weight_scale_2` fp32 per-tensor scale. Dequantized on the fly by a Triton kernel on GPU."""
+
+    format_name = "nvfp4"
+
+    def __init__(self, in_features, out_features, bias=True, *, search=False, compute_dtype=torch.bfloat16,
+                 fast=False, device=None):
+        super().__init__(in_features, out_features, bias, compute_dtype=compute_dtype, fast=fast, device=device)
+        self.search = search
+        np_, kp = qf.roundup(out_features, qf.NVFP4_BLOCK), qf.roundup(in_features, qf.NVFP4_BLOCK)
+        self.weight = nn.Parameter(torch.empty(np_, kp // 2, device=device, dtype=torch.uint8), requires_grad=False)
+        self.register_buffer("weight_scale", torch.empty(np_, kp // qf.NVFP4_BLOCK, device=device,
+                                                         dtype=torch.float8_e4m3fn))
+        self.register_buffer("weight_scale_2", torch.empty((), device=device, dtype=torch.float32))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def set_from_float(self, w: torch.Tensor) -> None:
+        self.set_codes(*qf.nvfp4_quantize(w, self.search))
+
+    def set_codes(self, packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor) -> None:
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight_scale = block_scales
+        self.weight_scale_2 = global_scale.float().reshape(())
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        kernels = _triton()
+        if kernels is not None and kernels.available(self.weight.device):
+            return kernels.nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, self.shape, dtype)
+        return qf.nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, self.shape, dtype)
+
+    def fp8_operands(self):
+        row_scale = qf.nvfp4_row_scale(self.weight_scale, self.weight_scale_2, self.out_features)
+        w8 = _triton().nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, self.shape,
+                                        torch.float8_e4m3fn, row_scale)
+        return w8, row_scale

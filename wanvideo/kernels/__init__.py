@@ -1,0 +1,1 @@
+"""Numerical kernels with a plain-torch reference next to each optional accelerated version."""
