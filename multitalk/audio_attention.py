@@ -47,7 +47,10 @@ def reference_attention_map(q: torch.Tensor, k: torch.Tensor, frame_tokens: int,
     per_group = heads // head_groups
     groups = out[:, :, :per_group * head_groups].unflatten(2, (head_groups, per_group))
     mean = groups.mean(dim=3).mean(dim=2)  # [B, L, classes]
-    return (mean / masks.sum(dim=1).float().to(mean.device)).transpose(1, 2).to(dtype)
+    sizes = masks.sum(dim=1).float().to(mean.device)
+    # An empty class (only the background can be) wins every token, as the official 0/0 = NaN does in argmax.
+    amap = torch.where(sizes > 0, mean / sizes.clamp(min=1), torch.inf)
+    return amap.transpose(1, 2).to(dtype)
 
 
 def speaker_positions(amap: torch.Tensor, speaker_ranges, background: float) -> torch.Tensor:

@@ -82,11 +82,10 @@ class AudioConditioning:
             masks = F.interpolate(self.masks[None].float(), size=(h, w), mode="nearest")[0] > 0
             if masks.shape[0] == 2:
                 masks = torch.cat([masks, ~(masks[0] | masks[1])[None]])
-        names = ("speaker 1", "speaker 2", "background")
-        for name, m in zip(names, masks):
+        for name, m in zip(("speaker 1", "speaker 2"), masks):
             if not m.any():
                 raise ValueError(f"the {name} mask covers no video token at the {h}x{w} token grid; draw a larger "
-                                 f"mask (every class needs at least one token of the first frame).")
+                                 f"mask (each speaker needs at least one token of the first frame).")
         out = masks.flatten(1).float().to(self.tokens.device)
         self._mask_cache[(h, w)] = out
         return out
