@@ -250,6 +250,7 @@ def select_kernel(q, k, v, *, mode: str = "auto", k_lens=None, attn_mask=None, s
     return next(_candidates(mode, plan.call)).name
 
 
+@torch.compiler.disable   # the dispatch reads pointers, strides and k_lens values: one eager graph break
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str = "auto",
               k_lens: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
               scale: float | None = None) -> torch.Tensor:
@@ -265,7 +266,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str = 
     for kernel in _candidates(mode, plan.call):
         try:
             out = _run(kernel, q, k, v, plan)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError, NotImplementedError) as err:
             first_line = (str(err).splitlines() or [""])[0][:160]

@@ -1,0 +1,101 @@
+"""Attention throughput of every mode at Wan shapes, side by side with SDPA-flash, in one run.
+
+Inputs are made the way the model makes them (views of linear outputs, [B, L, H, D], bf16), so the numbers
+include the dispatcher's own work. TFLOP/s = 4 * B * H * Lq * Lk * D / time. The relative error is measured
+against float32 SDPA on 256 sampled query rows.
+
+    python bench/attention.py            # full Wan shapes (81 frames 480x832 = 32,760 tokens)
+    python bench/attention.py --quick    # smaller shapes, fewer repeats
+"""
+import argparse
+
+import torch
+
+from _common import cuda_time, import_pack, write_result
+
+SHAPES = {   # name: (batch, query tokens, key tokens, heads, head dim)
+    "self_32760": (1, 32760, 32760, 40, 128),
+    "text_cross_512": (1, 32760, 512, 40, 128),
+    "clip_cross_257": (1, 32760, 257, 40, 128),
+    "audio_21x1560_32": (21, 1560, 32, 40, 128),
+    "odd_4099_77": (2, 4099, 77, 40, 128),
+}
+QUICK_SHAPES = {
+    "self_8190": (1, 8190, 8190, 40, 128),
+    "clip_cross_257": (1, 8190, 257, 40, 128),
+    "audio_21x1560_32": (21, 1560, 32, 40, 128),
+}
+
+
+def fp32_rows_reference(q, k, v, rows):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with sdpa_kernel(SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[:, rows].float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=None)
+    args = p.parse_args()
+    pack = import_pack()
+    from wantalk.wanvideo.modules.attention import ATTENTION_MODES, attention, select_kernel
+    from wantalk.wanvideo.modules.attention_kernels import CONTRACTS
+
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats = args.repeats or (3 if args.quick else 10)
+    device = torch.cuda.get_device_name()
+    print(f"# {device}, torch {torch.__version__}, {pack.__name__} attention modes, bf16, {repeats} timed runs")
+    summary = []
+    for shape_name, (b, lq, lk, h, d) in shapes.items():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(b, n, h * d, device="cuda", dtype=torch.bfloat16, generator=g).view(b, n, h, d)
+                   for n in (lq, lk, lk))
+        rows = torch.randperm(lq, device="cuda", generator=g)[:256]
+        ref = fp32_rows_reference(q, k, v, rows)
+        flops = 4 * b * h * lq * lk * d
+        results = {}
+        print(f"\n## {shape_name}: B {b}, Lq {lq}, Lk {lk}, H {h}, D {d}")
+        print("| mode | served by | TFLOP/s | x sdpa_flash | rel. err |")
+        print("|---|---|---|---|---|")
+        for mode in ATTENTION_MODES:
+            kernel = select_kernel(q, k, v, mode=mode)
+            if kernel == "sdpa_math" and b * h * lq * lk * 4 > 16e9:
+                continue
+            out = attention(q, k, v, mode=mode)
+            err = ((out[:, rows].float() - ref).norm() / ref.norm()).item()
+            seconds = sorted(cuda_time(lambda: attention(q, k, v, mode=mode), warmup=2, repeats=repeats))
+            tflops = flops / seconds[len(seconds) // 2] / 1e12
+            results[mode] = (kernel, tflops, err)
+        flash = results.get("sdpa_flash", (None, float("nan")))[1]
+        for mode, (kernel, tflops, err) in results.items():
+            print(f"| {mode} | {kernel} | {tflops:.0f} | {tflops / flash:.2f} | {err:.4f} |")
+        exact = {m: r for m, r in results.items() if CONTRACTS[r[0]].exact}
+        best_exact = max(exact.items(), key=lambda item: item[1][1])
+        best_any = max(results.items(), key=lambda item: item[1][1])
+        auto = results["auto"][1]
+        line = dict(shape=shape_name, device=device, torch=torch.__version__, auto_kernel=results["auto"][0],
+                    auto_tflops=round(auto, 1), sdpa_flash_tflops=round(flash, 1),
+                    auto_over_sdpa_flash=round(auto / flash, 3),
+                    best_exact=best_exact[0], auto_over_best_exact=round(auto / best_exact[1][1], 3),
+                    best_any=best_any[0], best_any_err=round(best_any[1][2], 4),
+                    auto_over_best_any=round(auto / best_any[1][1], 3),
+                    modes={m: dict(kernel=r[0], tflops=round(r[1], 1), rel_err=round(r[2], 5))
+                           for m, r in results.items()})
+        summary.append(line)
+        write_result("attention", line)
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+    print("\n| shape | auto kernel | auto TFLOP/s | auto / sdpa_flash | auto / best exact | best any (err) |")
+    print("|---|---|---|---|---|---|")
+    for s in summary:
+        print(f"| {s['shape']} | {s['auto_kernel']} | {s['auto_tflops']} | {s['auto_over_sdpa_flash']} | "
+              f"{s['auto_over_best_exact']} ({s['best_exact']}) | {s['best_any']} "
+              f"x{s['auto_over_best_any']} ({s['best_any_err']}) |")
+
+
+if __name__ == "__main__":
+    main()
