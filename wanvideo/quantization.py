@@ -241,12 +241,12 @@ def decode_stored(name: str, tensor: torch.Tensor, aux: dict[str, torch.Tensor],
     return Stored("dense", tensor)
 
 
-def stored_shape_matches(expected: tuple[int, ...], stored: tuple[int, ...]) -> bool:
-    """Loader shape check that admits NVFP4 packing (`[N, K]` stored as `[roundup(N,16), roundup(K,16)/2]`)."""
-    if tuple(expected) == tuple(stored):
-        return True
-    return len(expected) == 2 and tuple(stored) == (qf.roundup(expected[0], qf.NVFP4_BLOCK),
-                                                    qf.roundup(expected[1], qf.NVFP4_BLOCK) // 2)
+def logical_shape(stored_shape: tuple[int, ...], aux_names) -> tuple[int, ...]:
+    """The `[N, K]` shape of a weight as the model sees it. NVFP4 weights (recognised by their per-tensor
+    `weight_scale_2`) are stored packed two per byte as `[N, K/2]`; every other shape is unchanged."""
+    if "weight_scale_2" in aux_names and len(stored_shape) == 2:
+        return stored_shape[0], 2 * stored_shape[1]
+    return tuple(stored_shape)
 
 
 # ----------------------------------------------------------------------------------------------
