@@ -86,8 +86,8 @@ def ref_resample(block, x):
             y = ref_causal_conv(block.time_conv, x[:, :, 1:])
             c = x.shape[1]
             x = torch.cat([x[:, :, :1], torch.stack([y[:, :c], y[:, c:]], dim=3).flatten(2, 3)], dim=2)
-        up = lambda f: F.conv2d(f.repeat_interleave(2, -1).repeat_interleave(2, -2), conv.weight, conv.bias, padding=1)
-        return each_frame(up, x)
+        nearest = lambda f: f.repeat_interleave(2, -1).repeat_interleave(2, -2)
+        return each_frame(lambda f: F.conv2d(nearest(f), conv.weight, conv.bias, padding=1), x)
     x = each_frame(lambda f: F.conv2d(F.pad(f, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2), x)
     if block.mode == "downsample3d":  # frame 0 passes; then windows (0,1,2), (2,3,4), ...
         x = torch.cat([x[:, :, :1], F.conv3d(x, block.time_conv.weight, block.time_conv.bias, stride=(2, 1, 1))], 2)
@@ -322,3 +322,26 @@ def test_bad_video_and_tile_arguments(vae32, rng):
         vae32.decode(torch.zeros(1, 4, 2, 2, 2))
     with pytest.raises(ValueError, match="tile_size"):
         vae32.decode(torch.zeros(1, 16, 1, 4, 4), tile_size=20)
+
+
+# -- GPU (run on the lent GPU: python -m pytest tests/test_vae.py -q -m gpu) ---------------------------------
+
+@pytest.mark.gpu
+def test_gpu_real_size_matches_cpu_float64_and_tiles_bound_memory(rng):
+    sd = random_vae_state_dict(rng, WanVAEConfig())
+    cpu, gpu = WanVAE.from_state_dict(sd, dtype=torch.float64), WanVAE.from_state_dict(sd, device="cuda")
+    video = random_video(rng, 5, 32, 32)
+    z = gpu.encode(video.cuda())
+    assert rel_err(z.cpu(), cpu.encode(video.double())) < 1e-2  # cuDNN may use TF32
+    assert rel_err(gpu.decode(z).cpu(), cpu.decode(z.cpu().double())) < 1e-2
+
+    latents = torch.randn(1, 16, 2, 90, 160, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    torch.cuda.reset_peak_memory_stats()
+    full = gpu.decode(latents)
+    full_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    tiled = gpu.decode(latents, tile_size=256, tile_overlap=64)
+    tiled_peak = torch.cuda.max_memory_allocated()
+    assert full.shape == tiled.shape == (1, 3, 5, 720, 1280)
+    assert tiled_peak < 0.5 * full_peak, (tiled_peak, full_peak)
+    assert rel_err(tiled, full) < 0.5

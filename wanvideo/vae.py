@@ -151,9 +151,12 @@ class WanVAE(nn.Module):
             got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
             raise ValueError(f"VAE encode expects a video tensor [B, 3, F, H, W] in [-1, 1], got {got}.")
         f, h, w = video.shape[2:]
+        if f < 1:
+            raise ValueError("VAE encode got a video with no frames.")
         if (f - 1) % t != 0:
+            shorter, longer = 1 + (f - 1) // t * t, 1 + -(-(f - 1) // t) * t
             raise ValueError(f"VAE encode needs 1 + {t}k frames (1, 5, 9, ..., 81), got {f}; "
-                             f"trim the clip to {1 + (f - 1) // t * t} frames or pad it to {1 + -(-(f - 1) // t) * t}.")
+                             f"trim the clip to {shorter} frames or pad it to {longer}.")
         if h % s or w % s:
             raise ValueError(f"VAE encode needs height and width that are multiples of {s}, got {h}x{w}; "
                              f"resize or crop to {h // s * s}x{w // s * s}.")
@@ -179,7 +182,8 @@ class WanVAE(nn.Module):
         s = self.config.space_factor
         if tile_size % s or tile_overlap % s or tile_size <= 0 or not 0 <= tile_overlap < tile_size:
             raise ValueError(f"VAE tiling needs tile_size and tile_overlap in pixels, multiples of {s}, with "
-                             f"0 <= tile_overlap < tile_size; got tile_size={tile_size}, tile_overlap={tile_overlap}.")
+                             f"0 <= tile_overlap < tile_size; got tile_size={tile_size}, "
+                             f"tile_overlap={tile_overlap}.")
         return tile_size // s, tile_overlap // s
 
 
