@@ -37,3 +37,29 @@ def save_state_dict(sd: dict, path: str, prefix: str = "", dtype=None) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_file({prefix + k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items()}, path)
     return path
+
+
+# ---- InfiniteTalk, VAE ------------------------------------------------------------------------------------
+
+def tiny_infinitetalk_config():
+    from wantalk.multitalk.model_addon import InfiniteTalkConfig
+    return InfiniteTalkConfig(audio_layers=2, audio_channels=16, intermediate_dim=32, output_dim=32, context_tokens=4)
+
+
+def tiny_infinitetalk(generator=None, dtype=torch.float32) -> tuple[WanModel, dict]:
+    """Tiny Wan I2V + InfiniteTalk with the real key names (audio features: 2 layers x 16 channels)."""
+    from wantalk.wanvideo.loader import build_model
+    from wantalk.multitalk.model_addon import infinitetalk_addon
+    config = tiny_infinitetalk_config()
+    model = build_model(TINY_I2V.with_(audio=config), infinitetalk_addon(config), device="cpu", dtype=dtype)
+    sd = random_state_dict(model, generator)
+    model.load_state_dict(sd)
+    return model.eval().requires_grad_(False), sd
+
+
+def tiny_vae(generator=None, dim: int = 8):
+    from wantalk.wanvideo.vae import WanVAE, WanVAEConfig
+    vae = WanVAE(WanVAEConfig(dim=dim))
+    sd = random_state_dict(vae, generator)
+    vae.load_state_dict(sd)
+    return vae.eval().requires_grad_(False), sd

@@ -187,6 +187,7 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
         addon = detect(shapes, cfg)
         if addon is not None:
             cfg = cfg.with_(audio=addon.config)
+            shapes, fetch = _renamed(shapes, fetch, getattr(addon, "key_renames", {}))
             break
     with torch.device("meta"):
         model = build_model(cfg, addon, device="meta", dtype=base_dtype)
@@ -213,6 +214,19 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
     model.quant_report = report
     model.addon_name = addon.name if addon else None
     return model
+
+
+def _renamed(shapes: dict, fetch, renames: dict[str, str]):
+    """Apply an add-on's key-prefix renames (e.g. `multitalk_audio_proj.` -> `audio_proj.`) to shapes and fetch."""
+    if not renames:
+        return shapes, fetch
+    def new_name(key):
+        for old, new in renames.items():
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+    original = {new_name(k): k for k in shapes}
+    return {new_name(k): v for k, v in shapes.items()}, (lambda key: fetch(original[key]))
 
 
 def _key_mismatch_message(paths, missing, unexpected) -> str:

@@ -1,0 +1,192 @@
+"""InfiniteTalk long-video generation: overlapping windows of any count in bounded memory, resumable.
+
+Each window of `frame_window` frames (81) is denoised with its own audio; its first `motion_frames` (9) frames
+are the last frames of the video so far, VAE-encoded and pinned clean before and after every step. The audio
+advances by `frame_window - motion_frames` per window. Finished frames are kept on the CPU as uint8, and the
+next window's motion frames are always taken from those stored frames, so a run resumed from saved windows
+produces exactly the frames of an uninterrupted run with the same seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..wanvideo.sampling import Conditioning, Guidance, denoise, i2v_mask
+from ..wanvideo.schedulers import make_scheduler
+from .color_match import match_colors
+from .conditioning import audio_conditioning, zero_audio_conditioning
+
+log = logging.getLogger("wantalk")
+
+
+@dataclass(frozen=True)
+class LongVideoSettings:
+    frame_window: int = 81
+    motion_frames: int = 9
+    steps: int = 40
+    shift: float = 7.0
+    scheduler: str = "infinitetalk_euler"
+    text_scale: float = 5.0
+    audio_scale: float = 4.0
+    seed: int = 42
+    color_correction: float = 1.0
+    max_frames: int = 0            # 0: the whole audio
+    audio_scale_embeds: float = 1.0
+
+    def validate(self):
+        if (self.frame_window - 1) % 4 or self.frame_window < 5:
+            raise ValueError(f"frame_window must be 1 + 4k (e.g. 81), got {self.frame_window}")
+        if not 1 <= self.motion_frames < self.frame_window or (self.motion_frames - 1) % 4:
+            raise ValueError(f"motion_frames must be 1 + 4k and smaller than frame_window (e.g. 9), "
+                             f"got {self.motion_frames}")
+
+
+@dataclass
+class TalkAudio:
+    """Per-speaker wav2vec2 features at 25 fps, `[frames, 12, 768]` each, and optional speaker masks `[3, H, W]`."""
+    features: list
+    masks: torch.Tensor | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return min(f.shape[0] for f in self.features)
+
+
+def window_starts(total_frames: int, frame_window: int, motion_frames: int) -> list[int]:
+    """First video frame of each window: 0, then steps of frame_window - motion_frames until the end is covered."""
+    starts = [0]
+    while starts[-1] + frame_window < total_frames:
+        starts.append(starts[-1] + frame_window - motion_frames)
+    return starts
+
+
+def extend_audio(features: torch.Tensor, end: int) -> torch.Tensor:
+    """Make `features` reach `end` frames: the official end-of-audio padding appends a time-flipped copy of the
+    last `end - len + 3` frames (repeated for audio shorter than that)."""
+    while features.shape[0] < end:
+        miss = min(end - features.shape[0] + 3, features.shape[0])
+        features = torch.cat([features, features[-miss:].flip(0)], dim=0)
+    return features
+
+
+def frame_windows(features: torch.Tensor, start: int, count: int, half: int = 2) -> torch.Tensor:
+    """`[count, 2*half+1, ...]`: for video frame i in [start, start+count) the features of i-half..i+half, clamped."""
+    idx = torch.arange(start, start + count)[:, None] + torch.arange(-half, half + 1)[None, :]
+    return features[idx.clamp(0, features.shape[0] - 1)]
+
+
+def _to_unit(frames_m1: torch.Tensor) -> torch.Tensor:
+    """`[1, 3, F, H, W]` in [-1, 1] -> `[F, H, W, 3]` in [0, 1], float32 on the CPU."""
+    return ((frames_m1[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()
+
+
+def to_uint8(frames01: torch.Tensor) -> torch.Tensor:
+    return (frames01 * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _fingerprint(settings: LongVideoSettings, *tensors) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(asdict(settings), sort_keys=True).encode())
+    for t in tensors:
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class WindowStore:
+    """Finished windows on disk (`window_0003.safetensors`), valid only for the run with the same fingerprint."""
+
+    def __init__(self, folder: str | None, fingerprint: str):
+        self.folder, self.fingerprint = folder, fingerprint
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.folder, f"window_{index:04d}.safetensors")
+
+    def load(self, index: int) -> torch.Tensor | None:
+        if not self.folder or not os.path.isfile(self._path(index)):
+            return None
+        from safetensors import safe_open
+        with safe_open(self._path(index), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != self.fingerprint:
+                return None
+        return load_file(self._path(index))["frames"]
+
+    def save(self, index: int, frames: torch.Tensor) -> None:
+        if self.folder:
+            tmp = self._path(index) + ".tmp"
+            save_file({"frames": frames.contiguous()}, tmp, metadata={"fingerprint": self.fingerprint})
+            os.replace(tmp, self._path(index))
+
+
+def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text: Conditioning,
+                        settings: LongVideoSettings = LongVideoSettings(), *, resume_dir: str | None = None,
+                        on_step: Callable[[int, int, int, int], None] | None = None,
+                        on_window: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Talking video for the whole audio: uint8 frames `[N, H, W, 3]`, N = audio frames (or max_frames).
+
+    image: the reference frame `[3, H, W]` in [-1, 1] (H, W multiples of 16). text: contexts and CLIP features
+    (its `y`/`audio` fields are filled here). on_step(window, windows, step, steps) is called after every step
+    (raise there to stop; finished windows stay saved); on_window(index, uint8 frames) after each window.
+    """
+    settings.validate()
+    _, height, width = image.shape
+    if height % 16 or width % 16:
+        raise ValueError(f"the image size must be a multiple of 16 in both directions, got {width}x{height}")
+    device = next(model.parameters()).device
+    n_audio = audio.num_frames
+    total = min(n_audio, settings.max_frames) if settings.max_frames > 0 else n_audio
+    if total < 1:
+        raise ValueError("the audio is shorter than one video frame (1/25 s)")
+    starts = window_starts(total, settings.frame_window, settings.motion_frames)
+    end = starts[-1] + settings.frame_window
+    features = [extend_audio(f[:n_audio].float() * settings.audio_scale_embeds, end) for f in audio.features]
+    store = WindowStore(resume_dir, _fingerprint(settings, image, text.context, text.negative_context,
+                                                 text.clip_fea, *audio.features, audio.masks))
+    lat_h, lat_w, lat_f = height // 8, width // 8, (settings.frame_window - 1) // 4 + 1
+    plan = Guidance("infinitetalk", text_scale=settings.text_scale, audio_scale=settings.audio_scale)
+    reference01 = _to_unit(image[None, :, None])[0]
+
+    with torch.no_grad():
+        video = torch.cat([image[:, None], image.new_zeros(3, settings.frame_window - 1, height, width)], dim=1)
+        image_latent = vae.encode(video[None].to(vae.dtype))
+        y = torch.cat([i2v_mask(settings.frame_window, lat_h, lat_w)[None].to(image_latent), image_latent], 1)
+        y = y.to(device)
+        null_audio = zero_audio_conditioning(model, settings.frame_window)
+        frames: list[torch.Tensor] = []
+        for w, start in enumerate(starts):
+            stored = store.load(w)
+            if stored is None:
+                if w == 0:
+                    motion = image_latent[:, :, :1]  # causal VAE: the first latent frame is the image alone
+                else:
+                    previous = torch.cat(frames)[-settings.motion_frames:].float() / 255 * 2 - 1
+                    motion = vae.encode(previous.permute(3, 0, 1, 2)[None].to(vae.dtype))
+                windows = torch.stack([frame_windows(f, start, settings.frame_window) for f in features])
+                cond = Conditioning(text.context, text.negative_context, text.clip_fea, y,
+                                    audio=audio_conditioning(model, windows.to(device), audio.masks),
+                                    audio_null=null_audio)
+                generator = torch.Generator().manual_seed(settings.seed + w)
+                noise = torch.randn(1, 16, lat_f, lat_h, lat_w, generator=generator).to(device)
+                scheduler = make_scheduler(settings.scheduler, settings.steps, settings.shift)
+                step_cb = None if on_step is None else (lambda i, _lat, w=w: on_step(w, len(starts), i + 1, len(scheduler)))
+                latent = denoise(model, noise, scheduler, cond, plan, pinned=motion.to(device).float(), on_step=step_cb)
+                decoded = _to_unit(vae.decode(latent.to(vae.dtype)))
+                del latent, cond
+                decoded = match_colors(decoded, reference01, settings.color_correction)
+                stored = to_uint8(decoded if w == 0 else decoded[settings.motion_frames:])
+                store.save(w, stored)
+            frames.append(stored)
+            if on_window is not None:
+                on_window(w, stored)
+            log.info("wantalk: window %d/%d done (%d frames so far)", w + 1, len(starts), sum(map(len, frames)))
+    return torch.cat(frames)[:total]
