@@ -40,7 +40,7 @@ class Call:
     kv_lens: tuple[int, ...]          # key length of every kernel launch (several when k_lens is sliced)
     has_mask: bool                    # an explicit attn_mask, or k_lens the kernel must apply itself
     default_scale: bool               # scale == head_dim ** -0.5
-    largest_numel: int                # largest q/k/v element count after any head-dim padding
+    largest_numel: int                # largest q/k/v element count
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Contract:
             return "custom scale unsupported"
         if any(n % self.kv_len_multiple for n in call.kv_lens):
             return f"wrong results when key length % {self.kv_len_multiple} != 0"
-        if self.max_numel is not None and call.largest_numel >= self.max_numel:
+        if self.max_numel is not None and call.largest_numel * fed // call.head_dim >= self.max_numel:
             return "tensor too large for 32-bit indexing"
         return None
 
@@ -248,9 +248,10 @@ CONTRACTS: dict[str, Contract] = {
                             masks=True, gqa=True, devices=("cpu",)),
     "flash_attn": Contract(layout="NHD", dtypes=HALF, max_head_dim=256, head_dim_multiple=8, gqa=True,
                            min_capability=(8, 0)),
-    # PyPI sageattention <= 1.0.6 (Triton): wrong unless Lk % 64 == 0; `k -= km` in place; D in {64, 96, 128}.
-    "sageattn_legacy": Contract(**_SAGE_COMMON, head_dims=(64, 96, 128), pads_head_dim=True, kv_len_multiple=64,
-                                clobbers_k=True, min_capability=(8, 0)),
+    # PyPI sageattention <= 1.0.6 (Triton): wrong unless Lk % 64 == 0; `k -= km` in place; D in {64, 96, 128};
+    # GQA not claimed by that release.
+    "sageattn_legacy": Contract(**{**_SAGE_COMMON, "gqa": False}, head_dims=(64, 96, 128), pads_head_dim=True,
+                                kv_len_multiple=64, clobbers_k=True, min_capability=(8, 0)),
     # sageattention >= 2: pads head dims <= 128 itself, masks padded keys, no in-place writes.
     "sageattn": Contract(**_SAGE_COMMON, max_head_dim=128,
                          capabilities=((8, 0), (8, 6), (8, 9), (9, 0), (12, 0), (12, 1))),
