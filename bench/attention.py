@@ -6,6 +6,7 @@ against float32 SDPA on 256 sampled query rows.
 
     python bench/attention.py            # full Wan shapes (81 frames 480x832 = 32,760 tokens)
     python bench/attention.py --quick    # smaller shapes, fewer repeats
+    python bench/attention.py --layout hnd   # q, k, v stored [B, H, L, D] instead of [B, L, H, D]
 """
 import argparse
 
@@ -40,6 +41,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--layout", choices=("nhd", "hnd"), default="nhd", help="storage order of q, k, v")
     args = p.parse_args()
     pack = import_pack()
     from wantalk.wanvideo.modules.attention import ATTENTION_MODES, attention, select_kernel
@@ -48,12 +50,17 @@ def main():
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (3 if args.quick else 10)
     device = torch.cuda.get_device_name()
-    print(f"# {device}, torch {torch.__version__}, {pack.__name__} attention modes, bf16, {repeats} timed runs")
+    print(f"# {device}, torch {torch.__version__}, {pack.__name__} attention modes, bf16, {args.layout} storage, "
+          f"median of {repeats} timed runs")
     summary = []
     for shape_name, (b, lq, lk, h, d) in shapes.items():
         g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(b, n, h * d, device="cuda", dtype=torch.bfloat16, generator=g).view(b, n, h, d)
-                   for n in (lq, lk, lk))
+        if args.layout == "nhd":   # views of linear outputs, as the model passes them
+            q, k, v = (torch.randn(b, n, h * d, device="cuda", dtype=torch.bfloat16, generator=g).view(b, n, h, d)
+                       for n in (lq, lk, lk))
+        else:                      # [B, H, L, D] storage (the layout of KERNELS.md section 7.2)
+            q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                       for n in (lq, lk, lk))
         rows = torch.randperm(lq, device="cuda", generator=g)[:256]
         ref = fp32_rows_reference(q, k, v, rows)
         flops = 4 * b * h * lq * lk * d
@@ -77,7 +84,7 @@ def main():
         best_exact = max(exact.items(), key=lambda item: item[1][1])
         best_any = max(results.items(), key=lambda item: item[1][1])
         auto = results["auto"][1]
-        line = dict(shape=shape_name, device=device, torch=torch.__version__, auto_kernel=results["auto"][0],
+        line = dict(shape=shape_name, layout=args.layout, device=device, torch=torch.__version__, auto_kernel=results["auto"][0],
                     auto_tflops=round(auto, 1), sdpa_flash_tflops=round(flash, 1),
                     auto_over_sdpa_flash=round(auto / flash, 3),
                     best_exact=best_exact[0], auto_over_best_exact=round(auto / best_exact[1][1], 3),
