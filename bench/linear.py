@@ -1,0 +1,91 @@
+"""Whole linear layer (activation quantization included) of every quantization mode next to bf16, at Wan shapes.
+
+M = 32,760 tokens (81 frames at 480x832); (K, N) = q/k/v/o 5120x5120, ffn up 5120x13824, ffn down 13824x5120.
+TFLOP/s = 2*M*K*N / time; ratio = bf16 time / mode time; weight bytes include scales; rel. err is against the
+float64 product of the bf16 weights on 256 sampled rows. `fast` rows also split the time into the activation
+quantization, the weight conversion (fp4 -> fp8) and the GEMM.
+
+    python bench/linear.py            # full shapes
+    python bench/linear.py --quick    # M = 8190, fewer repeats
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+
+from _common import cuda_time, import_pack, write_result
+
+SHAPES = {"qkvo": (5120, 5120), "ffn_up": (5120, 13824), "ffn_down": (13824, 5120)}
+
+
+def build(q, mode, w, b):
+    model = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], device="meta", dtype=torch.bfloat16))
+    q.apply_policy(model, mode, (), base_dtype=torch.bfloat16)
+    q.load_param(model, "0.weight", w, device="cuda", base_dtype=torch.bfloat16)
+    q.load_param(model, "0.bias", b, device="cuda", base_dtype=torch.bfloat16)
+    return model[0]
+
+
+def parts(layer, x2):
+    """Milliseconds of the fast path's pieces (activation quantization, fp8 weight form, GEMM)."""
+    from wantalk.wanvideo.kernels import quant_triton as qt
+    xq, xs = qt.quantize_rows(x2)
+    w8, ws = layer.fp8_operands()
+    ms = lambda fn: 1000 * min(cuda_time(fn, warmup=2, repeats=5))
+    return {"act_quant_ms": ms(lambda: qt.quantize_rows(x2)), "weight_fp8_ms": ms(layer.fp8_operands),
+            "gemm_ms": ms(lambda: torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=ws.reshape(1, -1),
+                                                   bias=layer.bias, out_dtype=torch.bfloat16, use_fast_accum=True))}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--m", type=int, default=None)
+    p.add_argument("--modes", default=None, help="comma-separated subset of quantization modes")
+    args = p.parse_args()
+    import_pack()
+    from wantalk.wanvideo import quantization as q
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = args.m or (8190 if args.quick else 32760)
+    repeats = 3 if args.quick else 10
+    modes = args.modes.split(",") if args.modes else [x for x in q.QUANTIZATION_MODES if x != "disabled"]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {m}")
+    print("| shape | mode | ms | TFLOP/s | x bf16 | weight MiB | x bf16 bytes | rel. err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape_name, (k, n) in SHAPES.items():
+        w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(torch.bfloat16)
+        b = (0.1 * torch.randn(n, device="cuda", generator=gen)).to(torch.bfloat16)
+        x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+        rows = torch.randperm(m, device="cuda", generator=gen)[:256]
+        ref = x[rows].double() @ w.double().T + b.double()
+        flops = 2 * m * k * n
+        dense = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        dense.weight.data.copy_(w)
+        dense.bias.data.copy_(b)
+        with torch.no_grad():
+            base_s = min(cuda_time(lambda: dense(x), warmup=2, repeats=repeats))
+        dense_bytes = n * k * 2
+        print(f"| {shape_name} {k}x{n} | bf16 | {1000 * base_s:.3f} | {flops / base_s / 1e12:.0f} | 1.00 | "
+              f"{dense_bytes / 2**20:.1f} | 1.00 | - |")
+        for mode in modes:
+            layer = build(q, mode, w, b)
+            with torch.no_grad():
+                s = min(cuda_time(lambda: layer(x), warmup=2, repeats=repeats))
+                out = layer(x[rows])
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            wb = layer.weight_bytes()
+            result = {"bench": "linear", "shape": shape_name, "m": m, "k": k, "n": n, "mode": mode,
+                      "ms": 1000 * s, "tflops": flops / s / 1e12, "speedup": base_s / s, "weight_bytes": wb,
+                      "bytes_ratio": wb / dense_bytes, "rel_err": err, "bf16_ms": 1000 * base_s}
+            if layer.fast:
+                result.update(parts(layer, x))
+            print(f"| {shape_name} {k}x{n} | {mode} | {1000 * s:.3f} | {flops / s / 1e12:.0f} | {base_s / s:.2f} | "
+                  f"{wb / 2**20:.1f} | {wb / dense_bytes:.3f} | {100 * err:.2f}% |")
+            write_result("linear", result)
+            del layer
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
