@@ -24,6 +24,8 @@ def rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     inv_freq = 1.0 / (ROPE_1D_THETA ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
     angles = positions.to(device=x.device, dtype=torch.float32)[..., None] * inv_freq
     cos, sin = torch.cos(angles)[..., None, :], torch.sin(angles)[..., None, :]
+    if x.shape[0] == 1:
+        return apply_rope(x, cos[0], sin[0])
     return torch.cat([apply_rope(x[i:i + 1], cos[i], sin[i]) for i in range(x.shape[0])])
 
 

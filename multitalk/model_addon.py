@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..wanvideo.checkpoint import CheckpointError
 from ..wanvideo.loader import AddOn
 from .audio_attention import InfiniteTalkBlockAdapter
@@ -48,6 +50,12 @@ class InfiniteTalkConfig:
         if kwargs.get("audio") is None:
             return None
         return audio_conditioning(model, kwargs["audio"], kwargs.get("ref_target_masks"))
+
+    def random_conditioning(self, model, latent_frames: int, device=None, speakers: int = 1):
+        """Conditioning from random audio windows (benchmarks): `speakers` speakers, default masks."""
+        frames = self.vae_scale * (latent_frames - 1) + 1
+        windows = torch.randn(speakers, frames, self.audio_window, self.audio_layers, self.audio_channels, device=device)
+        return audio_conditioning(model, windows)
 
 
 def make_block_adapter(cfg, *, device=None, dtype=None, operations):

@@ -315,11 +315,12 @@ def test_addon_on_a_t2v_model_is_refused(rng, tiny):
         detect_infinitetalk(shapes, infer_config(shapes))
 
 
-def test_wrapper_key_naming_is_recognised(rng, tiny):
+def test_wrapper_key_naming_loads(tmp_path, rng, tiny):
     _, sd = tiny
-    shapes = {k.replace("audio_proj.", "multitalk_audio_proj."): tuple(v.shape) for k, v in sd.items()}
-    addon = detect_infinitetalk(shapes, infer_config(shapes))
-    assert addon.config == TINY_AUDIO and addon.key_renames == {"multitalk_audio_proj.": "audio_proj."}
+    renamed = {("multitalk_" + k if k.startswith("audio_proj.") else k): v for k, v in sd.items()}
+    loaded = load_wan_model(save_state_dict(renamed, str(tmp_path / "kj.safetensors")), base_dtype=torch.float32)
+    assert loaded.cfg.audio == TINY_AUDIO
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items() if k.startswith("audio_proj."))
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
