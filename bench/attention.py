@@ -84,8 +84,8 @@ def main():
         best_exact = max(exact.items(), key=lambda item: item[1][1])
         best_any = max(results.items(), key=lambda item: item[1][1])
         auto = results["auto"][1]
-        line = dict(shape=shape_name, layout=args.layout, device=device, torch=torch.__version__, auto_kernel=results["auto"][0],
-                    auto_tflops=round(auto, 1), sdpa_flash_tflops=round(flash, 1),
+        line = dict(shape=shape_name, layout=args.layout, device=device, torch=torch.__version__,
+                    auto_kernel=results["auto"][0], auto_tflops=round(auto, 1), sdpa_flash_tflops=round(flash, 1),
                     auto_over_sdpa_flash=round(auto / flash, 3),
                     best_exact=best_exact[0], auto_over_best_exact=round(auto / best_exact[1][1], 3),
                     best_any=best_any[0], best_any_err=round(best_any[1][2], 4),
