@@ -1,5 +1,4 @@
 """Quantization policy, formats and loading (CPU). GPU fast paths: tests/test_quantization_gpu.py."""
-import inspect
 import json
 import logging
 import os
@@ -24,9 +23,6 @@ ERROR_BOUND = {"fp8_e4m3fn": 0.06, "fp8_e4m3fn_fast": 0.06, "fp8_e4m3fn_scaled":
                "fp8_e4m3fn_scaled_fast": 0.03, "fp8_e5m2": 0.08, "fp8_e5m2_scaled": 0.06,
                "fp4": 0.12, "fp4_scaled": 0.12, "fp4_scaled_fast": 0.12}
 HEADS = {"num_heads": TINY_I2V.num_heads}
-PACKED_LOADER = "logical_shape" in inspect.getsource(loader)
-needs_packed_loader = pytest.mark.xfail(not PACKED_LOADER, strict=True,
-                                        reason="loader must report shapes through quantization.logical_shape")
 
 
 def linear_keys(path):
@@ -277,7 +273,6 @@ def test_comfy_fp8_loads_bit_exact(tmp_path, rng):
     assert torch.all(layer.weight_scale == stored[f"{BLOCK_LINEAR}.weight_scale"])
 
 
-@needs_packed_loader
 def test_comfy_nvfp4_loads_bit_exact(tmp_path, rng):
     _, sd = tiny_wan(generator=rng)
     path, stored = comfy_file(sd, tmp_path / "comfy_nvfp4.safetensors", "nvfp4")
@@ -324,8 +319,6 @@ def test_corrupt_scales_raise_clear_errors(tmp_path, rng, case):
             conf = torch.tensor(list(b'{"format": "int8_tensorwise"}'), dtype=torch.uint8)
             bad, match = corrupt(stored, f"{w}.comfy_quant", conf), "int8_tensorwise"
     path = save_sd(bad, tmp_path / "bad.safetensors")
-    if case.startswith("nvfp4") and not PACKED_LOADER:
-        pytest.xfail("loader must report shapes through quantization.logical_shape")
     with pytest.raises(CheckpointError, match=match):
         loader.load_wan_model(path, quantization="fp8_e4m3fn_scaled", config_overrides=HEADS)
 
@@ -340,7 +333,7 @@ def test_logical_shape():
 # Saving
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["fp8_e4m3fn_scaled", "fp8_e4m3fn", pytest.param("fp4_scaled", marks=needs_packed_loader)])
+@pytest.mark.parametrize("mode", ["fp8_e4m3fn_scaled", "fp8_e4m3fn", "fp4_scaled"])
 def test_save_quantized_round_trip(tmp_path, rng, mode):
     _, sd = tiny_wan(generator=rng)
     src = save_sd({k: v.to(torch.bfloat16) for k, v in sd.items()}, tmp_path / "src.safetensors")

@@ -237,7 +237,7 @@ def decode_stored(name: str, tensor: torch.Tensor, aux: dict[str, torch.Tensor],
                               f"(supported: float8_e4m3fn, float8_e5m2, nvfp4). Use a bf16, fp8 or nvfp4 file.")
     if tensor.dtype in FP8_DTYPES:
         scale = aux.get("scale_weight", aux.get("weight_scale"))
-        return Stored("fp8", tensor, _fp8_scale(name, scale, tensor.shape[0] if tensor.dim() else 1))
+        return Stored("fp8", tensor, _fp8_scale(name, scale, tensor.shape[0] if tensor.dim() == 2 else 1))
     return Stored("dense", tensor)
 
 

@@ -42,7 +42,11 @@ def fp8_quantize(w: torch.Tensor, dtype: torch.dtype, per_channel: bool) -> tupl
 
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return q.to(dtype) * scale.to(dtype)[:, None]
+    """codes * scale, the scale being one value or one per row (dim 0)."""
+    s = scale.to(dtype)
+    if s.numel() > 1:
+        s = s.reshape(-1, *([1] * (q.dim() - 1)))
+    return q.to(dtype) * s
 
 
 def quantize_rows_reference(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
