@@ -140,7 +140,8 @@ class _Sources:
                     self.where[key] = (reader, raw)
 
     def shapes(self) -> dict[str, tuple]:
-        return {k: r.shape(raw) for k, (r, raw) in self.where.items()}
+        """Logical shapes (packed NVFP4 weights count their unpacked width)."""
+        return {k: policy.logical_shape(r.shape(raw), self.aux.get(k, {}).keys()) for k, (r, raw) in self.where.items()}
 
     def get(self, key: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         reader, raw = self.where[key]
@@ -150,8 +151,11 @@ class _Sources:
 
 def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quantization: str = "disabled",
                    attention_mode: str = "auto", params_to_keep=None, extra_weights=(),
-                   config_overrides: dict | None = None) -> WanModel:
-    """Load a Wan 2.1 DiT (optionally with add-on files in `extra_weights`) ready for inference."""
+                   config_overrides: dict | None = None, loras=()) -> WanModel:
+    """Load a Wan 2.1 DiT (optionally with add-on files in `extra_weights`) ready for inference.
+
+    loras: `(path, strength)` pairs merged into the high-precision weights while streaming, before quantization.
+    """
     t0 = time.perf_counter()
     paths = [path, *extra_weights]
     sources = _Sources(paths)
@@ -160,9 +164,13 @@ def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quanti
         raise CheckpointError(f"'{path}' is {foreign}.")
     hints = _config_hints(path, sources.readers[0])
     hints.update(config_overrides or {})
+    transforms = []
+    if loras:
+        from .lora import lora_merge_transform
+        transforms.append(lora_merge_transform(loras, sources.shapes()))
     model = assemble_model(sources.shapes(), sources.get, device=device, base_dtype=base_dtype,
                            quantization=quantization, attention_mode=attention_mode, params_to_keep=params_to_keep,
-                           hints=hints, files=paths)
+                           hints=hints, files=paths, weight_transforms=transforms)
     cfg = model.cfg
     log.info("wantalk: loaded %s (%s, dim %d, %d layers%s) in %.1fs; %s", os.path.basename(path), cfg.model_type,
              cfg.dim, cfg.num_layers, f", {model.addon_name}" if model.addon_name else "",
@@ -172,9 +180,12 @@ def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quanti
 
 def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=torch.bfloat16,
                    quantization: str = "disabled", attention_mode: str = "auto", params_to_keep=None,
-                   hints: dict | None = None, files=("checkpoint",)) -> WanModel:
+                   hints: dict | None = None, files=("checkpoint",), weight_transforms=()) -> WanModel:
     """Infer the config from `shapes`, build on meta, apply the quantization policy, then materialise every
-    tensor from `fetch(key) -> (tensor, aux)` one at a time onto `device`."""
+    tensor from `fetch(key) -> (tensor, aux)` one at a time onto `device`.
+
+    weight_transforms: callables `(key, float32 tensor) -> tensor | None` (None: leave the key alone), applied to
+    the high-precision value BEFORE quantization (LoRA merging); stored fp8 weights are dequantized first."""
     if isinstance(base_dtype, str):
         base_dtype = BASE_DTYPES[base_dtype]
     if attention_mode not in ATTENTION_MODES:
@@ -205,6 +216,7 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
     device = torch.device(device)
     for key in expected:
         tensor, aux = fetch(key)
+        tensor, aux = _transformed(key, tensor, aux, weight_transforms, device)
         policy.load_param(model, key, tensor, aux=aux, device=device, base_dtype=base_dtype)
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if leftover:
@@ -214,6 +226,17 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
     model.quant_report = report
     model.addon_name = addon.name if addon else None
     return model
+
+
+def _transformed(key: str, tensor: torch.Tensor, aux: dict, transforms, device):
+    """Apply the weight transforms that touch `key`, on `device`, in float32."""
+    for transform in transforms:
+        shape = policy.logical_shape(tuple(tensor.shape), aux.keys())
+        stored = policy.decode_stored(key, tensor.to(device), {k: v.to(device) for k, v in aux.items()}, shape)
+        out = transform(key, stored.dense(shape, torch.float32))
+        if out is not None:
+            tensor, aux = out, {}
+    return tensor, aux
 
 
 def _renamed(shapes: dict, fetch, renames: dict[str, str]):
