@@ -114,7 +114,7 @@ class QuantizedLinear(nn.Module):
             operands = None if reason else self.fp8_operands()
             if operands is not None:
                 return fp8_rowwise_linear(x2, *operands, self.bias).reshape(*lead, self.out_features)
-            _once(f"{self.format_name} fast path unavailable ({reason or 'weight format has no fp8 form'}); "
+            _once(f"{self.format_name} fast path unavailable ({reason or 'fp8 matmul needs an e4m3 weight'}); "
                   f"using the dequantizing path")
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x2.to(dtype), self.dequantize(dtype), bias).reshape(*lead, self.out_features)

