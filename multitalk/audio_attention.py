@@ -127,7 +127,7 @@ class InfiniteTalkBlockAdapter(nn.Module):
     def forward_in_block(self, block: nn.Module, x: torch.Tensor, inp, keep_qk) -> torch.Tensor:
         # Modules are taken from the block: quantization or offloading may have swapped them there.
         cond, attn = inp.audio, block.audio_cross_attn
-        tokens = cond.tokens_for(x.shape[0], inp.grid)
+        tokens = cond.tokens_for(x.shape[0], inp.grid).to(x.device)  # audio_proj may live elsewhere (offload)
         q_pos = k_pos = None
         if cond.needs_qk:
             if not keep_qk:
