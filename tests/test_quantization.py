@@ -81,6 +81,21 @@ def test_disabled_and_custom_keep_list():
         q.apply_policy(meta_model(), "fp8_e4m3fn_scaled_fastest", keep, base_dtype=torch.bfloat16)
 
 
+def test_policy_on_tiny_infinitetalk_modules():
+    from wantalk.multitalk.model_addon import infinitetalk_addon
+    from tiny_models import tiny_infinitetalk_config
+    cfg = tiny_infinitetalk_config()
+    with torch.device("meta"):
+        model = loader.build_model(TINY_I2V.with_(audio=cfg), infinitetalk_addon(cfg), device="meta", dtype=torch.bfloat16)
+    report = q.apply_policy(model, "fp4_scaled_fast", q.DEFAULT_PARAMS_TO_KEEP, base_dtype=torch.bfloat16)
+    audio_block = [n for n in report.quantized if ".audio_cross_attn." in n]
+    assert {n.rsplit(".", 1)[1] for n in audio_block} == {"q_linear", "kv_linear", "proj"}
+    assert len(audio_block) == 3 * TINY_I2V.num_layers
+    assert all(isinstance(model.get_submodule(n), NVFP4Linear) for n in audio_block)
+    audio_proj = [n for n, m in model.named_modules() if type(m) is nn.Linear and "audio_proj" in n]
+    assert audio_proj and set(audio_proj) <= set(report.kept_linears)
+
+
 @pytest.mark.parametrize("listing", ["keys_infinitetalk.txt", "keys_humo17b.txt", "keys_i2v14b.txt"])
 def test_default_keep_list_on_real_key_names(keys_dir, listing):
     names = linear_keys(os.path.join(keys_dir, listing))

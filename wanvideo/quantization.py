@@ -131,7 +131,7 @@ def apply_policy(model: nn.Module, mode: str, params_to_keep: Iterable[str], *, 
     report = QuantReport(mode)
     swapped = set()
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
+        if not isinstance(module, nn.Linear):
             continue
         if spec.kind is None or keeps(f"{name}.weight", keep):
             report.kept_linears.append(name)
