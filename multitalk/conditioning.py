@@ -38,7 +38,7 @@ def speaker_masks(height: int, width: int, boxes=None, face_scale: float = 0.05)
     return torch.stack([people[0], people[1], background])
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: it holds tensors
 class AudioConditioning:
     """tokens: float32 `[1 or B, latent frames, context_tokens * speakers, output_dim]` (speaker 1's tokens
     first); masks: `[3, H, W]` (speaker 1, speaker 2, background) at any resolution, or `[2, H, W]` (the
