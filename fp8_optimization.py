@@ -10,6 +10,7 @@ Layers hold no state that changes between calls: CFG passes and batch sizes are 
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -39,6 +40,7 @@ def _triton():
     return quant_triton if quant_triton.triton is not None else None
 
 
+@functools.lru_cache(maxsize=None)
 def fp8_compute_reason(device: torch.device) -> str | None:
     """None when FP8 matmuls with fused activation quantization can run on `device`, else why not."""
     if device.type != "cuda":
