@@ -22,6 +22,9 @@ from .wanvideo.kernels import quant_formats as qf
 log = logging.getLogger("wantalk")
 
 FAST_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+# Hopper's fast FP8 accumulation: row-wise GEMMs measured 1323 vs 1161 TFLOP/s (KERNELS.md 4.1); bench/linear.py
+# --exact-accum measures the other setting.
+USE_FAST_ACCUM = True
 _reported: set[str] = set()
 _SCALED_MM_BIAS = {"ok": True}  # capability probe: some torch builds refuse a bias with row-wise scales
 
@@ -61,11 +64,11 @@ def fp8_rowwise_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tens
     if bias is not None and _SCALED_MM_BIAS["ok"]:
         try:
             return torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=scale_b, bias=bias.to(x.dtype),
-                                    out_dtype=x.dtype, use_fast_accum=True)
+                                    out_dtype=x.dtype, use_fast_accum=USE_FAST_ACCUM)
         except RuntimeError as exc:
             _SCALED_MM_BIAS["ok"] = False
             _once(f"torch._scaled_mm refused a fused bias ({str(exc)[:120]}); adding it separately")
-    y = torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=scale_b, out_dtype=x.dtype, use_fast_accum=True)
+    y = torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=scale_b, out_dtype=x.dtype, use_fast_accum=USE_FAST_ACCUM)
     return y if bias is None else y.add_(bias.to(y.dtype))
 
 

@@ -28,13 +28,15 @@ def build(q, mode, w, b):
 
 def parts(layer, x2):
     """Milliseconds of the fast path's pieces (activation quantization, fp8 weight form, GEMM)."""
+    from wantalk import fp8_optimization
     from wantalk.wanvideo.kernels import quant_triton as qt
     xq, xs = qt.quantize_rows(x2)
     w8, ws = layer.fp8_operands()
     ms = lambda fn: 1000 * min(cuda_time(fn, warmup=2, repeats=5))
     return {"act_quant_ms": ms(lambda: qt.quantize_rows(x2)), "weight_fp8_ms": ms(layer.fp8_operands),
             "gemm_ms": ms(lambda: torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=ws.reshape(1, -1),
-                                                   bias=layer.bias, out_dtype=torch.bfloat16, use_fast_accum=True))}
+                                                   bias=layer.bias, out_dtype=torch.bfloat16,
+                                                   use_fast_accum=fp8_optimization.USE_FAST_ACCUM))}
 
 
 def main():
@@ -42,15 +44,19 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--m", type=int, default=None)
     p.add_argument("--modes", default=None, help="comma-separated subset of quantization modes")
+    p.add_argument("--exact-accum", action="store_true", help="FP8 GEMMs without Hopper's fast accumulation")
     args = p.parse_args()
     import_pack()
+    from wantalk import fp8_optimization
+    fp8_optimization.USE_FAST_ACCUM = not args.exact_accum
     from wantalk.wanvideo import quantization as q
     torch.backends.cuda.matmul.allow_tf32 = False
     m = args.m or (8190 if args.quick else 32760)
     repeats = 3 if args.quick else 10
     modes = args.modes.split(",") if args.modes else [x for x in q.QUANTIZATION_MODES if x != "disabled"]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {m}")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {m}, "
+          f"fast accumulation {fp8_optimization.USE_FAST_ACCUM}")
     print("| shape | mode | ms | TFLOP/s | x bf16 | weight MiB | x bf16 bytes | rel. err |")
     print("|---|---|---|---|---|---|---|---|")
     for shape_name, (k, n) in SHAPES.items():
@@ -77,7 +83,8 @@ def main():
             wb = layer.weight_bytes()
             result = {"bench": "linear", "shape": shape_name, "m": m, "k": k, "n": n, "mode": mode,
                       "ms": 1000 * s, "tflops": flops / s / 1e12, "speedup": base_s / s, "weight_bytes": wb,
-                      "bytes_ratio": wb / dense_bytes, "rel_err": err, "bf16_ms": 1000 * base_s}
+                      "bytes_ratio": wb / dense_bytes, "rel_err": err, "bf16_ms": 1000 * base_s,
+                      "fast_accum": fp8_optimization.USE_FAST_ACCUM}
             if layer.fast:
                 result.update(parts(layer, x))
             print(f"| {shape_name} {k}x{n} | {mode} | {1000 * s:.3f} | {flops / s / 1e12:.0f} | {base_s / s:.2f} | "
