@@ -1,0 +1,70 @@
+"""HuMo's per-block audio cross-attention (`audio_cross_attn_wrapper`, REFERENCE.md section 6).
+
+After the text cross-attention and before the FFN, un-gated: `x = x + o(attn(q, k, v))` with
+`q = norm_q(q(norm1_audio(x)))` and `k = norm_k(k(audio))`, `v = v(audio)`. Each latent frame's h*w video tokens
+attend only to that frame's 16 audio tokens; no RoPE, no mask. The reference latent frames at the end of the
+sequence get the tokens of zero audio windows, like any other frame.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..wanvideo.modules.attention import attention
+from ..wanvideo.modules.model import RMSNorm, layer_norm_fp32, linear_in
+
+
+class HumoAudioCrossAttention(nn.Module):
+    """`audio_cross_attn`: q/o over the model dim, k/v from the audio token dim, RMSNorm on q and k."""
+
+    def __init__(self, dim: int, audio_dim: int, num_heads: int, eps: float, *, device, dtype, operations):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.q = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.k = operations.Linear(audio_dim, dim, device=device, dtype=dtype)
+        self.v = operations.Linear(audio_dim, dim, device=device, dtype=dtype)
+        self.o = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.norm_q = RMSNorm(dim, eps, device=device, dtype=dtype)
+        self.norm_k = RMSNorm(dim, eps, device=device, dtype=dtype)
+        self.attention_mode = "auto"
+
+    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, grid) -> torch.Tensor:
+        """x `[B, F*h*w, dim]` (normalised), audio_tokens `[B, F, N_a, audio_dim]` -> `[B, F*h*w, dim]`."""
+        b = x.shape[0]
+        f, h, w = grid
+        n_a = audio_tokens.shape[2]
+        per_frame = lambda t, n: t.reshape(b * f, n, self.num_heads, self.head_dim)
+        q = per_frame(self.norm_q(linear_in(self.q, x)), h * w)
+        k = per_frame(self.norm_k(linear_in(self.k, audio_tokens)), n_a)
+        v = per_frame(linear_in(self.v, audio_tokens), n_a)
+        out = attention(q, k.to(q.dtype), v.to(q.dtype), mode=self.attention_mode)
+        return linear_in(self.o, out.reshape(b, f * h * w, self.dim))
+
+
+class AudioCrossAttentionWrapper(nn.Module):
+    """`audio_cross_attn_wrapper`: the input LayerNorm (affine) and the attention, under the official names."""
+
+    def __init__(self, cfg, *, device=None, dtype=None, operations=nn):
+        super().__init__()
+        self.audio_cross_attn = HumoAudioCrossAttention(cfg.dim, cfg.audio.output_dim, cfg.num_heads, cfg.eps,
+                                                        device=device, dtype=dtype, operations=operations)
+        self.norm1_audio = operations.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True,
+                                                device=device, dtype=dtype)
+
+
+class HumoBlockAdapter(nn.Module):
+    """The per-block add-on: its child `audio_cross_attn_wrapper` is registered into each Wan block;
+    `forward_in_block` returns the residual to add after the text cross-attention."""
+
+    def __init__(self, cfg, *, device=None, dtype=None, operations=nn):
+        super().__init__()
+        self.audio_cross_attn_wrapper = AudioCrossAttentionWrapper(cfg, device=device, dtype=dtype,
+                                                                   operations=operations)
+
+    @staticmethod
+    def forward_in_block(block: nn.Module, x: torch.Tensor, inp, keep_qk=None) -> torch.Tensor:
+        # Modules are taken from the block: quantization or offloading may have swapped them there.
+        wrapper = block.audio_cross_attn_wrapper
+        tokens = inp.audio.tokens_for(x.shape[0], inp.grid).to(x.device)
+        xn = layer_norm_fp32(x, wrapper.norm1_audio, x.shape[-1], wrapper.norm1_audio.eps)
+        return wrapper.audio_cross_attn(xn, tokens, inp.grid)
