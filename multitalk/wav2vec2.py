@@ -1,0 +1,379 @@
+"""wav2vec2 audio encoder for InfiniteTalk / MultiTalk (TencentGameMate/chinese-wav2vec2-base), no `transformers`.
+
+The module tree mirrors HF `Wav2Vec2Model` in its "base" layout (feat_extract_norm="group",
+do_stable_layer_norm=False), so the published state dict loads by name:
+
+    feature_extractor.conv_layers.0.conv.weight            (512, 1, 10)   GroupNorm(512 groups) on this conv only
+    feature_extractor.conv_layers.0.layer_norm.{weight,bias} (512,)
+    feature_extractor.conv_layers.{1-4}.conv.weight        (512, 512, 3)  no conv bias (conv_bias=false)
+    feature_extractor.conv_layers.{5,6}.conv.weight        (512, 512, 2)  strides 5,2,2,2,2,2,2 -> 320 samples/frame
+    feature_projection.layer_norm.{weight,bias} (512,), feature_projection.projection.{weight (768, 512), bias}
+    encoder.pos_conv_embed.conv.{weight_g (1, 1, 128), weight_v (768, 48, 128), bias (768,)}  kernel 128, groups 16
+    encoder.layer_norm.{weight,bias} (768,)                applied BEFORE the layers (post-LN "base" style)
+    encoder.layers.N.attention.{q,k,v,out}_proj.{weight (768, 768), bias}   N = 0..11, 12 heads
+    encoder.layers.N.layer_norm, encoder.layers.N.final_layer_norm .{weight,bias} (768,)
+    encoder.layers.N.feed_forward.intermediate_dense (3072, 768), .output_dense (768, 3072) .{weight,bias}
+
+Files may prefix every key with `wav2vec2.` (the published Wav2Vec2ForPreTraining checkpoint does) and may store
+the weight norm as `parametrizations.weight.original0/1` (newer torch); heads such as `quantizer.*`,
+`project_hid.*`, `project_q.*`, `lm_head.*` and the training-only SpecAugment vector `masked_spec_embed` are
+ignored. GELU is the exact (erf) one, all LayerNorm/GroupNorm eps are 1e-5.
+
+InfiniteTalk use (REFERENCE.md 5.5, pitfall 10): the CNN features (50 per second) are linearly interpolated
+(align_corners=True) to the video frame count int(T / 16000 · fps) BEFORE feature_projection and the
+transformer, and the outputs of the 12 layers (HF hidden_states[1:]) are kept.
+
+Waveform normalisation: the checkpoint's preprocessor_config.json (160 bytes) has do_normalize=false, so the
+official pipeline feeds the loudness-normalised waveform unchanged. Evidence: its size equals the 6-key
+{do_normalize: false, feature_size: 1, padding_side: "right", padding_value: 0.0, return_attention_mask: false,
+sampling_rate: 16000} file byte for byte, the exact config ComfyUI-WanVideoWrapper hard-codes for this model, and
+fairseq trained the base model with task.normalize=false. `do_normalize=True` is available for other checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..wanvideo.checkpoint import CheckpointError, CheckpointReader, describe_foreign
+from ..wanvideo.modules.attention import attention
+
+SAMPLE_RATE = 16000
+HEAD_DIM = 64     # every published wav2vec2 (base 768/12, large 1024/16); heads cannot be read from shapes
+
+
+@dataclass(frozen=True)
+class Wav2Vec2Config:
+    conv_dims: tuple[int, ...] = (512,) * 7
+    conv_kernels: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+    conv_strides: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+    conv_bias: bool = False
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    eps: float = 1e-5
+
+    @property
+    def receptive_field(self) -> int:
+        """Fewest input samples that give one CNN frame."""
+        field, jump = 1, 1
+        for kernel, stride in zip(self.conv_kernels, self.conv_strides):
+            field += (kernel - 1) * jump
+            jump *= stride
+        return field
+
+
+CHINESE_WAV2VEC2_BASE = Wav2Vec2Config()
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules (names follow HF Wav2Vec2Model so state dicts load by name)
+# ----------------------------------------------------------------------------------------------
+
+class _ConvLayer(nn.Module):
+    """Feature-extractor conv + GELU; with feat_extract_norm="group" only the first has a GroupNorm with one
+    group per channel, i.e. each channel is normalised over the whole clip."""
+
+    def __init__(self, c_in, c_out, kernel, stride, bias, group_norm, eps, *, device, dtype, operations):
+        super().__init__()
+        self.conv = operations.Conv1d(c_in, c_out, kernel, stride=stride, bias=bias, device=device, dtype=dtype)
+        self.layer_norm = (operations.GroupNorm(c_out, c_out, eps=eps, affine=True, device=device, dtype=dtype)
+                           if group_norm else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return F.gelu(x)
+
+
+class _FeatureExtractor(nn.Module):
+    def __init__(self, cfg: Wav2Vec2Config, **kw):
+        super().__init__()
+        c_in = [1, *cfg.conv_dims[:-1]]
+        self.conv_layers = nn.ModuleList(
+            _ConvLayer(c_in[i], cfg.conv_dims[i], cfg.conv_kernels[i], cfg.conv_strides[i], cfg.conv_bias,
+                       i == 0, cfg.eps, **kw) for i in range(len(cfg.conv_dims)))
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        x = waveform[:, None, :]
+        for layer in self.conv_layers:
+            x = layer(x)
+        return x                                          # [B, C, frames]
+
+
+class _FeatureProjection(nn.Module):
+    def __init__(self, cfg: Wav2Vec2Config, *, device, dtype, operations):
+        super().__init__()
+        self.layer_norm = operations.LayerNorm(cfg.conv_dims[-1], eps=cfg.eps, device=device, dtype=dtype)
+        self.projection = operations.Linear(cfg.conv_dims[-1], cfg.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.layer_norm(x))
+
+
+class _WeightNormConv(nn.Module):
+    """Grouped 'same' conv whose weight is g · v / ||v||, the norm taken over (out, in) per kernel tap
+    (torch weight_norm with dim=2); g and v are kept so the published weight_g / weight_v load by name."""
+
+    def __init__(self, channels, kernel, groups, *, device, dtype):
+        super().__init__()
+        self.weight_g = nn.Parameter(torch.empty(1, 1, kernel, device=device, dtype=dtype))
+        self.weight_v = nn.Parameter(torch.empty(channels, channels // groups, kernel, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(channels, device=device, dtype=dtype))
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.weight_v
+        weight = v * (self.weight_g / v.norm(dim=(0, 1), keepdim=True))
+        return F.conv1d(x, weight, self.bias, padding=v.shape[-1] // 2, groups=self.groups)
+
+
+class _PositionalConvEmbedding(nn.Module):
+    def __init__(self, cfg: Wav2Vec2Config, *, device, dtype, operations):
+        super().__init__()
+        self.conv = _WeightNormConv(cfg.hidden_size, cfg.pos_conv_kernel, cfg.pos_conv_groups,
+                                    device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x.shape[1]
+        y = self.conv(x.transpose(1, 2))[..., :frames]    # an even kernel yields one extra frame: drop the last
+        return F.gelu(y).transpose(1, 2)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, cfg: Wav2Vec2Config, *, device, dtype, operations):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.q_proj = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.k_proj = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.v_proj = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.out_proj = operations.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (proj(x).view(b, n, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(attention(q, k, v).reshape(b, n, -1))
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, cfg: Wav2Vec2Config, *, device, dtype, operations):
+        super().__init__()
+        self.intermediate_dense = operations.Linear(cfg.hidden_size, cfg.intermediate_size, device=device, dtype=dtype)
+        self.output_dense = operations.Linear(cfg.intermediate_size, cfg.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_dense(F.gelu(self.intermediate_dense(x)))
+
+
+class _EncoderLayer(nn.Module):
+    """Post-LN layer: x = LN(x + attn(x)); x = LN'(x + ffn(x))."""
+
+    def __init__(self, cfg: Wav2Vec2Config, **kw):
+        super().__init__()
+        ln = dict(eps=cfg.eps, device=kw["device"], dtype=kw["dtype"])
+        self.attention = _SelfAttention(cfg, **kw)
+        self.layer_norm = kw["operations"].LayerNorm(cfg.hidden_size, **ln)
+        self.feed_forward = _FeedForward(cfg, **kw)
+        self.final_layer_norm = kw["operations"].LayerNorm(cfg.hidden_size, **ln)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm(x + self.attention(x))
+        return self.final_layer_norm(x + self.feed_forward(x))
+
+
+class _Transformer(nn.Module):
+    def __init__(self, cfg: Wav2Vec2Config, **kw):
+        super().__init__()
+        self.pos_conv_embed = _PositionalConvEmbedding(cfg, **kw)
+        self.layer_norm = kw["operations"].LayerNorm(cfg.hidden_size, eps=cfg.eps, device=kw["device"],
+                                                     dtype=kw["dtype"])
+        self.layers = nn.ModuleList(_EncoderLayer(cfg, **kw) for _ in range(cfg.num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm(x + self.pos_conv_embed(x))
+        outputs = []
+        for layer in self.layers:
+            x = layer(x)
+            outputs.append(x)
+        return torch.stack(outputs, dim=1)                # [B, layers, frames, hidden]
+
+
+class Wav2Vec2Encoder(nn.Module):
+    """HF Wav2Vec2Model ("base" layout) for inference: waveform `[B, T]` at 16 kHz -> every layer's output."""
+
+    def __init__(self, config: Wav2Vec2Config = CHINESE_WAV2VEC2_BASE, *, device=None, dtype=torch.float32,
+                 operations=nn):
+        super().__init__()
+        self.config = config
+        kw = dict(device=device, dtype=dtype, operations=operations)
+        self.feature_extractor = _FeatureExtractor(config, **kw)
+        self.feature_projection = _FeatureProjection(config, **kw)
+        self.encoder = _Transformer(config, **kw)
+
+    def cnn_features(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Convolutional features `[B, frames, conv_dims[-1]]` (one per 320 samples for the base layout)."""
+        if waveform.shape[-1] < self.config.receptive_field:
+            raise ValueError(f"wav2vec2 needs at least {self.config.receptive_field} samples "
+                             f"({1000 * self.config.receptive_field / SAMPLE_RATE:.0f} ms at 16 kHz) for one frame; "
+                             f"got {waveform.shape[-1]}. Use a longer clip.")
+        return self.feature_extractor(waveform).transpose(1, 2)
+
+    def layer_outputs(self, features: torch.Tensor) -> torch.Tensor:
+        """Outputs of every transformer layer `[B, layers, frames, hidden]` from CNN features `[B, frames, C]`."""
+        return self.encoder(self.feature_projection(features))
+
+    def forward(self, waveform: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """`[B, layers, frames, hidden]`; with `num_frames`, the CNN features are first linearly interpolated
+        (align_corners=True) to that many frames, as InfiniteTalk does."""
+        features = self.cnn_features(waveform)
+        if num_frames is not None:
+            features = F.interpolate(features.transpose(1, 2), size=num_frames, mode="linear",
+                                     align_corners=True).transpose(1, 2)
+        return self.layer_outputs(features)
+
+
+# ----------------------------------------------------------------------------------------------
+# InfiniteTalk embedding and per-frame windows
+# ----------------------------------------------------------------------------------------------
+
+def encode_for_infinitetalk(encoder: Wav2Vec2Encoder, waveform_16k_mono: torch.Tensor, fps: float = 25,
+                            *, do_normalize: bool = False) -> torch.Tensor:
+    """Audio embedding `[n_frames, layers, hidden]` with n_frames = int(T / 16000 · fps) (REFERENCE.md 5.5).
+
+    `waveform_16k_mono` is the (loudness-normalised) 16 kHz mono clip `[T]`. `do_normalize` applies the HF
+    feature extractor's zero-mean unit-variance normalisation; chinese-wav2vec2-base does not use it."""
+    wav = waveform_16k_mono
+    if wav.dim() != 1:
+        raise ValueError(f"encode_for_infinitetalk: expected a mono 16 kHz waveform [samples], got shape "
+                         f"{tuple(wav.shape)}; convert it with audio_processing.to_mono_16k first.")
+    if wav.numel() == 0 or not torch.isfinite(wav).all():
+        raise ValueError("encode_for_infinitetalk: the waveform is empty or contains NaN/inf samples.")
+    n_frames = int(wav.shape[0] / SAMPLE_RATE * fps)
+    if n_frames < 1:
+        raise ValueError(f"encode_for_infinitetalk: {wav.shape[0]} samples ({1000 * wav.shape[0] / SAMPLE_RATE:.1f} ms)"
+                         f" are shorter than one video frame at {fps:g} fps; use a longer clip.")
+    weight = encoder.feature_projection.projection.weight
+    x = wav.to(device=weight.device, dtype=torch.float32)
+    if do_normalize:
+        x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+    with torch.no_grad():
+        hidden = encoder(x.to(weight.dtype)[None], num_frames=n_frames)
+    return hidden[0].transpose(0, 1)
+
+
+def audio_windows(features: torch.Tensor, start: int, count: int, window: int = 5) -> torch.Tensor:
+    """Per video frame i in [start, start + count): features of frames i - w//2 .. i + w//2, clamped to the clip
+    (`[n, ...]` -> `[count, window, ...]`), as InfiniteTalk gathers them for each clip."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"audio_windows: window must be a positive odd number, got {window}.")
+    if features.shape[0] == 0:
+        raise ValueError("audio_windows: the audio embedding has no frames.")
+    if count < 0:
+        raise ValueError(f"audio_windows: count must be >= 0, got {count}.")
+    offsets = torch.arange(window, device=features.device) - window // 2
+    frames = torch.arange(start, start + count, device=features.device)
+    index = (frames[:, None] + offsets[None, :]).clamp(0, features.shape[0] - 1)
+    return features[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+_MODEL_ROOTS = ("feature_extractor.", "feature_projection.", "encoder.")    # anything else is ignored
+_WEIGHT_NORM_ALIASES = {"parametrizations.weight.original0": "weight_g",
+                        "parametrizations.weight.original1": "weight_v"}
+
+
+def _model_prefix(keys) -> str | None:
+    keys = set(keys)
+    for prefix in ("wav2vec2.", ""):
+        if {prefix + "feature_extractor.conv_layers.0.conv.weight",
+                prefix + "feature_projection.projection.weight"} <= keys:
+            return prefix
+    return None
+
+
+def _canonical(name: str) -> str:
+    for alias, canonical in _WEIGHT_NORM_ALIASES.items():
+        name = name.replace(alias, canonical)
+    return name
+
+
+def _count(shapes: dict, pattern: str) -> int:
+    n = 0
+    while pattern.format(n) in shapes:
+        n += 1
+    return n
+
+
+def infer_wav2vec2_config(shapes: dict[str, tuple[int, ...]], source: str = "state dict") -> Wav2Vec2Config:
+    """Config from un-prefixed key shapes. Not in the shapes, so taken from the wav2vec2 family: conv strides
+    (kernel // 2 for the first conv, 2 after), head size 64, eps 1e-5."""
+    def need(key):
+        if key not in shapes:
+            raise CheckpointError(f"{source}: wav2vec2 key '{key}' is missing; the file is incomplete or not a "
+                                  f"HF-format wav2vec2 model.")
+        return shapes[key]
+
+    n_conv = _count(shapes, "feature_extractor.conv_layers.{}.conv.weight")
+    if "feature_extractor.conv_layers.0.layer_norm.weight" not in shapes or any(
+            f"feature_extractor.conv_layers.{i}.layer_norm.weight" in shapes for i in range(1, n_conv)):
+        raise CheckpointError(f"{source}: the feature extractor is not the 'group norm on the first conv' layout of "
+                              f"wav2vec2-base (a wav2vec2-large / stable-layer-norm model?). InfiniteTalk needs "
+                              f"TencentGameMate/chinese-wav2vec2-base.")
+    conv_shapes = [need(f"feature_extractor.conv_layers.{i}.conv.weight") for i in range(n_conv)]
+    hidden, conv_out = need("feature_projection.projection.weight")
+    pos_v = need("encoder.pos_conv_embed.conv.weight_v")
+    num_layers = _count(shapes, "encoder.layers.{}.attention.q_proj.weight")
+    if hidden % HEAD_DIM or num_layers == 0 or conv_out != conv_shapes[-1][0]:
+        raise CheckpointError(f"{source}: unexpected wav2vec2 shapes (hidden {hidden}, {num_layers} layers, "
+                              f"conv output {conv_shapes[-1][0]} vs projection input {conv_out}).")
+    return Wav2Vec2Config(
+        conv_dims=tuple(s[0] for s in conv_shapes),
+        conv_kernels=tuple(s[2] for s in conv_shapes),
+        conv_strides=(conv_shapes[0][2] // 2,) + (2,) * (n_conv - 1),
+        conv_bias="feature_extractor.conv_layers.0.conv.bias" in shapes,
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=hidden // HEAD_DIM,
+        intermediate_size=need("encoder.layers.0.feed_forward.intermediate_dense.weight")[0],
+        pos_conv_kernel=pos_v[2],
+        pos_conv_groups=hidden // pos_v[1],
+    )
+
+
+def load_wav2vec2(path: str, *, device="cpu", dtype=torch.float32, operations=nn) -> Wav2Vec2Encoder:
+    """Wav2Vec2Encoder from a HF-format wav2vec2-base file (.safetensors, or .bin/.pt read with weights_only)."""
+    reader = CheckpointReader(path)
+    keys = reader.keys()
+    prefix = _model_prefix(keys)
+    if prefix is None:
+        found = describe_foreign(keys) or "no wav2vec2 keys"
+        raise CheckpointError(
+            f"'{path}' is not a wav2vec2 audio encoder: it looks like {found} ({len(keys)} tensors, e.g. "
+            f"{sorted(keys)[:3]}). InfiniteTalk needs TencentGameMate/chinese-wav2vec2-base in HF format "
+            f"(model.safetensors or pytorch_model.bin, keys like 'wav2vec2.feature_extractor.conv_layers.0.conv.weight').")
+    names = {_canonical(k[len(prefix):]): k for k in keys
+             if k.startswith(prefix) and k[len(prefix):].startswith(_MODEL_ROOTS)}
+    shapes = {name: reader.shape(key) for name, key in names.items()}
+    config = infer_wav2vec2_config(shapes, source=f"'{path}'")
+    model = Wav2Vec2Encoder(config, device="meta", dtype=dtype, operations=operations)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != tuple(shapes[k]))
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"'{path}' does not match the wav2vec2-base layout inferred from it: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, wrong shapes {[(k, shapes[k], expected[k]) for k in wrong[:5]]}.")
+    state = {name: reader.get(names[name]).to(device=device, dtype=dtype) for name in expected}
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
