@@ -36,6 +36,8 @@ def main():
     p.add_argument("--quantization", default="disabled")
     p.add_argument("--attention", default="auto")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--speakers", type=int, default=1, help="InfiniteTalk: 1 or 2 speakers")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward")
     args = p.parse_args()
     pack = import_pack()
     from wantalk.wanvideo.loader import assemble_model
@@ -56,15 +58,24 @@ def main():
     y = torch.randn(1, cfg.in_dim - 16, lat_f, lat_h, lat_w, device=device) if cfg.in_dim > 16 else None
     ctx = torch.randn(1, 512, cfg.text_dim, device=device)
     clip = torch.randn(1, 257, cfg.clip_dim, device=device) if cfg.image_branch else None
-    audio = cfg.audio.random_conditioning(model, lat_f, device) if cfg.audio is not None else None
+    audio = None
+    if cfg.audio is not None:
+        extra = {"speakers": args.speakers} if args.speakers != 1 else {}
+        audio = cfg.audio.random_conditioning(model, lat_f, device, **extra)
     t = torch.tensor([700.0], device=device)
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         times = cuda_time(lambda: model.forward_batched(x, t, ctx, clip, y, audio=audio), 1, args.repeats)
     tokens = lat_f * (lat_h // 2) * (lat_w // 2)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.forward_batched(x, t, ctx, clip, y, audio=audio)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
     write_result("forward", {
         "bench": "forward", "listing": args.listing, "addon": model.addon_name, "quantization": args.quantization,
-        "attention": args.attention, "frames": args.frames, "size": f"{args.height}x{args.width}", "tokens": tokens,
+        "attention": args.attention, "speakers": args.speakers, "frames": args.frames, "size": f"{args.height}x{args.width}", "tokens": tokens,
         "seconds_per_forward": sorted(times)[len(times) // 2], "all_seconds": times,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "weights_gib": weights_gib, "build_s": build_s,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")})
