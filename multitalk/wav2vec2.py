@@ -23,11 +23,13 @@ InfiniteTalk use (REFERENCE.md 5.5, pitfall 10): the CNN features (50 per second
 (align_corners=True) to the video frame count int(T / 16000 · fps) BEFORE feature_projection and the
 transformer, and the outputs of the 12 layers (HF hidden_states[1:]) are kept.
 
-Waveform normalisation: the checkpoint's preprocessor_config.json (160 bytes) has do_normalize=false, so the
-official pipeline feeds the loudness-normalised waveform unchanged. Evidence: its size equals the 6-key
-{do_normalize: false, feature_size: 1, padding_side: "right", padding_value: 0.0, return_attention_mask: false,
-sampling_rate: 16000} file byte for byte, the exact config ComfyUI-WanVideoWrapper hard-codes for this model, and
-fairseq trained the base model with task.normalize=false. `do_normalize=True` is available for other checkpoints.
+Waveform normalisation: chinese-wav2vec2-base's preprocessor_config.json has do_normalize=false, so the official
+pipeline feeds the loudness-normalised waveform unchanged. Evidence: ComfyUI core configures its base wav2vec2
+with do_normalize=False ("chinese-wav2vec2-base has this False"); ComfyUI-WanVideoWrapper hard-codes the 6-key
+extractor config {do_normalize: false, feature_size: 1, padding_side: right, padding_value: 0.0,
+return_attention_mask: false, sampling_rate: 16000}, which serialised with indent 2 is exactly the published
+file's 160 bytes; fairseq base models train with task.normalize=false. `do_normalize=True` exists for other
+checkpoints.
 """
 from __future__ import annotations
 
@@ -231,7 +233,8 @@ class Wav2Vec2Encoder(nn.Module):
 
     def forward(self, waveform: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         """`[B, layers, frames, hidden]`; with `num_frames`, the CNN features are first linearly interpolated
-        (align_corners=True) to that many frames, as InfiniteTalk does."""
+        (align_corners=True) to that many frames with F.interpolate, as InfiniteTalk does (same float32 source
+        positions, which differ from exact positions by ~3e-5 relative)."""
         features = self.cnn_features(waveform)
         if num_frames is not None:
             features = F.interpolate(features.transpose(1, 2), size=num_frames, mode="linear",
