@@ -12,6 +12,7 @@ e.g. silence). Both are re-implemented here with torch only (no librosa / torcha
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -214,21 +215,23 @@ def _quadratic_roots(p: float, q: float) -> tuple[complex, complex]:
     return -p / 2 + disc, -p / 2 - disc
 
 
+@functools.lru_cache(maxsize=8)
+def _k_weighting_response(sample_rate: int) -> torch.Tensor:
+    """Impulse response of the two K-weighting biquads in cascade."""
+    (b1, a1), (b2, a2) = k_weighting_coefficients(sample_rate)
+    return _fft_convolve(_impulse_response(b1, a1), _impulse_response(b2, a2))
+
+
 def k_weight(x: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """K-weighted `[C, T]` float64 signal, equal to running both biquads from rest (scipy.signal.lfilter):
     a causal FFT convolution with the cascade's impulse response, truncated where it falls below 1e-20."""
-    response = torch.tensor([1.0], dtype=torch.float64)
-    for b, a in k_weighting_coefficients(sample_rate):
-        h = _impulse_response(b, a)
-        response = torch.cat([response, response.new_zeros(h.numel() - 1)])
-        response = _fft_convolve(response, h)[: response.numel()]
-    samples = x.shape[-1]
-    return _fft_convolve(x, response.to(x.device))[..., :samples]
+    return _fft_convolve(x, _k_weighting_response(sample_rate).to(x.device))[..., :x.shape[-1]]
 
 
 def _fft_convolve(x: torch.Tensor, h: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     """Full linear convolution of `[..., T]` with `h`, by overlap-add over chunks (bounded FFT memory)."""
     out = x.new_zeros(*x.shape[:-1], x.shape[-1] + h.numel() - 1)
+    chunk = min(chunk, x.shape[-1])
     size = 1 << (chunk + h.numel() - 2).bit_length()
     spectrum = torch.fft.rfft(h, size)
     for start in range(0, x.shape[-1], chunk):
