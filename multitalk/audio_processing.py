@@ -179,7 +179,7 @@ def k_weighting_coefficients(sample_rate: int) -> list[tuple[tuple[float, float,
     (+4 dB, 1500 Hz, Q 1/sqrt 2) then RBJ high pass (38 Hz, Q 0.5)."""
     gain = 10 ** (4.0 / 40)
     w0 = 2 * math.pi * 1500.0 / sample_rate
-    alpha = math.sin(w0) / (2 / math.sqrt(2))
+    alpha = math.sin(w0) / (2.0 * (1 / math.sqrt(2)))
     cos, root = math.cos(w0), math.sqrt(gain)
     shelf_b = (gain * ((gain + 1) + (gain - 1) * cos + 2 * root * alpha),
                -2 * gain * ((gain - 1) + (gain + 1) * cos),
