@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from ..wanvideo.modules.attention import attention
-from ..wanvideo.modules.model import apply_rope, layer_norm_fp32, linear_in
+from ..wanvideo.modules.fused_ops import layer_norm_modulate
+from ..wanvideo.modules.model import apply_rope, linear_in
 
 ROPE_1D_THETA = 10000
 
@@ -137,5 +138,6 @@ class InfiniteTalkBlockAdapter(nn.Module):
                                            compute_dtype(attn.q_linear))
             q_pos = speaker_positions(amap, self.acfg.speaker_ranges, self.acfg.background_position)
             k_pos = audio_key_positions(tokens.shape[2], f, self.acfg.speaker_ranges, x.device).expand(x.shape[0], -1)
-        xn = layer_norm_fp32(x, block.norm_x, x.shape[-1], block.norm_x.eps)
+        xn = layer_norm_modulate(x, block.norm_x.eps, block.norm_x.weight, block.norm_x.bias,
+                                 out_dtype=compute_dtype(attn.q_linear))
         return attn(xn, tokens, inp.grid, q_pos, k_pos)

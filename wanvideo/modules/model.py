@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .fused_ops import layer_norm_modulate, rms_norm_reference, rms_norm_rope, rope_reference as apply_rope
 
 
 @dataclass(frozen=True)
@@ -101,20 +102,6 @@ def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device) -> tuple[tor
     return torch.cos(ang).float()[:, None, :], torch.sin(ang).float()[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (2i, 2i+1) of `x` `[B, L, H, D]`; tokens past the table pass through.
-
-    Returns float32, as the official implementation does.
-    """
-    n = cos.shape[0]
-    xr = x[:, :n].float().unflatten(-1, (-1, 2))
-    x0, x1 = xr[..., 0], xr[..., 1]
-    rot = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
-    if n == x.shape[1]:
-        return rot
-    return torch.cat([rot, x[:, n:].float()], dim=1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Norms and float32 helpers
 # ----------------------------------------------------------------------------------------------
@@ -128,9 +115,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x)
-        return y * self.weight.to(y.dtype)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+    def heads(self, x: torch.Tensor, num_heads: int, rope=None) -> torch.Tensor:
+        """Normalised (and optionally rotated) `[B, L, H, D]` in x's dtype, fused on CUDA."""
+        return rms_norm_rope(x, self.weight, self.eps, num_heads, x.dtype, rope)
 
 
 def layer_norm_fp32(x: torch.Tensor, norm: nn.Module | None, dim: int, eps: float) -> torch.Tensor:
@@ -148,12 +137,17 @@ def linear_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x.float()).float()
 
 
-def linear_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a (possibly quantized) linear layer, feeding it its compute dtype."""
+def compute_dtype_of(layer: nn.Module) -> torch.dtype:
+    """The activation dtype a (possibly quantized) linear layer computes in."""
     dtype = getattr(layer, "compute_dtype", None) or layer.weight.dtype
     if not dtype.is_floating_point or dtype.itemsize < 2:
         dtype = torch.bfloat16
-    return layer(x.to(dtype))
+    return dtype
+
+
+def linear_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a (possibly quantized) linear layer, feeding it its compute dtype."""
+    return layer(x.to(compute_dtype_of(layer)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,19 +167,18 @@ class WanSelfAttention(nn.Module):
         self.attention_mode = "auto"
 
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        """q and k after RMSNorm and RoPE (float32), v; all `[B, L, H, D]`."""
+        """q and k after RMSNorm and RoPE, and v: all `[B, L, H, D]` in the compute dtype."""
         b, s, _ = x.shape
-        q = self.norm_q(linear_in(self.q, x)).view(b, s, self.num_heads, self.head_dim)
-        k = self.norm_k(linear_in(self.k, x)).view(b, s, self.num_heads, self.head_dim)
+        q = self.norm_q.heads(linear_in(self.q, x), self.num_heads, rope)
+        k = self.norm_k.heads(linear_in(self.k, x), self.num_heads, rope)
         v = linear_in(self.v, x).view(b, s, self.num_heads, self.head_dim)
-        return apply_rope(q, *rope), apply_rope(k, *rope), v
+        return q, k, v
 
     def forward(self, x, rope, k_lens=None, keep_qk: list | None = None):
         q, k, v = self.qkv(x, rope)
         if keep_qk is not None:
             keep_qk.extend([q, k])
-        cd = v.dtype
-        out = attention(q.to(cd), k.to(cd), v, mode=self.attention_mode, k_lens=k_lens)
+        out = attention(q, k.to(q.dtype), v.to(q.dtype), mode=self.attention_mode, k_lens=k_lens)
         return linear_in(self.o, out.flatten(2))
 
 
@@ -211,14 +204,14 @@ class WanCrossAttention(nn.Module):
     def forward(self, x, context, text_len: int):
         b = x.shape[0]
         heads = lambda t: t.view(b, -1, self.num_heads, self.head_dim)
-        q = heads(self.norm_q(linear_in(self.q, x)))
+        q = self.norm_q.heads(linear_in(self.q, x), self.num_heads)
         txt = context[:, -text_len:]
-        k = heads(self.norm_k(linear_in(self.k, txt)))
+        k = self.norm_k.heads(linear_in(self.k, txt), self.num_heads)
         v = heads(linear_in(self.v, txt))
         out = attention(q, k.to(q.dtype), v.to(q.dtype), mode=self.attention_mode)
         if self.image_branch and context.shape[1] > text_len:
             img = context[:, :-text_len]
-            k_img = heads(self.norm_k_img(linear_in(self.k_img, img)))
+            k_img = self.norm_k_img.heads(linear_in(self.k_img, img), self.num_heads)
             v_img = heads(linear_in(self.v_img, img))
             out = out + attention(q, k_img.to(q.dtype), v_img.to(q.dtype), mode=self.attention_mode)
         return linear_in(self.o, out.flatten(2))
@@ -257,18 +250,20 @@ class WanAttentionBlock(nn.Module):
             self.audio_adapter = None
 
     def forward(self, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
+        """x: float32 residual stream `[B, L, dim]` (not modified; a new tensor is returned)."""
         m = (self.modulation.float() + inp.e0).unbind(1)  # shift, scale, gate (msa), shift, scale, gate (mlp)
-        norm1 = layer_norm_fp32(x, None, self.dim, self.eps)
+        cd = compute_dtype_of(self.self_attn.q)
         want_qk = self.audio_adapter is not None and inp.audio is not None and getattr(inp.audio, "needs_qk", False)
         keep_qk = [] if want_qk else None
-        y = self.self_attn(norm1 * (1 + m[1][:, None]) + m[0][:, None], inp.rope, inp.seq_lens, keep_qk)
-        x = x + y.float() * m[2][:, None]
-        x = x + self.cross_attn(layer_norm_fp32(x, self.norm3, self.dim, self.eps), inp.context, self.text_len).float()
+        y = self.self_attn(layer_norm_modulate(x, self.eps, scale=m[1], shift=m[0], out_dtype=cd),
+                           inp.rope, inp.seq_lens, keep_qk)
+        x = torch.addcmul(x, y, m[2][:, None])
+        x = x + self.cross_attn(layer_norm_modulate(x, self.eps, self.norm3.weight, self.norm3.bias, out_dtype=cd),
+                                inp.context, self.text_len)
         if self.audio_adapter is not None and inp.audio is not None:
-            x = x + self.audio_adapter(self, x, inp, keep_qk).float()
-        norm2 = layer_norm_fp32(x, None, self.dim, self.eps)
-        y = linear_in(self.ffn[2], self.ffn[1](linear_in(self.ffn[0], norm2 * (1 + m[4][:, None]) + m[3][:, None])))
-        return x + y.float() * m[5][:, None]
+            x = x + self.audio_adapter(self, x, inp, keep_qk)
+        h = linear_in(self.ffn[0], layer_norm_modulate(x, self.eps, scale=m[4], shift=m[3], out_dtype=cd))
+        return torch.addcmul(x, linear_in(self.ffn[2], self.ffn[1](h)), m[5][:, None])
 
 
 class Head(nn.Module):
