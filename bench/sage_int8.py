@@ -1,0 +1,93 @@
+"""int8_triton attention: every block-size config, FP8 and FP16 P.V, against cuDNN and SDPA-flash, in one run.
+
+    python bench/sage_int8.py                    # L 32760, H 40, D 128 (Wan 14B 480p, 81 frames)
+    python bench/sage_int8.py --tokens 75600 --configs best
+
+TFLOP/s counts 4 * B * H * Lq * Lk * D. rel. err: against float32 SDPA on 256 sampled query rows; inputs are
+randn (worst case for FP8 P.V: zero-mean V) plus a per-channel offset in K and V as linear outputs have.
+"""
+import argparse
+
+import torch
+import triton
+
+from _common import import_pack, write_result
+
+CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, EXP16=e, WARP_SPEC=ws)
+           for m, n, w, s, e, ws in ((64, 128, 4, 3, False, False), (64, 128, 4, 3, True, False),
+                                     (64, 128, 4, 2, True, False), (64, 128, 4, 4, True, False),
+                                     (128, 128, 8, 3, True, False), (64, 64, 4, 3, True, False),
+                                     (64, 128, 4, 3, True, True), (128, 128, 8, 3, True, True))]
+
+
+def sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return run
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=32760)
+    p.add_argument("--keys", type=int, default=None)
+    p.add_argument("--heads", type=int, default=40)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--configs", choices=("all", "auto"), default="all")
+    args = p.parse_args()
+    import_pack()
+    from wantalk.wanvideo.kernels import sage_int8
+    b, lq, h, d = 1, args.tokens, args.heads, args.head_dim
+    lk = args.keys or lq
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda n, off: (torch.randn(b, n, h * d, device="cuda", generator=g) + off).bfloat16().view(b, n, h, d)
+    q = make(lq, 0.0)
+    k = make(lk, torch.randn(h * d, device="cuda", generator=g))
+    v = make(lk, 0.5 * torch.randn(h * d, device="cuda", generator=g))
+    rows = torch.randperm(lq, device="cuda", generator=g)[:256]
+    ref = sdpa("MATH")(q[:, rows].float(), k.float(), v.float())
+    # zero-mean V (no offset to hide behind) and outlier channels in Q and K: the hard accuracy case
+    hard = [torch.randn(1, 4096, 8, d, device="cuda", generator=g) for _ in range(3)]
+    hard[0][..., :4] *= 10
+    hard[1][..., -4:] *= 10
+    hard = [t.bfloat16() for t in hard]
+    hard_ref = sdpa("MATH")(*(t.float() for t in hard))
+    flops = 4 * b * h * lq * lk * d
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"B {b} Lq {lq} Lk {lk} H {h} D {d}")
+    print("| kernel | config | TFLOP/s | ms | rel. err | rel. err, zero-mean V + Q/K outliers |")
+    print("|---|---|---|---|---|---|")
+
+    def report(name, config, fn):
+        try:
+            out = fn(q, k, v)
+            err = ((out[:, rows].float() - ref).norm() / ref.norm()).item()
+            hard_err = ((fn(*hard).float() - hard_ref).norm() / hard_ref.norm()).item()
+            fn = lambda f=fn: f(q, k, v)
+            ms = triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+        except Exception as e:   # a config that fails to compile is a result, not a crash
+            print(f"| {name} | {config} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
+            return
+        print(f"| {name} | {config} | {flops / ms / 1e9:.0f} | {ms:.3f} | {err:.4f} | {hard_err:.4f} |", flush=True)
+        write_result("sage_int8", dict(kernel=name, config=config, tokens=lq, keys=lk, heads=h, head_dim=d,
+                                       tflops=round(flops / ms / 1e9, 1), ms=round(ms, 4), rel_err=round(err, 5),
+                                       hard_rel_err=round(hard_err, 5),
+                                       device=torch.cuda.get_device_name(), torch=torch.__version__))
+
+    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
+        report(backend, "-", sdpa(backend))
+    for pv_fp8 in (True, False):
+        name = "int8_triton " + ("fp8 PV" if pv_fp8 else "fp16 PV")
+        for config in (CONFIGS if args.configs == "all" else [None]):
+            report(name, config or "autotuned",
+                   lambda *t, c=config, f=pv_fp8: sage_int8.sage_int8_attention(*t, pv_fp8=f, config=c))
+    ms = triton.testing.do_bench(lambda: sage_int8.quantize_qkv(q, k, v, d ** -0.5, torch.float8_e4m3fn),
+                                 warmup=10, rep=50, return_mode="median")
+    print(f"quantization alone: {ms:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

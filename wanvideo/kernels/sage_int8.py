@@ -1,0 +1,271 @@
+"""8-bit attention in Triton (SageAttention2 recipe): INT8 Q.K^T, FP8 E4M3 P.V, FP32 accumulation.
+
+Why each piece (facts: /work/shared/docs/KERNELS.md, sections 0-1):
+- K is smoothed by subtracting a per-channel mean before INT8 quantization. q.(k - m) = q.k - q.m shifts every
+  logit of a query row by the same amount, which softmax ignores: exact for ANY vector m. The mean of an evenly
+  strided sample of at most `MEAN_SAMPLES` keys removes the common bias as well as the full mean does, for a
+  fraction of a read of K.
+- Q is quantized per token (the scale, times softmax scale and log2(e), becomes a per-row factor applied after the
+  integer dot) and K per block of `KBLK` keys (a scalar per tile), so a tile's row maxima are taken on the
+  int32 dot directly and each logit costs one integer add and two float ops on the way to exp2.
+- int32 -> float without the slow conversion unit: |q.k| <= D * 127^2 < 2^22, so adding the bits of 1.5 * 2^23
+  gives a float equal to 1.5 * 2^23 + dot, exactly.
+- P is scaled by 448 (e4m3's largest value) before the FP8 cast, so most of it stays in e4m3's normal range;
+  V is FP8 with one scale per `KBLK` keys, folded into the running rescale of the accumulator. FP8 is a float
+  format, so a per-block scale loses nothing to channels of very different size (they stay normal down to
+  amax / 2^15). Each P.V block product starts from zero and is added to an FP32 accumulator: Hopper's FP8 MMA
+  keeps about 22 bits across a long sum.
+- Where FP8 dots are unavailable (Ampere, sm80/86) P and V are FP16 instead (the same kernels otherwise).
+- One quantization launch per tensor reads it once; the attention kernel reads the 8-bit copies.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # optional accelerator
+    triton = None
+
+KBLK = 128             # keys per K/V scale block (and the padding unit of every internal buffer)
+MEAN_SAMPLES = 1024    # keys averaged for the K smoothing vector
+HEAD_DIMS = (64, 128)
+P_SCALE = 448.0        # e4m3 max: P in [0, 448]
+INT_MAGIC = 0x4B400000  # float bits of 1.5 * 2^23
+FLOAT_MAGIC = 12582912.0
+
+
+def unavailable(device: torch.device | None = None) -> str | None:
+    """Why the kernel cannot run (None when it can)."""
+    if triton is None:
+        return "triton not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "needs GPU capability >= sm80"
+    return None
+
+
+if triton is not None:
+    @triton.jit
+    def _round_to_int8(x):
+        """Round half away from zero (Triton's float -> int cast truncates)."""
+        return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
+
+    @triton.jit
+    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, mean_ptr, L, H, stride_b, stride_l, stride_h,
+                         out_stride_bh, out_stride_l, out_stride_d, scales_per_bh, factor,
+                         D: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
+        """One [BLOCK, D] tile of x ([B, L, H, D], last dim contiguous) of head bh -> 8-bit out and its scale.
+
+        MODE 0 (Q): INT8, one scale per token (times `factor`). MODE 1 (K): minus its smoothing mean, INT8, one
+        scale per tile. MODE 2 (V): minus its mean, one scale per tile, stored in out's dtype (e4m3 or fp16).
+        Rows past L are written as zeros (the padding the attention kernel reads).
+        """
+        pid = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D)
+        valid = rows < L
+        src = x_ptr + b * stride_b + h * stride_h + rows.to(tl.int64)[:, None] * stride_l + cols[None, :]
+        x = tl.load(src, mask=valid[:, None], other=0.0).to(tl.float32)
+        if MODE != 0:
+            mean = tl.load(mean_ptr + bh * D + cols)
+            x = tl.where(valid[:, None], x - mean[None, :], 0.0)
+        if MODE == 0:
+            amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-20)
+            q = _round_to_int8(x * (127.0 / amax)[:, None])
+            tl.store(scale_ptr + bh * scales_per_bh + rows, amax * (factor / 127.0))
+        else:
+            amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-20)
+            if MODE == 1:
+                q = _round_to_int8(x * (127.0 / amax))
+                tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 127.0)
+            else:
+                q = (x * (448.0 / amax)).to(out_ptr.dtype.element_ty)
+                tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 448.0)
+        dst = out_ptr + bh * out_stride_bh + rows.to(tl.int64)[:, None] * out_stride_l + cols[None, :] * out_stride_d
+        tl.store(dst, q)
+
+    @triton.jit
+    def _exp2(x, HALF: tl.constexpr):
+        """exp2 on the special-function unit: f16x2 gives two results per instruction (P is rounded to 8 or 16
+        bits next anyway); f32 with flush-to-zero skips the denormal fix-up ops of Triton's exp2."""
+        if HALF:
+            return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+
+    @triton.jit
+    def _attend_block(acc, l_i, m_i, c_i, q, qs, k_desc, v_desc, k_ptr, v_ptr, ks_ptr, vs_ptr, bh, start, Lk, LKP,
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+                      EXP16: tl.constexpr):
+        """One key block of the online softmax. acc is kept in units of the current V block scale c_i."""
+        cols = tl.arange(0, D)
+        keys = start + tl.arange(0, BLOCK_N)
+        if USE_TMA:
+            k = k_desc.load([bh * LKP + start, 0])
+            vt = v_desc.load([bh * D, start])
+        else:
+            k = tl.load(k_ptr + (bh.to(tl.int64) * LKP + keys)[:, None] * D + cols[None, :])
+            vt = tl.load(v_ptr + (bh.to(tl.int64) * D + cols)[:, None] * LKP + keys[None, :])
+        s = tl.dot(q, tl.trans(k))                                   # int32 [BLOCK_M, BLOCK_N]
+        if MASKED:
+            s = tl.where((keys < Lk)[None, :], s, -(1 << 22))
+        ks = tl.load(ks_ptr + bh * (LKP // 128) + start // 128)
+        vs = tl.load(vs_ptr + bh * (LKP // 128) + start // 128)
+        coef = qs * ks                                               # log2-domain logit per integer step
+        m_new = tl.maximum(m_i, tl.max(s, axis=1).to(tl.float32) * coef)
+        # (s + magic) as float is 1.5 * 2^23 + s; one FMA takes off the magic and the row max and adds log2(448)
+        # (P in [0, 448]). Rounding the per-row constant shifts a whole row by ~1e-7 of its logit range.
+        bias = 8.807354922057604 - m_new - 12582912.0 * coef
+        x = (s + 0x4B400000).to(tl.float32, bitcast=True) * coef[:, None] + bias[:, None]
+        if MASKED:
+            x = tl.where((keys < Lk)[None, :], x, float("-inf"))
+        p = _exp2(x, EXP16)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1).to(tl.float32)
+        pv = tl.dot(p.to(vt.dtype), tl.trans(vt))                    # fresh FP32 accumulator per block
+        acc = acc * (alpha * (c_i / vs))[:, None] + pv
+        return acc, l_i, m_new, vs
+
+    @triton.jit
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, vmean_ptr, o_ptr, Lq, Lk, H, LQP, LKP, BH, BH_KV,
+                          o_stride_b, o_stride_l, o_stride_h, HQ_PER_KV,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          USE_TMA: tl.constexpr, LK_CLASS: tl.constexpr, EXP16: tl.constexpr = True,
+                          WARP_SPEC: tl.constexpr = False):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        bh_kv = bh // HQ_PER_KV
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, D)
+        if USE_TMA:
+            q_desc = tl.make_tensor_descriptor(q_ptr, shape=[BH * LQP, D],
+                                               strides=[D, 1], block_shape=[BLOCK_M, D])
+            k_desc = tl.make_tensor_descriptor(k_ptr, shape=[BH_KV * LKP, D],
+                                               strides=[D, 1], block_shape=[BLOCK_N, D])
+            v_desc = tl.make_tensor_descriptor(v_ptr, shape=[BH_KV * D, LKP],
+                                               strides=[LKP, 1], block_shape=[D, BLOCK_N])
+            q = q_desc.load([bh * LQP + pid_m * BLOCK_M, 0])
+        else:
+            k_desc = None
+            v_desc = None
+            q = tl.load(q_ptr + (bh.to(tl.int64) * LQP + rows)[:, None] * D + cols[None, :])
+        qs = tl.load(qs_ptr + bh.to(tl.int64) * LQP + rows)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        c_i = tl.full([], 1.0, dtype=tl.float32)
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+        for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
+            acc, l_i, m_i, c_i = _attend_block(acc, l_i, m_i, c_i, q, qs, k_desc, v_desc, k_ptr, v_ptr, ks_ptr,
+                                               vs_ptr, bh_kv, start, Lk, LKP, D, BLOCK_N, False, USE_TMA, EXP16)
+        if full_end < Lk:
+            acc, l_i, m_i, c_i = _attend_block(acc, l_i, m_i, c_i, q, qs, k_desc, v_desc, k_ptr, v_ptr, ks_ptr,
+                                               vs_ptr, bh_kv, full_end, Lk, LKP, D, BLOCK_N, True, USE_TMA, EXP16)
+        out = acc * (c_i / l_i)[:, None] + tl.load(vmean_ptr + bh_kv.to(tl.int64) * D + cols)[None, :]
+        b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+        dst = o_ptr + b * o_stride_b + h * o_stride_h + rows.to(tl.int64)[:, None] * o_stride_l + cols[None, :]
+        tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(rows < Lq)[:, None])
+
+    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                for m, n, w, s in ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
+                                   (64, 128, 4, 3), (64, 64, 4, 3))]
+    _tuned_attention = triton.autotune(_CONFIGS, key=["D", "LK_CLASS", "USE_TMA"],
+                                       cache_results=True)(_attention_kernel)
+
+
+def _padded(n: int) -> int:
+    return -(-n // KBLK) * KBLK
+
+
+def smoothing_mean(x: torch.Tensor) -> torch.Tensor:
+    """[B * H, D] float32 mean of an evenly strided sample of at most ~MEAN_SAMPLES tokens of x ([B, L, H, D])."""
+    step = max(1, x.shape[1] // MEAN_SAMPLES)
+    return x[:, ::step].float().mean(dim=1).reshape(-1, x.shape[-1]).contiguous()
+
+
+def _quantize(x, out, scales, mean, mode: int, block: int, factor: float = 1.0):
+    b, length, heads, d = x.shape
+    out_strides = (out.stride(0), out.stride(1), out.stride(2)) if mode < 2 else (out.stride(0), 1, out.stride(1))
+    _quantize_kernel[(out.numel() // (b * heads * d * block), b * heads)](
+        x, out, scales, mean, length, heads, x.stride(0), x.stride(1), x.stride(2), *out_strides,
+        scales.shape[1], factor, D=d, BLOCK=block, MODE=mode, num_warps=8 if block * d > 8192 else 4)
+
+
+def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype):
+    """8-bit copies of q, k, v ([B, L, H, D]) and their scales, in the layouts the attention kernel reads:
+    q8 [B*H, LQP, D] int8 + per-token scales (times scale * log2 e), k8 [B*Hk, LKP, D] int8 (smoothed) + one scale
+    per KBLK keys, vt [B*Hk, D, LKP] (transposed: FP8 dots want both operands K-major) + one scale per KBLK keys,
+    and V's smoothing mean (added back after the normalised P.V: each row of P sums to one).
+    """
+    b, lq, h, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    lqp, lkp = _padded(lq), _padded(lk)
+    dev = q.device
+    q8 = torch.empty(b * h, lqp, d, dtype=torch.int8, device=dev)
+    qs = torch.empty(b * h, lqp, dtype=torch.float32, device=dev)
+    _quantize(q, q8, qs, qs, 0, 64, scale * math.log2(math.e))
+    mean = smoothing_mean(k)
+    k8 = torch.empty(b * hk, lkp, d, dtype=torch.int8, device=dev)
+    ks = torch.empty(b * hk, lkp // KBLK, dtype=torch.float32, device=dev)
+    _quantize(k, k8, ks, mean, 1, KBLK)
+    vmean = smoothing_mean(v)
+    vt = torch.empty(b * hk, d, lkp, dtype=pv_dtype, device=dev)
+    vs = torch.empty(b * hk, lkp // KBLK, dtype=torch.float32, device=dev)
+    _quantize(v, vt, vs, vmean, 2, KBLK)
+    return q8, qs, k8, ks, vt, vs, vmean
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                        pv_fp8: bool | None = None, use_tma: bool | None = None, config: dict | None = None
+                        ) -> torch.Tensor:
+    """Softmax(q k^T * scale) v for [B, L, H, D] fp16/bf16 CUDA tensors (last dim contiguous; D in HEAD_DIMS;
+    k/v heads divide q heads). Returns [B, Lq, H, D] in q's dtype; inputs are never modified.
+
+    pv_fp8 / use_tma default to what the GPU supports (FP8 dots from sm89, TMA from sm90); `config` pins
+    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of the autotuned choice (benchmarks).
+    """
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected [B, L, H, D] q, k, v with matching B, D and k == v shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, lq, h, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    if d not in HEAD_DIMS or h % hk or lk == 0:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS} (got {d}), q heads a multiple of k heads "
+                         f"(got {h}, {hk}), and at least one key; pad or route elsewhere")
+    if q.dtype not in (torch.float16, torch.bfloat16) or any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("q, k, v must be fp16/bf16 with a contiguous last dim")
+    reason = unavailable(q.device)
+    if reason is not None or q.device.type != "cuda":
+        raise RuntimeError(f"sage_int8_attention cannot run: {reason or 'tensors not on CUDA'}")
+    cap = torch.cuda.get_device_capability(q.device)
+    pv_fp8 = cap >= (8, 9) if pv_fp8 is None else pv_fp8
+    use_tma = cap >= (9, 0) if use_tma is None else use_tma
+    scale = d ** -0.5 if scale is None else float(scale)
+    out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
+    if lq == 0:
+        return out
+    with torch.cuda.device(q.device):
+        q8, qs, k8, ks, vt, vs, vmean = quantize_qkv(q, k, v, scale, torch.float8_e4m3fn if pv_fp8 else torch.float16)
+        if use_tma:
+            triton.set_allocator(_tma_allocator)
+        args = (q8, k8, vt, qs, ks, vs, vmean, out, lq, lk, h, q8.shape[1], k8.shape[1], b * h, b * hk,
+                out.stride(0), out.stride(1), out.stride(2), h // hk)
+        meta = dict(D=d, USE_TMA=use_tma, LK_CLASS=0 if lk <= KBLK else 1 if lk <= 4096 else 2)
+        if config is None:
+            _tuned_attention[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)](*args, **meta)
+        else:
+            _attention_kernel[(triton.cdiv(lq, config["BLOCK_M"]), b * h)](*args, **meta, **config)
+    return out
