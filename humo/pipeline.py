@@ -140,6 +140,13 @@ def window_frames(total: int, frames: int) -> int:
     return min(frames, 4 * math.ceil(max(total - 1, 1) / 4) + 1)
 
 
+def run_fingerprint(settings: HumoSettings, height: int, width: int, bands: torch.Tensor, text: Conditioning,
+                    references=None) -> str:
+    """Identity of a run's inputs: stored windows are reused only by a run with the same fingerprint."""
+    return _fingerprint(settings, torch.tensor([height, width]), bands, text.context, text.negative_context,
+                        *(references or []))
+
+
 def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, references=None, *, height: int,
                         width: int, settings: HumoSettings = HUMO_DEFAULTS, resume_dir: str | None = None,
                         on_step: Callable[[int, int, int, int], None] | None = None) -> torch.Tensor:
@@ -165,8 +172,7 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
     frames = window_frames(total, settings.frames)
     starts = window_starts(total, frames, settings.motion_frames) if frames < total else [0]
     plan = settings.plan()
-    store = WindowStore(resume_dir, _fingerprint(settings, torch.tensor([height, width]), bands, text.context,
-                                                 text.negative_context, *(references or [])))
+    store = WindowStore(resume_dir, run_fingerprint(settings, height, width, bands, text, references))
     with torch.no_grad():
         reference = encode_references(vae, references, height, width)
         n_lat, n_ref = (frames - 1) // 4 + 1, reference.shape[2]
