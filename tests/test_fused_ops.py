@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from wantalk.wanvideo.modules.fused_ops import (layer_norm_modulate, layer_norm_modulate_reference, rms_norm_reference,
-                                                rms_norm_rope, rope_reference)
+from wantalk.wanvideo.modules.fused_ops import (layer_norm_modulate, layer_norm_modulate_reference, residual_add,
+                                                residual_add_reference, rms_norm_reference, rms_norm_rope,
+                                                rope_reference)
 from wantalk.wanvideo.modules.model import rope_cos_sin
 
 
@@ -43,3 +44,13 @@ def test_triton_stages_match_reference(dtype):
         ref = (rope_reference(y, *r) if r is not None else y).to(dtype)
         rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         assert rel < (1e-6 if dtype == torch.float32 else 4e-3), rel
+
+
+@pytest.mark.gpu
+def test_triton_residual_add_matches_reference():
+    x = torch.randn(2, 3000, 5120, device="cuda")
+    y = torch.randn(2, 3000, 5120, device="cuda").bfloat16()
+    g = torch.randn(2, 5120, device="cuda")
+    for gate in (g, None):
+        out, ref = residual_add(x, y, gate), residual_add_reference(x, y, gate)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-6

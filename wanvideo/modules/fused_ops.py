@@ -144,3 +144,39 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, num_heads: 
     _rms_rope_kernel[(b * l,)](x, out, weight, cos, sin, l, c, c // num_heads // 2, eps,
                                HAS_ROPE=rope is not None, BLOCK=triton.next_power_of_2(c // 2), num_warps=8)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual add: x (float32) + y (any float dtype) [* gate], one pass
+# ----------------------------------------------------------------------------------------------
+
+def residual_add_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """`x + y * gate[:, None]` (or `x + y`) in float32, as the official fp32 residual regions compute it."""
+    return x + y.float() if gate is None else torch.addcmul(x, y.float(), gate[:, None])
+
+
+if triton is not None:
+    @triton.jit
+    def _residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, rows_per_batch, n_cols, HAS_GATE: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        offs = row.to(tl.int64) * n_cols + cols
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            y = y * tl.load(g_ptr + (row // rows_per_batch) * n_cols + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask, other=0.0) + y, mask=mask)
+
+
+def residual_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x float32 `[B, L, C]`, y `[B, L, C]`, gate float32 `[B, C]` or None -> new float32 tensor."""
+    if not _use_triton(x, y) or not (x.is_contiguous() and y.is_contiguous()) or x.dtype != torch.float32:
+        return residual_add_reference(x, y, gate)
+    b, l, c = x.shape
+    out = torch.empty_like(x)
+    block = 1024
+    _residual_kernel[(b * l, triton.cdiv(c, block))](
+        x, y, gate.float().contiguous() if gate is not None else x, out, l, c, HAS_GATE=gate is not None,
+        BLOCK=block, num_warps=4)
+    return out

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
-from .fused_ops import layer_norm_modulate, rms_norm_reference, rms_norm_rope, rope_reference as apply_rope
+from .fused_ops import (layer_norm_modulate, residual_add, rms_norm_reference, rms_norm_rope,
+                        rope_reference as apply_rope)
 
 
 @dataclass(frozen=True)
@@ -257,13 +258,13 @@ class WanAttentionBlock(nn.Module):
         keep_qk = [] if want_qk else None
         y = self.self_attn(layer_norm_modulate(x, self.eps, scale=m[1], shift=m[0], out_dtype=cd),
                            inp.rope, inp.seq_lens, keep_qk)
-        x = torch.addcmul(x, y, m[2][:, None])
-        x = x + self.cross_attn(layer_norm_modulate(x, self.eps, self.norm3.weight, self.norm3.bias, out_dtype=cd),
-                                inp.context, self.text_len)
+        x = residual_add(x, y, m[2])
+        x = residual_add(x, self.cross_attn(layer_norm_modulate(x, self.eps, self.norm3.weight, self.norm3.bias,
+                                                                out_dtype=cd), inp.context, self.text_len))
         if self.audio_adapter is not None and inp.audio is not None:
-            x = x + self.audio_adapter(self, x, inp, keep_qk)
+            x = residual_add(x, self.audio_adapter(self, x, inp, keep_qk))
         h = linear_in(self.ffn[0], layer_norm_modulate(x, self.eps, scale=m[4], shift=m[3], out_dtype=cd))
-        return torch.addcmul(x, linear_in(self.ffn[2], self.ffn[1](h)), m[5][:, None])
+        return residual_add(x, linear_in(self.ffn[2], self.ffn[1](h)), m[5])
 
 
 class Head(nn.Module):
