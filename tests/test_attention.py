@@ -91,7 +91,7 @@ def stand_in(name, contract, fail=False):
         for t in (q, k, v):
             assert complaints(contract, t) == [], complaints(contract, t)
         assert mask is None or contract.masks
-        assert k.shape[seq] % contract.kv_len_multiple == 0
+        assert k.shape[seq] % contract.kv_len_multiple == 0 and k.shape[seq] >= contract.min_kv_len
         assert contract.feed_head_dim(q.shape[-1]) == q.shape[-1]
         calls.append(dict(kv_len=k.shape[seq], head_dim=q.shape[-1], batch=q.shape[0], mask=mask,
                           kv_heads=k.shape[3 - seq], ptrs=(q.data_ptr(), k.data_ptr(), v.data_ptr())))
@@ -161,7 +161,7 @@ def expect_served(contract, dtype, d, lk, hq=2, hk=2, scale_default=True, masked
         head_ok = any((d <= x) if contract.pads_head_dim else (d == x) for x in contract.head_dims)
     else:
         head_ok = (contract.max_head_dim is None or d <= contract.max_head_dim) and d % contract.head_dim_multiple == 0
-    return (dtype in contract.dtypes and head_ok and lk % contract.kv_len_multiple == 0
+    return (dtype in contract.dtypes and head_ok and lk % contract.kv_len_multiple == 0 and lk >= contract.min_kv_len
             and (hq == hk or contract.gqa) and (scale_default or contract.custom_scale)
             and (not masked or contract.masks))
 
@@ -277,6 +277,21 @@ def test_k_lens_with_a_buggy_length_is_routed_elsewhere(rng):
         out = attention(q, k, v, mode="sageattn", k_lens=[128, 65])
     assert calls == []
     assert rel_err(out, reference(q, k, v, k_lens=[128, 65])) < TOL[torch.float16]
+
+
+def test_key_length_one_is_routed_away_from_cudnn(rng):
+    """cuDNN SDPA refuses Lk = 1 at run time: whole calls and k_lens runs of length 1 go to the next kernel."""
+    q = torch.randn(2, 33, 2, 64, generator=rng).half()
+    k, v = (torch.randn(2, 8, 2, 64, generator=rng).half() for _ in range(2))
+    fake, calls = stand_in("sdpa_cudnn", CONTRACTS["sdpa_cudnn"])
+    with stand_in_kernels(fake):
+        whole = attention(q, k[:, :1], v[:, :1], mode="sdpa_cudnn")
+        runs = attention(q, k, v, mode="sdpa_cudnn", k_lens=[8, 1])
+        assert calls == [] and select_kernel(q, k[:, :1], v[:, :1], mode="sdpa_cudnn") == "sdpa_native"
+        attention(q, k[:, :2], v[:, :2], mode="sdpa_cudnn")
+    assert [c["kv_len"] for c in calls] == [2]
+    assert rel_err(whole, reference(q, k[:, :1], v[:, :1])) < TOL[torch.float16]
+    assert rel_err(runs, reference(q, k, v, k_lens=[8, 1])) < TOL[torch.float16]
 
 
 def test_many_distinct_key_lengths_become_a_mask(rng):
@@ -406,6 +421,7 @@ def test_contract_rules_from_the_kernel_facts():
     assert CONTRACTS["sageattn_legacy"].kv_len_multiple == 64 and CONTRACTS["sageattn_legacy"].clobbers_k
     assert CONTRACTS["sageattn_3"].capabilities == ((12, 0), (12, 1)) and not CONTRACTS["sageattn_3"].custom_scale
     assert not CONTRACTS["sdpa_cudnn"].masks and not CONTRACTS["sdpa_cudnn"].gqa
+    assert CONTRACTS["sdpa_cudnn"].min_kv_len == 2 and CONTRACTS["sdpa_cudnn"].align_bytes == 16
     assert all(not c.exact for n, c in CONTRACTS.items() if n.startswith("sageattn"))
 
 

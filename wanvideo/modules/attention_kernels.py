@@ -57,6 +57,7 @@ class Contract:
     broadcast_ok: bool = False                    # stride-0 (expanded) dims allowed
     max_numel: int | None = None                  # int32 element offsets inside the kernel
     kv_len_multiple: int = 1                      # correct only when every key length is a multiple
+    min_kv_len: int = 1                           # shorter key lengths are refused by the kernel
     masks: bool = False                           # additive/bool attn_mask honoured
     gqa: bool = False                             # fewer k/v heads than q heads
     custom_scale: bool = True
@@ -103,6 +104,8 @@ class Contract:
             return "custom scale unsupported"
         if any(n % self.kv_len_multiple for n in call.kv_lens):
             return f"wrong results when key length % {self.kv_len_multiple} != 0"
+        if min(call.kv_lens) < self.min_kv_len:
+            return f"key length < {self.min_kv_len} unsupported"
         if self.max_numel is not None and call.largest_numel * fed // call.head_dim >= self.max_numel:
             return "tensor too large for 32-bit indexing"
         return None
@@ -236,7 +239,10 @@ _SAGE_COMMON = dict(layout="NHD", dtypes=HALF, contiguity="last", align_bytes=16
 
 CONTRACTS: dict[str, Contract] = {
     # cuDNN: fastest on sm90; routed away from masks and GQA (silent-wrong-result reports, see module doc).
-    "sdpa_cudnn": Contract(layout="HND", dtypes=HALF, max_head_dim=128, head_dim_multiple=8,
+    # Probed on H100 (torch 2.11, cuDNN 9.19): a base pointer or a stride that is not a multiple of 16 bytes
+    # gives silently WRONG output (rel. err ~1.4), so the 16-byte rule is load-bearing; key length 1 is
+    # refused at run time ("No available kernel"); stride-0 k/v and any dim order of b/h/l are fine.
+    "sdpa_cudnn": Contract(layout="HND", dtypes=HALF, max_head_dim=128, head_dim_multiple=8, min_kv_len=2,
                            min_capability=(8, 0)),
     "sdpa_flash": Contract(layout="HND", dtypes=HALF, max_head_dim=256, head_dim_multiple=8, gqa=True,
                            min_capability=(8, 0)),
