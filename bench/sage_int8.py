@@ -13,11 +13,9 @@ import triton
 
 from _common import import_pack, write_result
 
-CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, EXP16=e, WARP_SPEC=ws)
-           for m, n, w, s, e, ws in ((64, 128, 4, 3, False, False), (64, 128, 4, 3, True, False),
-                                     (64, 128, 4, 2, True, False), (64, 128, 4, 4, True, False),
-                                     (128, 128, 8, 3, True, False), (64, 64, 4, 3, True, False),
-                                     (64, 128, 4, 3, True, True), (128, 128, 8, 3, True, True))]
+CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, EXP=e)
+           for m, n, w, s, e in ((64, 128, 4, 3, 1), (64, 128, 4, 3, 2), (64, 128, 4, 2, 1), (128, 128, 8, 3, 1),
+                                 (128, 128, 8, 2, 1), (64, 64, 4, 3, 1))]
 
 
 def sdpa(backend):
@@ -37,6 +35,7 @@ def main():
     p.add_argument("--heads", type=int, default=40)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--configs", choices=("all", "auto"), default="all")
+    p.add_argument("--no-rotate", action="store_true", help="quantize Q and K without the Hadamard rotation")
     args = p.parse_args()
     import_pack()
     from wantalk.wanvideo.kernels import sage_int8
@@ -83,7 +82,8 @@ def main():
         name = "int8_triton " + ("fp8 PV" if pv_fp8 else "fp16 PV")
         for config in (CONFIGS if args.configs == "all" else [None]):
             report(name, config or "autotuned",
-                   lambda *t, c=config, f=pv_fp8: sage_int8.sage_int8_attention(*t, pv_fp8=f, config=c))
+                   lambda *t, c=config, f=pv_fp8: sage_int8.sage_int8_attention(
+                       *t, pv_fp8=f, config=c, rotate=not args.no_rotate))
     ms = triton.testing.do_bench(lambda: sage_int8.quantize_qkv(q, k, v, d ** -0.5, torch.float8_e4m3fn),
                                  warmup=10, rep=50, return_mode="median")
     print(f"quantization alone: {ms:.3f} ms")

@@ -56,13 +56,25 @@ if triton is not None:
         return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
 
     @triton.jit
+    def _hadamard(D: tl.constexpr):
+        """Sylvester Hadamard matrix (+-1, H H^T = D I) of size D, a power of two <= 128: entry (i, j) is the
+        parity of popcount(i & j)."""
+        bits = tl.arange(0, D)[:, None] & tl.arange(0, D)[None, :]
+        bits ^= bits >> 4
+        bits ^= bits >> 2
+        bits ^= bits >> 1
+        return tl.where((bits & 1) == 1, -1.0, 1.0)
+
+    @triton.jit
     def _quantize_kernel(x_ptr, out_ptr, scale_ptr, mean_ptr, L, H, stride_b, stride_l, stride_h,
                          out_stride_bh, out_stride_l, out_stride_d, scales_per_bh, factor,
-                         D: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
+                         D: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ROTATE: tl.constexpr):
         """One [BLOCK, D] tile of x ([B, L, H, D], last dim contiguous) of head bh -> 8-bit out and its scale.
 
         MODE 0 (Q): INT8, one scale per token (times `factor`). MODE 1 (K): minus its smoothing mean, INT8, one
         scale per tile. MODE 2 (V): minus its mean, one scale per tile, stored in out's dtype (e4m3 or fp16).
+        ROTATE (Q and K): multiply by a Hadamard matrix first, which spreads outlier channels over all channels
+        (q.k is unchanged up to the factor D), so the INT8 step shrinks with the largest value.
         Rows past L are written as zeros (the padding the attention kernel reads).
         """
         pid = tl.program_id(0)
@@ -76,6 +88,8 @@ if triton is not None:
         if MODE != 0:
             mean = tl.load(mean_ptr + bh * D + cols)
             x = tl.where(valid[:, None], x - mean[None, :], 0.0)
+        if MODE != 2 and ROTATE:
+            x = tl.dot(x, _hadamard(D), input_precision="tf32")     # D * (q.k) after both: 1/D is in Q's factor
         if MODE == 0:
             amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-20)
             q = _round_to_int8(x * (127.0 / amax)[:, None])
@@ -92,30 +106,39 @@ if triton is not None:
         tl.store(dst, q)
 
     @triton.jit
-    def _exp2(x, HALF: tl.constexpr):
-        """exp2 on the special-function unit: f16x2 gives two results per instruction (P is rounded to 8 or 16
-        bits next anyway); f32 with flush-to-zero skips the denormal fix-up ops of Triton's exp2."""
-        if HALF:
+    def _exp2(x, MODE: tl.constexpr):
+        """exp2 on the special-function unit. MODE 1: f32 with flush-to-zero (skips the denormal fix-up ops of
+        Triton's exp2); 2: f16x2, two results per instruction (P is rounded to 8 or 16 bits next anyway);
+        0: Triton's exp2 (portable, e.g. for the interpreter)."""
+        if MODE == 2:
             return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
                                              dtype=tl.float16, is_pure=True, pack=2)
-        else:
+        elif MODE == 1:
             return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                              is_pure=True, pack=1)
+        else:
+            return tl.math.exp2(x)
 
     @triton.jit
-    def _attend_block(acc, l_i, m_i, c_i, q, qs, k_desc, v_desc, k_ptr, v_ptr, ks_ptr, vs_ptr, bh, start, Lk, LKP,
-                      D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-                      EXP16: tl.constexpr):
-        """One key block of the online softmax. acc is kept in units of the current V block scale c_i."""
-        cols = tl.arange(0, D)
-        keys = start + tl.arange(0, BLOCK_N)
+    def _scores(q, k_desc, k_ptr, bh, start, LKP, D: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+        """int32 [BLOCK_M, BLOCK_N] = q8 . k8^T for the key block at `start`."""
         if USE_TMA:
             k = k_desc.load([bh * LKP + start, 0])
+        else:
+            keys = start + tl.arange(0, BLOCK_N)
+            k = tl.load(k_ptr + (bh.to(tl.int64) * LKP + keys)[:, None] * D + tl.arange(0, D)[None, :])
+        return tl.dot(q, tl.trans(k))
+
+    @triton.jit
+    def _softmax_pv(acc, l_i, m_i, c_i, s, qs, v_desc, v_ptr, ks_ptr, vs_ptr, bh, start, Lk, LKP,
+                    D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+                    EXP: tl.constexpr):
+        """Online softmax of one key block's scores s and its P.V. acc is kept in units of the V scale c_i."""
+        keys = start + tl.arange(0, BLOCK_N)
+        if USE_TMA:
             vt = v_desc.load([bh * D, start])
         else:
-            k = tl.load(k_ptr + (bh.to(tl.int64) * LKP + keys)[:, None] * D + cols[None, :])
-            vt = tl.load(v_ptr + (bh.to(tl.int64) * D + cols)[:, None] * LKP + keys[None, :])
-        s = tl.dot(q, tl.trans(k))                                   # int32 [BLOCK_M, BLOCK_N]
+            vt = tl.load(v_ptr + (bh.to(tl.int64) * D + tl.arange(0, D))[:, None] * LKP + keys[None, :])
         if MASKED:
             s = tl.where((keys < Lk)[None, :], s, -(1 << 22))
         ks = tl.load(ks_ptr + bh * (LKP // 128) + start // 128)
@@ -128,7 +151,7 @@ if triton is not None:
         x = (s + 0x4B400000).to(tl.float32, bitcast=True) * coef[:, None] + bias[:, None]
         if MASKED:
             x = tl.where((keys < Lk)[None, :], x, float("-inf"))
-        p = _exp2(x, EXP16)
+        p = _exp2(x, EXP)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1).to(tl.float32)
         pv = tl.dot(p.to(vt.dtype), tl.trans(vt))                    # fresh FP32 accumulator per block
@@ -139,7 +162,7 @@ if triton is not None:
     def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, vmean_ptr, o_ptr, Lq, Lk, H, LQP, LKP, BH, BH_KV,
                           o_stride_b, o_stride_l, o_stride_h, HQ_PER_KV,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          USE_TMA: tl.constexpr, LK_CLASS: tl.constexpr, EXP16: tl.constexpr = True,
+                          USE_TMA: tl.constexpr, LK_CLASS: tl.constexpr, EXP: tl.constexpr = 1,
                           WARP_SPEC: tl.constexpr = False):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -163,21 +186,26 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         c_i = tl.full([], 1.0, dtype=tl.float32)
+        # The scores of the next block are computed before the softmax of this one, so the tensor cores work on
+        # them while the other units do exp2 (the last full block recomputes the tail's or its own scores).
         full_end = (Lk // BLOCK_N) * BLOCK_N
+        last = ((Lk - 1) // BLOCK_N) * BLOCK_N
+        s = _scores(q, k_desc, k_ptr, bh_kv, 0, LKP, D, BLOCK_N, USE_TMA)
         for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
-            acc, l_i, m_i, c_i = _attend_block(acc, l_i, m_i, c_i, q, qs, k_desc, v_desc, k_ptr, v_ptr, ks_ptr,
-                                               vs_ptr, bh_kv, start, Lk, LKP, D, BLOCK_N, False, USE_TMA, EXP16)
+            s_next = _scores(q, k_desc, k_ptr, bh_kv, tl.minimum(start + BLOCK_N, last), LKP, D, BLOCK_N, USE_TMA)
+            acc, l_i, m_i, c_i = _softmax_pv(acc, l_i, m_i, c_i, s, qs, v_desc, v_ptr, ks_ptr, vs_ptr, bh_kv, start,
+                                             Lk, LKP, D, BLOCK_N, False, USE_TMA, EXP)
+            s = s_next
         if full_end < Lk:
-            acc, l_i, m_i, c_i = _attend_block(acc, l_i, m_i, c_i, q, qs, k_desc, v_desc, k_ptr, v_ptr, ks_ptr,
-                                               vs_ptr, bh_kv, full_end, Lk, LKP, D, BLOCK_N, True, USE_TMA, EXP16)
+            acc, l_i, m_i, c_i = _softmax_pv(acc, l_i, m_i, c_i, s, qs, v_desc, v_ptr, ks_ptr, vs_ptr, bh_kv,
+                                             full_end, Lk, LKP, D, BLOCK_N, True, USE_TMA, EXP)
         out = acc * (c_i / l_i)[:, None] + tl.load(vmean_ptr + bh_kv.to(tl.int64) * D + cols)[None, :]
         b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
         dst = o_ptr + b * o_stride_b + h * o_stride_h + rows.to(tl.int64)[:, None] * o_stride_l + cols[None, :]
         tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(rows < Lq)[:, None])
 
     _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m, n, w, s in ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
-                                   (64, 128, 4, 3), (64, 64, 4, 3))]
+                for m, n, w, s in ((64, 128, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3), (64, 64, 4, 3))]
     _tuned_attention = triton.autotune(_CONFIGS, key=["D", "LK_CLASS", "USE_TMA"],
                                        cache_results=True)(_attention_kernel)
 
@@ -192,15 +220,15 @@ def smoothing_mean(x: torch.Tensor) -> torch.Tensor:
     return x[:, ::step].float().mean(dim=1).reshape(-1, x.shape[-1]).contiguous()
 
 
-def _quantize(x, out, scales, mean, mode: int, block: int, factor: float = 1.0):
+def _quantize(x, out, scales, mean, mode: int, block: int, factor: float = 1.0, rotate: bool = False):
     b, length, heads, d = x.shape
     out_strides = (out.stride(0), out.stride(1), out.stride(2)) if mode < 2 else (out.stride(0), 1, out.stride(1))
     _quantize_kernel[(out.numel() // (b * heads * d * block), b * heads)](
         x, out, scales, mean, length, heads, x.stride(0), x.stride(1), x.stride(2), *out_strides,
-        scales.shape[1], factor, D=d, BLOCK=block, MODE=mode, num_warps=8 if block * d > 8192 else 4)
+        scales.shape[1], factor, D=d, BLOCK=block, MODE=mode, ROTATE=rotate, num_warps=8 if block * d > 8192 else 4)
 
 
-def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype):
+def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = True):
     """8-bit copies of q, k, v ([B, L, H, D]) and their scales, in the layouts the attention kernel reads:
     q8 [B*H, LQP, D] int8 + per-token scales (times scale * log2 e), k8 [B*Hk, LKP, D] int8 (smoothed) + one scale
     per KBLK keys, vt [B*Hk, D, LKP] (transposed: FP8 dots want both operands K-major) + one scale per KBLK keys,
@@ -212,11 +240,11 @@ def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype):
     dev = q.device
     q8 = torch.empty(b * h, lqp, d, dtype=torch.int8, device=dev)
     qs = torch.empty(b * h, lqp, dtype=torch.float32, device=dev)
-    _quantize(q, q8, qs, qs, 0, 64, scale * math.log2(math.e))
+    _quantize(q, q8, qs, qs, 0, 64, scale * math.log2(math.e) / (d if rotate else 1), rotate)
     mean = smoothing_mean(k)
     k8 = torch.empty(b * hk, lkp, d, dtype=torch.int8, device=dev)
     ks = torch.empty(b * hk, lkp // KBLK, dtype=torch.float32, device=dev)
-    _quantize(k, k8, ks, mean, 1, KBLK)
+    _quantize(k, k8, ks, mean, 1, KBLK, rotate=rotate)
     vmean = smoothing_mean(v)
     vt = torch.empty(b * hk, d, lkp, dtype=pv_dtype, device=dev)
     vs = torch.empty(b * hk, lkp // KBLK, dtype=torch.float32, device=dev)
@@ -229,8 +257,8 @@ def _tma_allocator(size: int, alignment: int, stream):
 
 
 def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                        pv_fp8: bool | None = None, use_tma: bool | None = None, config: dict | None = None
-                        ) -> torch.Tensor:
+                        pv_fp8: bool | None = None, use_tma: bool | None = None, rotate: bool = True,
+                        config: dict | None = None) -> torch.Tensor:
     """Softmax(q k^T * scale) v for [B, L, H, D] fp16/bf16 CUDA tensors (last dim contiguous; D in HEAD_DIMS;
     k/v heads divide q heads). Returns [B, Lq, H, D] in q's dtype; inputs are never modified.
 
@@ -258,7 +286,8 @@ def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if lq == 0:
         return out
     with torch.cuda.device(q.device):
-        q8, qs, k8, ks, vt, vs, vmean = quantize_qkv(q, k, v, scale, torch.float8_e4m3fn if pv_fp8 else torch.float16)
+        q8, qs, k8, ks, vt, vs, vmean = quantize_qkv(q, k, v, scale, torch.float8_e4m3fn if pv_fp8 else torch.float16,
+                                                     rotate)
         if use_tma:
             triton.set_allocator(_tma_allocator)
         args = (q8, k8, vt, qs, ks, vs, vmean, out, lq, lk, h, q8.shape[1], k8.shape[1], b * h, b * hk,
