@@ -125,6 +125,9 @@ def test_e2m1_rounding_and_nibble_order():
     codes = torch.tensor([[1, 2, 3, 9]], dtype=torch.uint8)
     assert qf.pack_nibbles(codes).tolist() == [[0x12, 0x39]]  # even element in the high nibble (ComfyUI)
     assert torch.equal(qf.unpack_nibbles(qf.pack_nibbles(codes)), codes)
+    # small negatives round to code 8, which is -0.0: the Triton dequant kernel must reproduce the sign bit
+    assert qf.e2m1_encode(torch.tensor([-0.1])).item() == 8
+    assert torch.signbit(qf.e2m1_decode(torch.tensor([8, 0], dtype=torch.uint8))).tolist() == [True, False]
 
 
 def test_blocked_scale_layout(rng):

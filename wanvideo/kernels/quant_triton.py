@@ -53,7 +53,7 @@ if triton is not None:
         e = (nib >> 1) & 3
         m = (nib & 1).to(tl.float32)
         mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * _pow2(e - 1))
-        val = tl.where(nib >= 8, -mag, mag)
+        val = tl.where(nib >= 8, -1.0, 1.0) * mag   # a product keeps code 8 as -0.0 (unary minus is 0 - x)
         sb = tl.load(bs_ptr + rows * stride_bs + rk[None, :] // 16, mask=mask, other=0).to(tl.int32)  # E4M3 bits
         se = (sb >> 3) & 15
         sm = (sb & 7).to(tl.float32)
@@ -61,7 +61,8 @@ if triton is not None:
         w = val * s * tl.load(g_ptr)
         if TO_FP8:
             rs = tl.load(rs_ptr + rn, mask=rn < N, other=1.0)
-            w = tl.minimum(tl.maximum(w / rs[:, None], -QMAX), QMAX)
+            # IEEE division as in the reference: `/` is approximate in Triton and flips rounding at e4m3 ties
+            w = tl.minimum(tl.maximum(tl.div_rn(w, rs[:, None]), -QMAX), QMAX)
         tl.store(out_ptr + rows * stride_o + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
