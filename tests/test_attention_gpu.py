@@ -17,7 +17,8 @@ from wantalk.wanvideo.modules.attention_kernels import CONTRACTS, KERNELS, insta
 pytestmark = pytest.mark.gpu
 
 EXACT_TOL = 1.5e-2      # bf16/fp16 outputs of exact kernels
-QUANTIZED_TOL = {"sageattn": 4e-2, "sageattn_3_fp8": 4e-2, "sageattn_3": 0.2, "sageattn_3_fp4": 0.2}
+QUANTIZED_TOL = {"sageattn": 4e-2, "sageattn_3_fp8": 4e-2, "sageattn_3": 0.2, "sageattn_3_fp4": 0.2,
+                 "int8_triton": 5e-2}   # its contract note: about 3.6% at worst on zero-mean random V
 
 # name: (batch, query tokens, key tokens, heads, head dim) - Wan 2.1 14B at 81 frames 480x832
 WAN_SHAPES = {
@@ -43,7 +44,8 @@ def no_runtime_failures(caplog):
     dispatch._noted.clear()
     with caplog.at_level(logging.WARNING, logger="wantalk"):
         yield
-    failures = [r.getMessage() for r in caplog.records if ": failed: " in r.getMessage()]
+    # caplog.records would hold only this teardown's records: the test body's are the "call" phase's
+    failures = [r.getMessage() for r in caplog.get_records("call") if ": failed: " in r.getMessage()]
     assert not failures, failures
 
 
@@ -154,7 +156,9 @@ def _small_inputs(layout, dtype, lq=77, lk=65, b=2, h=4, d=64):
 @pytest.mark.parametrize("layout", ["contiguous", "hnd_storage", "misaligned", "fused_qkv", "tail_slice"])
 @pytest.mark.parametrize("mode", ATTENTION_MODES)
 def test_small_layouts(mode, layout):
-    for lk, dtype in ((1, torch.float16), (32, torch.bfloat16), (65, torch.float16), (257, torch.bfloat16)):
+    # Lk 1: cuDNN refuses it; Lk 128: the one length sageattention 1.0.6 gets right here
+    for lk, dtype in ((1, torch.float16), (32, torch.bfloat16), (65, torch.float16), (128, torch.float16),
+                      (257, torch.bfloat16)):
         q, k, v = _small_inputs(layout, dtype, lk=lk)
         before = [t.clone() for t in (q, k, v)]
         with count_copies() as copies:
