@@ -366,7 +366,7 @@ class WanModel(nn.Module):
         w = self.patch_embedding.weight
         x = self.patch_embedding(x.to(w.dtype if w.dtype.is_floating_point and w.dtype.itemsize >= 2 else self.compute_dtype))
         grid = tuple(x.shape[2:])
-        return x.flatten(2).transpose(1, 2).float(), grid
+        return x.flatten(2).transpose(1, 2).float().contiguous(), grid  # token-major, so the block stages fuse
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """`[B, L, prod(patch)*out]` -> `[B, out, F*p0, H*p1, W*p2]` (channel fastest per token)."""
