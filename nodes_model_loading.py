@@ -1,14 +1,21 @@
 """Model loading nodes: thin wrappers over `wanvideo.loader`."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import host
 from .wanvideo.loader import BASE_DTYPES, load_wan_model
+from .wanvideo.lora import LoraError, LoraModeError, attach_unmerged_loras
 from .wanvideo.modules.attention import ATTENTION_MODES
 from .wanvideo.quantization import DEFAULT_PARAMS_TO_KEEP, QUANTIZATION_MODES
 
 MODEL_TYPE = "WANTALK_MODEL"
+LORA_MODES = ("merge", "unmerged")
+# The last model loaded with unmerged LoRAs, by its load settings (weakly held: ComfyUI decides its lifetime), so
+# a strength change re-uses it instead of reloading.
+_last_unmerged: dict = {}
 CATEGORY = "wantalk"
 
 
@@ -73,6 +80,13 @@ class WanTalkModelLoader:
                     "default": ", ".join(DEFAULT_PARAMS_TO_KEEP),
                     "tooltip": "Comma-separated name fragments: a parameter whose name contains one of them stays in "
                                "the base precision (norms, biases, embeddings, modulation, head, audio projection)."}),
+                "lora": ("WANTALK_LORA", {
+                    "tooltip": "LoRAs from WanTalk LoRA nodes (e.g. a lightx2v distill LoRA for 4-8 steps)."}),
+                "lora_mode": (list(LORA_MODES), {
+                    "default": "merge",
+                    "tooltip": "merge: LoRAs are merged into the weights while loading, before quantization - "
+                               "works with every quantization and costs nothing per step. unmerged: applied at "
+                               "run time (only with quantization 'disabled' and a bf16/fp16 file)."}),
             },
         }
 
@@ -84,7 +98,7 @@ class WanTalkModelLoader:
     CATEGORY = CATEGORY
 
     def load(self, model, base_precision, quantization, attention_mode, load_device,
-             addon_model="none", params_to_keep=None):
+             addon_model="none", params_to_keep=None, lora=None, lora_mode="merge"):
         node = "Load Wan Model"
         try:
             path = host.model_path("diffusion_models", model)
@@ -96,11 +110,29 @@ class WanTalkModelLoader:
                 extra.append(resolve_addon(addon_model))
             except FileNotFoundError as exc:
                 raise NodeInputError(node, "addon_model", str(exc)) from None
+        loras = tuple(lora or ())
+        if loras and lora_mode == "unmerged" and quantization != "disabled":
+            raise NodeInputError(node, "lora_mode", f"unmerged LoRAs cannot run on quantization '{quantization}'; "
+                                 f"use lora_mode 'merge' (merged before quantization, no run-time cost).")
         device = host.torch_device() if load_device == "main_device" else host.offload_device()
+        settings = (path, base_precision, quantization, attention_mode, str(device), tuple(extra), params_to_keep,
+                    tuple(p for p, _ in loras))
+        reused = _last_unmerged.get(settings, lambda: None)() if lora_mode == "unmerged" and loras else None
+        if reused is not None:
+            for index, (_, strength) in enumerate(loras):
+                reused.unmerged_loras.set_strength(index, strength)
+            return (reused, reused.quant_report.summary())
         try:
             wan = load_wan_model(path, device=device, base_dtype=BASE_DTYPES[base_precision],
                                  quantization=quantization, attention_mode=attention_mode,
-                                 params_to_keep=params_to_keep, extra_weights=tuple(extra))
+                                 params_to_keep=params_to_keep, extra_weights=tuple(extra),
+                                 loras=loras if lora_mode == "merge" else ())
+            if loras and lora_mode == "unmerged":
+                attach_unmerged_loras(wan, loras)
+                _last_unmerged.clear()
+                _last_unmerged[settings] = weakref.ref(wan)
+        except LoraError as exc:
+            raise NodeInputError(node, "lora_mode" if isinstance(exc, LoraModeError) else "lora", str(exc)) from None
         except ValueError as exc:
             raise NodeInputError(node, "model" if not extra else "model/addon_model", str(exc)) from None
         except torch.cuda.OutOfMemoryError:

@@ -300,3 +300,54 @@ def test_every_real_infinitetalk_layer_resolves_in_every_convention(keys_dir):
     assert names.target("blocks.5.modulation", "weight") == "blocks.5.modulation"
     assert names.target("blocks.5.norm_x", "bias") == "blocks.5.norm_x.bias"
     assert math.prod(shapes["blocks.5.audio_cross_attn.kv_linear.weight"]) == 10240 * 768
+
+
+# ---- nodes -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    from wantalk import host
+    monkeypatch.setattr(host, "_FALLBACK_ROOT", str(tmp_path / "models"))
+    return tmp_path / "models"
+
+
+def test_lora_nodes_chain_into_the_loader(models_dir, rng):
+    from wantalk.nodes_lora import WanTalkLoraSelect
+    from wantalk.nodes_model_loading import WanTalkModelLoader
+    _, sd = tiny_wan(TINY_I2V, rng)
+    save_state_dict(sd, str(models_dir / "diffusion_models" / "wan.safetensors"))
+    (models_dir / "loras").mkdir()
+    first, e1 = make_lora(models_dir / "loras" / "distill.safetensors", sd, "down_up", rng)
+    second, e2 = make_lora(models_dir / "loras" / "style.safetensors", sd, "diffusers", rng)
+    assert {"distill.safetensors", "style.safetensors"} <= set(WanTalkLoraSelect.INPUT_TYPES()["required"]["lora"][0])
+    (chain,) = WanTalkLoraSelect().select("distill.safetensors", 0.5)
+    (chain,) = WanTalkLoraSelect().select("style.safetensors", 1.0, prev_lora=chain)
+    assert chain == ((first, 0.5), (second, 1.0))
+    loader = WanTalkModelLoader()
+    model, _ = loader.load("wan.safetensors", "fp32", "disabled", "auto", "offload_device", lora=chain)
+    assert_merged(model, sd, [e1, e2], [0.5, 1.0])
+    runtime, _ = loader.load("wan.safetensors", "fp32", "disabled", "auto", "offload_device", lora=chain,
+                             lora_mode="unmerged")
+    assert runtime.unmerged_loras.strengths == [0.5, 1.0]
+    again, _ = loader.load("wan.safetensors", "fp32", "disabled", "auto", "offload_device",
+                           lora=((first, 0.25), (second, 1.0)), lora_mode="unmerged")
+    assert again is runtime and runtime.unmerged_loras.strengths == [0.25, 1.0]  # no reload for a new strength
+
+
+def test_lora_node_errors_name_the_input(models_dir, rng):
+    from wantalk.nodes_lora import WanTalkLoraSelect
+    from wantalk.nodes_model_loading import WanTalkModelLoader
+    _, sd = tiny_wan(TINY_I2V, rng)
+    save_state_dict(sd, str(models_dir / "diffusion_models" / "wan.safetensors"))
+    save_state_dict(sd, str(models_dir / "loras" / "not_a_lora.safetensors"))
+    with pytest.raises(ValueError, match=r"\[wantalk WanTalk LoRA\] input 'lora'.*no LoRA keys"):
+        WanTalkLoraSelect().select("not_a_lora.safetensors", 1.0)
+    lora, _ = make_lora(models_dir / "loras" / "l.safetensors", sd, "peft", rng)
+    with pytest.raises(ValueError, match=r"input 'lora_mode'.*fp8_e4m3fn_scaled.*'merge'"):
+        WanTalkModelLoader().load("wan.safetensors", "bf16", "fp8_e4m3fn_scaled", "auto", "offload_device",
+                                  lora=((lora, 1.0),), lora_mode="unmerged")
+    small, _ = tiny_wan(TINY_I2V.with_(dim=128, ffn_dim=256, num_heads=1), rng)
+    other, _ = make_lora(models_dir / "loras" / "small.safetensors", small.state_dict(), "peft", rng)
+    with pytest.raises(ValueError, match=r"input 'lora'.*different model"):
+        WanTalkModelLoader().load("wan.safetensors", "bf16", "disabled", "auto", "offload_device",
+                                  lora=((other, 1.0),))
