@@ -20,6 +20,7 @@ Why each piece (facts: /work/shared/docs/KERNELS.md, sections 0-1):
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,17 +57,7 @@ if triton is not None:
         return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
 
     @triton.jit
-    def _hadamard(D: tl.constexpr):
-        """Sylvester Hadamard matrix (+-1, H H^T = D I) of size D, a power of two <= 128: entry (i, j) is the
-        parity of popcount(i & j)."""
-        bits = tl.arange(0, D)[:, None] & tl.arange(0, D)[None, :]
-        bits ^= bits >> 4
-        bits ^= bits >> 2
-        bits ^= bits >> 1
-        return tl.where((bits & 1) == 1, -1.0, 1.0)
-
-    @triton.jit
-    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, mean_ptr, L, H, stride_b, stride_l, stride_h,
+    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, mean_ptr, hadamard_ptr, L, H, stride_b, stride_l, stride_h,
                          out_stride_bh, out_stride_l, out_stride_d, scales_per_bh, factor,
                          D: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ROTATE: tl.constexpr):
         """One [BLOCK, D] tile of x ([B, L, H, D], last dim contiguous) of head bh -> 8-bit out and its scale.
@@ -89,7 +80,8 @@ if triton is not None:
             mean = tl.load(mean_ptr + bh * D + cols)
             x = tl.where(valid[:, None], x - mean[None, :], 0.0)
         if MODE != 2 and ROTATE:
-            x = tl.dot(x, _hadamard(D), input_precision="tf32")     # D * (q.k) after both: 1/D is in Q's factor
+            rotation = tl.load(hadamard_ptr + tl.arange(0, D)[:, None] * D + cols[None, :])
+            x = tl.dot(x.to(tl.bfloat16), rotation)                 # D * (q.k) after both: 1/D is in Q's factor
         if MODE == 0:
             amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-20)
             q = _round_to_int8(x * (127.0 / amax)[:, None])
@@ -186,17 +178,13 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         c_i = tl.full([], 1.0, dtype=tl.float32)
-        # The scores of the next block are computed before the softmax of this one, so the tensor cores work on
-        # them while the other units do exp2 (the last full block recomputes the tail's or its own scores).
         full_end = (Lk // BLOCK_N) * BLOCK_N
-        last = ((Lk - 1) // BLOCK_N) * BLOCK_N
-        s = _scores(q, k_desc, k_ptr, bh_kv, 0, LKP, D, BLOCK_N, USE_TMA)
         for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
-            s_next = _scores(q, k_desc, k_ptr, bh_kv, tl.minimum(start + BLOCK_N, last), LKP, D, BLOCK_N, USE_TMA)
+            s = _scores(q, k_desc, k_ptr, bh_kv, start, LKP, D, BLOCK_N, USE_TMA)
             acc, l_i, m_i, c_i = _softmax_pv(acc, l_i, m_i, c_i, s, qs, v_desc, v_ptr, ks_ptr, vs_ptr, bh_kv, start,
                                              Lk, LKP, D, BLOCK_N, False, USE_TMA, EXP)
-            s = s_next
         if full_end < Lk:
+            s = _scores(q, k_desc, k_ptr, bh_kv, full_end, LKP, D, BLOCK_N, USE_TMA)
             acc, l_i, m_i, c_i = _softmax_pv(acc, l_i, m_i, c_i, s, qs, v_desc, v_ptr, ks_ptr, vs_ptr, bh_kv,
                                              full_end, Lk, LKP, D, BLOCK_N, True, USE_TMA, EXP)
         out = acc * (c_i / l_i)[:, None] + tl.load(vmean_ptr + bh_kv.to(tl.int64) * D + cols)[None, :]
@@ -204,8 +192,8 @@ if triton is not None:
         dst = o_ptr + b * o_stride_b + h * o_stride_h + rows.to(tl.int64)[:, None] * o_stride_l + cols[None, :]
         tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(rows < Lq)[:, None])
 
-    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m, n, w, s in ((64, 128, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3), (64, 64, 4, 3))]
+    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=3)
+                for m, n, w in ((64, 128, 4), (64, 64, 4), (128, 128, 8))]
     _tuned_attention = triton.autotune(_CONFIGS, key=["D", "LK_CLASS", "USE_TMA"],
                                        cache_results=True)(_attention_kernel)
 
@@ -220,12 +208,24 @@ def smoothing_mean(x: torch.Tensor) -> torch.Tensor:
     return x[:, ::step].float().mean(dim=1).reshape(-1, x.shape[-1]).contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def hadamard(d: int, device: torch.device) -> torch.Tensor:
+    """Sylvester Hadamard matrix (entries +-1, exact in bf16; H H^T = d I) for d a power of two."""
+    idx = torch.arange(d)
+    bits = idx[:, None] & idx[None, :]
+    parity = torch.zeros_like(bits)
+    while bits.any():
+        parity ^= bits & 1
+        bits = bits >> 1
+    return (1 - 2 * parity).to(torch.bfloat16).to(device)
+
+
 def _quantize(x, out, scales, mean, mode: int, block: int, factor: float = 1.0, rotate: bool = False):
     b, length, heads, d = x.shape
     out_strides = (out.stride(0), out.stride(1), out.stride(2)) if mode < 2 else (out.stride(0), 1, out.stride(1))
     _quantize_kernel[(out.numel() // (b * heads * d * block), b * heads)](
-        x, out, scales, mean, length, heads, x.stride(0), x.stride(1), x.stride(2), *out_strides,
-        scales.shape[1], factor, D=d, BLOCK=block, MODE=mode, ROTATE=rotate, num_warps=8 if block * d > 8192 else 4)
+        x, out, scales, mean, hadamard(d, x.device), length, heads, x.stride(0), x.stride(1), x.stride(2),
+        *out_strides, scales.shape[1], factor, D=d, BLOCK=block, MODE=mode, ROTATE=rotate, num_warps=8 if block * d > 8192 else 4)
 
 
 def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = True):

@@ -6,7 +6,8 @@ call, so a kernel never sees an input it mishandles (wrong layout, misaligned po
 a mask it would drop) and the caller never gets an error or a wrong result because of a kernel's limits.
 
 Policy (why `auto` is what it is):
-- `auto` and `sdpa` use exact kernels only. Quantized kernels (`sageattn*`) are an explicit choice.
+- `auto` and `sdpa` use exact kernels only. Quantized kernels (`sageattn*`, the pack's own `int8_triton`) are
+  an explicit choice: their error (1-4% relative) is a quality trade the user makes, not a dispatch detail.
 - On sm90+ cuDNN SDPA comes first (H100, Wan shapes: 590 TFLOP/s against 353 for SDPA-flash), but only for
   calls without masks and without GQA, where it has no known wrong-result reports; key lengths (`k_lens`) are
   applied by slicing the batch into runs of equal length, so those calls stay unmasked. Masked calls go to
@@ -26,7 +27,7 @@ from .attention_kernels import KERNELS, Call, Kernel
 log = logging.getLogger("wantalk")
 
 ATTENTION_MODES = ("auto", "sdpa", "flash_attn", "sageattn", "sageattn_3", "sageattn_3_fp4", "sageattn_3_fp8",
-                   "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
+                   "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "int8_triton")
 
 # Kernels tried first for each mode; the device's exact chain follows.
 _MODE_HEADS = {
@@ -34,7 +35,7 @@ _MODE_HEADS = {
     "sageattn_3": ("sageattn_3", "sageattn"), "sageattn_3_fp4": ("sageattn_3_fp4", "sageattn"),
     "sageattn_3_fp8": ("sageattn_3_fp8", "sageattn"),
     "sdpa_cudnn": ("sdpa_cudnn",), "sdpa_flash": ("sdpa_flash",), "sdpa_efficient": ("sdpa_efficient",),
-    "sdpa_math": ("sdpa_math",),
+    "sdpa_math": ("sdpa_math",), "int8_triton": ("int8_triton",),
 }
 
 # Beyond this many runs of equal key length, k_lens becomes a mask instead of one launch per run.

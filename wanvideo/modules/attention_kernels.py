@@ -211,6 +211,16 @@ def _sageattn_fp8(q, k, v, *, scale, mask):
                                              pv_accum_dtype="fp32+fp16")
 
 
+def _int8_triton(q, k, v, *, scale, mask):
+    from ..kernels.sage_int8 import sage_int8_attention
+    return sage_int8_attention(q, k, v, scale=scale)
+
+
+def _int8_triton_unavailable():
+    from ..kernels.sage_int8 import unavailable
+    return unavailable()
+
+
 def _sageattn3(per_block_mean: bool):
     def run(q, k, v, *, scale, mask):
         return _import("sageattn3").sageattn3_blackwell(q, k, v, per_block_mean=per_block_mean)
@@ -266,6 +276,11 @@ CONTRACTS: dict[str, Contract] = {
     # SageAttention3 (FP4 microscaling): HND only, scale fixed at D^-0.5, mask ignored, `k -= mean` in place.
     "sageattn_3": Contract(layout="HND", dtypes=HALF, head_dims=(64, 128), contiguity="full", align_bytes=16,
                            custom_scale=False, clobbers_k=True, capabilities=((12, 0), (12, 1)), exact=False),
+    # The pack's own 8-bit Triton kernel (wanvideo/kernels/sage_int8.py): INT8 Q.K, FP8 P.V from sm89 (FP16 P.V
+    # on sm80/86), any key length (padded keys masked), int64 offsets, reads any b/l/h strides, never writes
+    # its inputs. Error vs float32: see docs/BENCHMARKS.md (about 3.6% at worst on zero-mean random V).
+    "int8_triton": Contract(layout="NHD", dtypes=HALF, head_dims=(64, 128), pads_head_dim=True, contiguity="last",
+                            align_bytes=2, gqa=True, min_capability=(8, 0), exact=False),
 }
 CONTRACTS["sageattn_3_fp4"] = CONTRACTS["sageattn_3"]
 
@@ -289,6 +304,7 @@ KERNELS: dict[str, Kernel] = {
     "sageattn_3": Kernel("sageattn_3", CONTRACTS["sageattn_3"], _sageattn3(True), _needs("sageattn3")),
     "sageattn_3_fp4": Kernel("sageattn_3_fp4", CONTRACTS["sageattn_3_fp4"], _sageattn3(False),
                              _needs("sageattn3")),
+    "int8_triton": Kernel("int8_triton", CONTRACTS["int8_triton"], _int8_triton, _int8_triton_unavailable),
 }
 
 
