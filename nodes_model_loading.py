@@ -1,6 +1,7 @@
 """Model loading nodes: thin wrappers over `wanvideo.loader`."""
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
@@ -10,6 +11,8 @@ from .wanvideo.loader import BASE_DTYPES, load_wan_model
 from .wanvideo.lora import LoraError, LoraModeError, attach_unmerged_loras
 from .wanvideo.modules.attention import ATTENTION_MODES
 from .wanvideo.quantization import DEFAULT_PARAMS_TO_KEEP, QUANTIZATION_MODES
+
+log = logging.getLogger("wantalk")
 
 MODEL_TYPE = "WANTALK_MODEL"
 LORA_MODES = ("merge", "unmerged")
@@ -119,9 +122,12 @@ class WanTalkModelLoader:
                     tuple(p for p, _ in loras))
         reused = _last_unmerged.get(settings, lambda: None)() if lora_mode == "unmerged" and loras else None
         if reused is not None:
-            for index, (_, strength) in enumerate(loras):
-                reused.unmerged_loras.set_strength(index, strength)
-            return (reused, reused.quant_report.summary())
+            try:
+                for index, (_, strength) in enumerate(loras):
+                    reused.unmerged_loras.set_strength(index, strength)
+                return (reused, reused.quant_report.summary())
+            except LoraError as exc:  # e.g. norm deltas already copied by block swap: load afresh
+                log.info("wantalk: reloading instead of changing LoRA strengths: %s", exc)
         try:
             wan = load_wan_model(path, device=device, base_dtype=BASE_DTYPES[base_precision],
                                  quantization=quantization, attention_mode=attention_mode,

@@ -2,6 +2,7 @@
 before quantization, unmerged (run-time) equals merged, chains add up, bad LoRAs give clear messages."""
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -269,19 +270,30 @@ def test_dora_is_refused(tmp_path, base, rng):
 
 # ---- real-size names (meta, no weights) ----------------------------------------------------------------
 
-def test_every_real_infinitetalk_layer_resolves_in_every_convention(keys_dir):
+def real_shapes(keys_dir, listing):
     shapes = {}
-    for line in open(f"{keys_dir}/keys_infinitetalk.txt"):
+    for line in open(f"{keys_dir}/{listing}"):
         key, shape = line.split("\t")[:2]
-        shapes[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+        shapes[key] = tuple(int(x) for x in re.findall(r"\d+", shape))
+    return shapes
+
+
+@pytest.mark.parametrize("listing", ["keys_infinitetalk.txt", "keys_humo17b.txt", "keys_t2v1.3b.txt"])
+def test_every_real_layer_resolves_in_every_convention(keys_dir, listing):
+    shapes = real_shapes(keys_dir, listing)
     names = LayerNames(shapes)
     linears = [k[:-len(".weight")] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2]
-    assert len(linears) > 600
+    assert len(linears) > 300
     assert len(names.underscored) == len(names.dotted)  # no two layers share an underscored name
     for module in linears:
         for lora_name in (f"diffusion_model.{module}", f"lora_unet_{module.replace('.', '_')}", module,
                           f"lora_unet__{module.replace('.', '_')}"):
             assert names.resolve(lora_name) == module, lora_name
+
+
+def test_real_size_spot_checks(keys_dir):
+    shapes = {**real_shapes(keys_dir, "keys_infinitetalk.txt"), **real_shapes(keys_dir, "keys_humo17b.txt")}
+    names = LayerNames(shapes)
     spot_checks = {
         "lora_unet_blocks_0_cross_attn_k_img": "blocks.0.cross_attn.k_img",
         "transformer.blocks.39.attn2.add_v_proj": "blocks.39.cross_attn.v_img",
@@ -294,6 +306,8 @@ def test_every_real_infinitetalk_layer_resolves_in_every_convention(keys_dir):
         "lora_unet_blocks_5_audio_cross_attn_kv_linear": "blocks.5.audio_cross_attn.kv_linear",
         "diffusion_model.blocks.5.modulation": "blocks.5.modulation",
         "lora_unet_multitalk_audio_proj_proj1": "audio_proj.proj1",
+        "lora_unet_blocks_3_audio_cross_attn_wrapper_audio_cross_attn_k":
+            "blocks.3.audio_cross_attn_wrapper.audio_cross_attn.k",
     }
     for lora_name, module in spot_checks.items():
         assert names.resolve(lora_name) == module, lora_name
@@ -351,3 +365,29 @@ def test_lora_node_errors_name_the_input(models_dir, rng):
     with pytest.raises(ValueError, match=r"input 'lora'.*different model"):
         WanTalkModelLoader().load("wan.safetensors", "bf16", "disabled", "auto", "offload_device",
                                   lora=((other, 1.0),))
+
+
+def test_unmerged_loras_stream_with_block_swap(tmp_path, base, rng):
+    from wantalk.wanvideo.block_swap import configure_block_swap
+
+    class NoPinning:
+        def pin(self, arena):
+            return False
+
+        def unpin(self, arena):
+            pass
+
+    path, sd = base
+    low_rank, _ = make_lora(tmp_path / "low_rank.safetensors", sd, "peft", rng, deltas={})
+    with_norms, _ = make_lora(tmp_path / "with_norms.safetensors", sd, "kohya", rng)
+    loras = [(low_rank, 1.0), (with_norms, 0.7)]
+    args = forward_inputs(rng)
+    swapped, plain = (load_wan_model(path, base_dtype=torch.float32) for _ in range(2))
+    runtime, reference = attach_unmerged_loras(swapped, loras), attach_unmerged_loras(plain, loras)
+    configure_block_swap(swapped, 1, device="cpu", pinner=NoPinning())
+    for strength in (1.0, -0.6):  # the low-rank-only LoRA's strength changes under block swap
+        runtime.set_strength(0, strength)
+        reference.set_strength(0, strength)
+        assert torch.equal(swapped.forward_batched(*args), plain.forward_batched(*args)), strength
+    with pytest.raises(LoraError, match="block swap"):
+        runtime.set_strength(1, 0.2)

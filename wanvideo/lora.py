@@ -155,7 +155,6 @@ class LoraFile:
     path: str
     strength: float
     patches: list[Patch]
-    unmatched: list[str]
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -241,7 +240,7 @@ def read_lora(path: str, strength: float, names: LayerNames, index: int = 0) -> 
         shown = ", ".join(sorted(unmatched)[:20]) + (f" ... (+{len(unmatched) - 20} more)" if len(unmatched) > 20 else "")
         log.warning("wantalk: LoRA '%s': %d of %d keys match no layer of this model and are NOT applied: %s",
                     path, len(unmatched), len(keys), shown)
-    return LoraFile(path, float(strength), patches, unmatched)
+    return LoraFile(path, float(strength), patches)
 
 
 def read_loras(loras, shapes: dict[str, tuple]) -> list[LoraFile]:
@@ -298,7 +297,6 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.original = [linear]  # a list, so it is not registered as a submodule
         self.strengths = strengths  # shared with the owning UnmergedLoras: strengths change without reloading
         self.terms: list[tuple[int, str, str | None, float]] = []
 
@@ -312,6 +310,12 @@ class LoraLinear(nn.Module):
         self.register_buffer(f"lora_down_{n}", down.contiguous(), persistent=False)
         self.register_buffer(f"lora_up_{n}", up.contiguous(), persistent=False)
         self.terms.append((patch.index, f"lora_down_{n}", f"lora_up_{n}", patch.scale))
+
+    def plain(self) -> nn.Linear:
+        """An nn.Linear over the current parameters (which block swap may have re-pointed)."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -343,7 +347,7 @@ class UnmergedLoras:
         self.model = model
         self.strengths = [f.strength for f in files]
         self._linears: dict[str, LoraLinear] = {}
-        self._params: dict[str, tuple[nn.Module, str, torch.Tensor, list]] = {}
+        self._params: dict[str, tuple[torch.Tensor, list]] = {}  # target -> (base value, [(index, delta)])
         for patch in (p for f in files for p in f.patches):
             module_name, _, leaf = patch.target.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
@@ -353,31 +357,39 @@ class UnmergedLoras:
                     _set_submodule(model, module_name, self._linears[module_name])
                 self._linears[module_name].add(patch)
             else:
-                self._param_delta(module, leaf, patch)
+                if patch.target not in self._params:
+                    self._params[patch.target] = (getattr(module, leaf).detach().clone(), [])
+                base, deltas = self._params[patch.target]
+                deltas.append((patch.index, patch.delta(tuple(base.shape), base.device)))
         self._refresh_params()
 
-    def _param_delta(self, module: nn.Module, leaf: str, patch: Patch) -> None:
-        if patch.target not in self._params:
-            self._params[patch.target] = (module, leaf, getattr(module, leaf).detach().clone(), [])
-        base = self._params[patch.target][2]
-        self._params[patch.target][3].append((patch.index, patch.delta(tuple(base.shape), base.device)))
-
     def _refresh_params(self) -> None:
-        for module, leaf, base, deltas in self._params.values():
+        """Write base + sum(strength * delta) into each live parameter (looked up by name: block swap and the
+        LoraLinear swap re-point parameters)."""
+        for target, (base, deltas) in self._params.items():
             value = base.float()
             for index, delta in deltas:
-                value = value + self.strengths[index] * delta.to(base.device)
-            getattr(module, leaf).data.copy_(value.to(base.dtype))
+                value = value + self.strengths[index] * delta
+            module_name, _, leaf = target.rpartition(".")
+            owner = self.model.get_submodule(module_name) if module_name else self.model
+            getattr(owner, leaf).data.copy_(value.to(base.dtype))
 
     def set_strength(self, index: int, strength: float) -> None:
-        """Change the strength of LoRA `index` of the chain (takes effect on the next forward)."""
+        """Change the strength of LoRA `index` of the chain (takes effect on the next forward).
+
+        Low-rank terms are read at every forward; full deltas (norms, biases, modulation) are written into the
+        parameters, which block swap keeps copies of, so those cannot change once block swap is set up."""
+        if self.model.block_runner is not None and any(i == index for _, d in self._params.values() for i, _ in d):
+            raise LoraError("this LoRA also changes norms/biases/modulation, whose values block swap has already "
+                            "copied; set its strength before block swap is configured (reload the model), or "
+                            "use lora_mode 'merge'.")
         self.strengths[index] = float(strength)
         self._refresh_params()
 
     def remove(self) -> None:
         """Put the plain layers back and restore the base parameters."""
         for name, layer in self._linears.items():
-            _set_submodule(self.model, name, layer.original[0])
+            _set_submodule(self.model, name, layer.plain())
         self.strengths[:] = [0.0] * len(self.strengths)
         self._refresh_params()
         self._linears, self._params = {}, {}
