@@ -138,9 +138,12 @@ def test_schedule_places_blocks_and_orders_copies(rng):
     assert visit == 9
     # Ordering: each copy into a slot after its first waits on the mark recorded after its last user ran.
     slot_ptrs = [b.data_ptr() for b in swapper.slot_buffers]
-    last_mark = {}
+    first_copy = next(i for i, e in enumerate(transfer.log) if e[0] == "copy")
+    initial = [e[1] for e in transfer.log[:first_copy] if e[0] == "mark"]
+    assert len(initial) == slots  # fresh slots: first copies wait for the compute queued before them
+    last_mark = dict(enumerate(initial))
     users = {}  # slot -> pending ready event
-    for entry in transfer.log:
+    for entry in transfer.log[first_copy:]:
         if entry[0] == "copy":
             slot = slot_ptrs.index(entry[1])
             assert entry[2] == last_mark.get(slot)
@@ -251,3 +254,14 @@ def test_bad_settings_and_unmovable_tensors(rng):
     model.blocks[4].ffn[0].stray = torch.ones(3)
     with pytest.raises(RuntimeError, match="plain attribute"):
         bs.configure_block_swap(model, 1, device="cpu", pinner=FakePinner())
+
+
+def test_node_is_registered_and_names_what_it_needs(rng):
+    from wantalk import nodes
+    node = nodes.NODE_CLASS_MAPPINGS["WanTalkBlockSwap"]()
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["WanTalkBlockSwap"] == "WanTalk Block Swap"
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without CUDA")
+    model, _ = tiny_wan(CFG5, rng)
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        node.configure(model, -1, 1)

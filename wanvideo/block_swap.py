@@ -333,7 +333,8 @@ class BlockSwapper:
         self.schedule = SlotSchedule(self.streamed, slots)
         self.slot_views.clear()
         self.ready.clear()
-        self.free.clear()
+        # The slots' memory may have been another tensor's, still in use by queued compute: first copies wait.
+        self.free = {k: self.transfer.mark() for k in range(slots)}
 
     def _drain(self) -> None:
         """Wait for copies in flight (before slots or arenas change)."""

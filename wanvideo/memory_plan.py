@@ -77,7 +77,7 @@ def video_tokens(frames: int, height: int, width: int, patch=(1, 2, 2), vae_stri
     return (lat_f // patch[0]) * (height // vae_stride[1] // patch[1]) * (width // vae_stride[2] // patch[2])
 
 
-def activation_bytes(cfg, run: RunSettings, compute_bytes: int = 2, dequant_temp: int = 0, fused: bool = True) -> int:
+def activation_bytes(cfg, run: RunSettings, compute_bytes: int = 2, dequant_temp: int = 0) -> int:
     """Peak bytes a block's forward allocates beyond the weights, batch included.
 
     In element counts U = tokens x dim and V = tokens x ffn_dim (c = bytes of the compute dtype), read from
@@ -101,7 +101,7 @@ def activation_bytes(cfg, run: RunSettings, compute_bytes: int = 2, dequant_temp
     audio = held + 4 * u + 4 * c * u + (4 * c * u if run.two_speakers else 0) if run.audio else 0
     residual = held + 4 * u + c * u + (2 * c * u if run.two_speakers else 0)
     peak = max(self_attn, ffn, audio, residual)
-    if not fused:
+    if not run.fused:
         peak += 16 * u
     small = 64 * run.tokens * run.batch * 4 + 64 * MIB  # RoPE tables, context, embeddings, head output
     return peak + small
@@ -196,7 +196,7 @@ def plan_memory(cfg, sizes: ModelBytes, run: RunSettings, *, blocks_to_swap: int
     keep = n - blocks_to_swap
     streamed = sizes.blocks[keep:]
     slots = min(prefetch + 1, blocks_to_swap) * max(streamed, default=0)
-    acts = activation_bytes(cfg, run, sizes.compute_bytes, sizes.dequant_temp, fused=run.fused)
+    acts = activation_bytes(cfg, run, sizes.compute_bytes, sizes.dequant_temp)
     return MemoryPlan(num_blocks=n, blocks_to_swap=blocks_to_swap, prefetch=prefetch,
                       weights=sizes.other + sum(sizes.blocks[:keep]), slots=slots, activations=acts,
                       margin=BASE_MARGIN + int(MARGIN_FRACTION * acts), block_bytes=max(sizes.blocks, default=0),
