@@ -130,9 +130,8 @@ def test_infinitetalk_audio_layers_merge(tmp_path, rng):
 def test_two_loras_chained(tmp_path, base, rng):
     path, sd = base
     first, e1 = make_lora(tmp_path / "a.safetensors", sd, "peft", rng)
-    second, e2 = make_lora(tmp_path / "b.safetensors", sd, "kohya", rng,
-                           layers={k: LOW_RANK_LAYERS[k] for k in ("blocks.0.self_attn.q", "blocks.0.cross_attn.k_img")},
-                           deltas={})
+    overlap = {k: LOW_RANK_LAYERS[k] for k in ("blocks.0.self_attn.q", "blocks.0.cross_attn.k_img")}
+    second, e2 = make_lora(tmp_path / "b.safetensors", sd, "kohya", rng, layers=overlap, deltas={})
     model = load_wan_model(path, base_dtype=torch.float32, loras=[(first, 0.7), (second, -0.4)])
     assert_merged(model, sd, [e1, e2], [0.7, -0.4])
 

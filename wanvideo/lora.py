@@ -221,7 +221,8 @@ def read_lora(path: str, strength: float, names: LayerNames, index: int = 0) -> 
         for kind, role_keys in requests:
             target = names.target(module, kind)
             if target is None:
-                unmatched += list(role_keys.values()) + ([roles["alpha"]] if "alpha" in roles and "up" in role_keys else [])
+                unmatched += list(role_keys.values())
+                unmatched += [roles["alpha"]] if "alpha" in roles and "up" in role_keys else []
                 continue
             source = next(iter(role_keys.values()))
             low_rank = "up" in role_keys
@@ -237,7 +238,8 @@ def read_lora(path: str, strength: float, names: LayerNames, index: int = 0) -> 
                         f"{', '.join(keys[:4])}). Is it a LoRA for another model family (Wan 2.2, HunyuanVideo, "
                         f"Flux...) or not a LoRA at all?")
     if unmatched:
-        shown = ", ".join(sorted(unmatched)[:20]) + (f" ... (+{len(unmatched) - 20} more)" if len(unmatched) > 20 else "")
+        more = f" ... (+{len(unmatched) - 20} more)" if len(unmatched) > 20 else ""
+        shown = ", ".join(sorted(unmatched)[:20]) + more
         log.warning("wantalk: LoRA '%s': %d of %d keys match no layer of this model and are NOT applied: %s",
                     path, len(unmatched), len(keys), shown)
     return LoraFile(path, float(strength), patches)
