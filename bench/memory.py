@@ -13,7 +13,7 @@ then window 2 forwards; the peak of window 2 must not exceed window 1's (no grow
 A cap too small for any setting must raise the planning error (MemoryPlanError), not a CUDA OOM.
 The cap does not see the CUDA context (~0.5 GB on a real card), so a real card has that much less.
 
-    python bench/memory.py            # fp4 in 12 GB, fp8 in 16 GB, fp8 in 24 GB, and a 6 GB cap (must refuse)
+    python bench/memory.py            # fp4 in 12 GB, fp8 in 16 GB, fp8 in 24 GB, and a 4 GB cap (must refuse)
     python bench/memory.py --quick    # 33 frames, no VAE, fewer repeats: a smoke run
 """
 import argparse
@@ -99,6 +99,7 @@ def vae_decode_under_cap(args, plan_module):
 
 def capped_case(model, args, total, cap_gb, mode, uncapped_s, passes, speakers=1, vae=False):
     from wantalk.wanvideo import block_swap, memory_plan
+    block_swap.release_vram(model)  # each case starts as on a fresh card of its size
     set_cap(total, cap_gb)
     swapper = block_swap.configure_block_swap(model, -1, device="cuda", prefetch=args.prefetch)
     fn = forward_inputs(model, args.frames, args.height, args.width, speakers)
@@ -132,7 +133,6 @@ def capped_case(model, args, total, cap_gb, mode, uncapped_s, passes, speakers=1
 
 
 def run_mode(shapes, args, total, mode, caps, passes, extra=()):
-    from wantalk.wanvideo import block_swap
     model, build_s = build(shapes, mode, args.listing)
     weights = torch.cuda.memory_allocated()
     uncapped_s, peak, _ = timed(forward_inputs(model, args.frames, args.height, args.width), args.repeats)
@@ -147,7 +147,6 @@ def run_mode(shapes, args, total, mode, caps, passes, extra=()):
         results.append(capped_case(model, args, total, cap, mode, uncapped_s, passes, vae=args.vae and i == 0))
     for cap, speakers in extra:
         results.append(capped_case(model, args, total, cap, mode, uncapped_s, passes, speakers=speakers))
-    block_swap.remove_block_swap(model, "cpu")
     set_cap(total, None)
     del model
     gc.collect()
@@ -166,12 +165,15 @@ def main():
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--tile", type=int, default=256)
-    p.add_argument("--too-small", type=float, default=6.0, help="a cap (GB) that no setting fits")
+    p.add_argument("--too-small", type=float, default=None,
+                   help="a cap (GB) that no setting fits (default 4; 2 with --quick)")
     p.add_argument("--quick", action="store_true", help="33 frames, 1 repeat, no VAE decode, no 24 GB case")
     args = p.parse_args()
     if args.quick:
         args.frames, args.repeats = 33, 1
     args.vae = not args.quick
+    if args.too_small is None:
+        args.too_small = 2.0 if args.quick else 4.0
     import_pack()
     from wantalk.wanvideo.sampling import Guidance
 

@@ -116,9 +116,12 @@ class HostPinner:
     def pin(self, arena: torch.Tensor) -> bool:
         if not self.available or arena.numel() == 0:
             return False
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
-        if int(getattr(err, "value", err)) != 0:
+        try:
+            err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
+            code = int(getattr(err, "value", err))
+        except (AttributeError, RuntimeError, TypeError) as exc:  # a torch build without the binding
+            err, code = exc, -1
+        if code != 0:
             if not self.failed_once:
                 self.failed_once = True
                 log.warning("wantalk: could not page-lock %.0f MiB of host memory (CUDA error %s); block swap "
@@ -128,7 +131,10 @@ class HostPinner:
         return True
 
     def unpin(self, arena: torch.Tensor) -> None:
-        torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
+        try:
+            torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
+        except Exception:  # interpreter shutdown: CUDA may already be gone; the process frees the pages anyway
+            pass
 
 
 class HostCopy:
