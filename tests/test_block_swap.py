@@ -265,3 +265,24 @@ def test_node_is_registered_and_names_what_it_needs(rng):
     model, _ = tiny_wan(CFG5, rng)
     with pytest.raises(ValueError, match="CUDA GPU"):
         node.configure(model, -1, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_cuda_streams_are_bit_identical_and_pinned(rng, prefetch):
+    """On the GPU: real page-locking, the side copy stream and events. Blocks big enough that copies take real
+    time, several forwards in a row: a missing wait would show as a wrong output."""
+    cfg = TINY_T2V.with_(dim=1024, ffn_dim=4096, num_heads=8, num_layers=8)
+    model, _ = tiny_wan(cfg, rng, dtype=torch.bfloat16)
+    args = inputs(cfg, rng, frames=9, size=32)
+    cuda_args = {k: (v.cuda() if v is not None else None) for k, v in args.items()}
+    model.cuda()
+    reference = run(model, cuda_args)
+    model.cpu()
+    swapper = bs.configure_block_swap(model, 6, device="cuda", prefetch=prefetch)
+    assert swapper.pinned_bytes() == swapper.host_bytes() > 0
+    assert all(swapper.host[i].arena.is_pinned() for i in swapper.streamed)
+    for _ in range(4):
+        assert torch.equal(run(model, cuda_args), reference)
+    assert bs.release_vram(model) > 0
+    assert torch.equal(run(model, cuda_args), reference)
