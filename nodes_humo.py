@@ -162,7 +162,8 @@ class WanTalkHuMoSampler:
         d = HUMO_DEFAULTS
         return {
             "required": {
-                "model": (MODEL_TYPE, {"tooltip": "HuMo-17B (Load Wan Model (wantalk) with a HuMo file)."}),
+                "model": (MODEL_TYPE, {"tooltip": "HuMo-17B or HuMo-1.7B (Load Wan Model (wantalk) with a HuMo "
+                                       "file)."}),
                 "vae": (VAE_TYPE, {"tooltip": "The Wan 2.1 VAE (Load Wan VAE (wantalk))."}),
                 "humo_embeds": (HUMO_EMBEDS_TYPE, {"tooltip": "From HuMo Embeds (wantalk); sets the video length."}),
                 "positive": ("CONDITIONING", {"tooltip": "Prompt from CLIP Text Encode with umT5-XXL (Load CLIP, "
@@ -202,6 +203,11 @@ class WanTalkHuMoSampler:
                                              "tooltip": "Write each finished window to output/wantalk_windows/, so "
                                                         "a cancelled run with the same inputs resumes."}),
             },
+            "optional": {
+                "image_scale": ("FLOAT", {"default": d.image_scale, "min": 0.0, "max": 30.0, "step": 0.1,
+                                          "tooltip": "HuMo-1.7B with guidance tia only: reference image guidance "
+                                                     "(official 4.0; the 1.7B official text/audio scales are 7.5)."}),
+            },
         }
 
     RETURN_TYPES = ("IMAGE", "AUDIO", "FLOAT")
@@ -212,20 +218,21 @@ class WanTalkHuMoSampler:
     CATEGORY = CATEGORY
 
     def sample(self, model, vae, humo_embeds, positive, negative, width, height, steps, shift, scheduler, guidance,
-               text_scale, audio_scale, seed, frame_window, motion_frames, max_frames, save_windows):
+               text_scale, audio_scale, seed, frame_window, motion_frames, max_frames, save_windows,
+               image_scale=HUMO_DEFAULTS.image_scale):
         node = "HuMo Sampler"
         if width % 16 or height % 16:
             raise NodeInputError(node, "width/height", f"{width}x{height} is not a multiple of 16; use e.g. 832x480.")
         settings = HumoSettings(frames=frame_window, motion_frames=motion_frames, steps=steps, shift=shift,
                                 scheduler=scheduler, guidance=guidance, text_scale=text_scale,
-                                audio_scale=audio_scale, seed=seed, max_frames=max_frames)
+                                audio_scale=audio_scale, image_scale=image_scale, seed=seed, max_frames=max_frames)
         try:
             settings.validate()
         except ValueError as exc:
             raise NodeInputError(node, "frame_window/motion_frames", str(exc)) from None
         if getattr(model.cfg.audio, "bands", None) is None:
-            raise NodeInputError(node, "model", "this is not a HuMo model; load a HuMo-17B file with Load Wan Model "
-                                 "(wantalk).")
+            raise NodeInputError(node, "model", "this is not a HuMo model; load a HuMo-17B or HuMo-1.7B file with "
+                                 "Load Wan Model (wantalk).")
         device = next(model.parameters()).device
         text = conditioning_from(model, positive, negative, None, device, node)
         bar = host.ProgressBar(1)

@@ -5,6 +5,8 @@ VAE-encoded one by one and appended as the LAST latent frames, with the 4-channe
 zero-video latent before them (`y_null` holds it everywhere); every frame gets an audio window, the reference
 frames zero windows. TIA guidance runs 3 passes per step; UniPC 50 steps, shift 5, 97 frames at 25 fps.
 
+HuMo-1.7B (16 input channels) takes the reference latents inside the noisy latents instead (`latent_reference`).
+
 Audio longer than one window is generated in windows like InfiniteTalk's long video (same window arithmetic,
 resumable window store): each later window pins the VAE latents of the last `motion_frames` finished frames into
 its first latent frames. That continuation is this pack's extension; the official HuMo makes one window only.
@@ -25,6 +27,8 @@ from ..wanvideo.sampling import Conditioning, Guidance, denoise
 from ..wanvideo.schedulers import make_scheduler
 from .audio_features import humo_audio_windows
 from .conditioning import humo_conditioning, zero_humo_conditioning
+from .latent_reference import (LatentReferenceConditioning, LatentReferenceGuidance, ReferenceInLatents,
+                               takes_reference_in_latents)
 
 log = logging.getLogger("wantalk")
 
@@ -45,6 +49,7 @@ class HumoSettings:
     guidance: str = "tia"
     text_scale: float = 5.0
     audio_scale: float = 5.5
+    image_scale: float = 4.0       # HuMo-1.7B TIA only (its reference image has its own guidance term)
     seed: int = 42
     max_frames: int = 0            # 0: the whole audio
 
@@ -56,8 +61,11 @@ class HumoSettings:
         if self.guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown HuMo guidance {self.guidance!r}; choose one of {GUIDANCE_MODES}")
 
-    def plan(self) -> Guidance:
-        """The shared loop's guidance for this mode (the 2- and 1-pass forms reuse the generic modes)."""
+    def plan(self, latent_reference: bool = False):
+        """The shared loop's guidance for this mode (the 2- and 1-pass forms reuse the generic modes);
+        latent_reference: HuMo-1.7B's own TIA / TA."""
+        if latent_reference and self.guidance in ("tia", "ta"):
+            return LatentReferenceGuidance(self.image_scale, self.audio_scale, self.text_scale, self.guidance == "tia")
         if self.guidance in ("tia", "ta"):
             return Guidance(f"humo_{self.guidance}", text_scale=self.text_scale, audio_scale=self.audio_scale)
         if self.guidance == "audio_cfg":
@@ -67,6 +75,7 @@ class HumoSettings:
 
 # Official defaults, and a cheap form for step-distilled models (e.g. lightx2v LoRAs).
 HUMO_DEFAULTS = HumoSettings()
+HUMO_1_7B_DEFAULTS = HumoSettings(text_scale=7.5, audio_scale=7.5, image_scale=4.0)
 HUMO_DISTILLED = HumoSettings(steps=6, shift=5.0, scheduler="unipc", guidance="audio_cfg", text_scale=1.0,
                               audio_scale=2.0)
 
@@ -157,9 +166,6 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
     size, fitted on white), or None. on_step(window, windows, step, steps) runs after every step (raise there to
     stop; finished windows stay saved in resume_dir)."""
     settings.validate()
-    if model.cfg.in_dim == model.cfg.out_dim:
-        raise ValueError("HuMo-1.7B (16 input channels) takes its reference latents inside the noisy latents, which "
-                         "the shared sampler does not do yet; use HuMo-17B.")
     if height % 16 or width % 16:
         raise ValueError(f"the video size must be a multiple of 16 in both directions, got {width}x{height}")
     if bands.dim() != 3 or bands.shape[1:] != (model.cfg.audio.bands, model.cfg.audio.audio_channels):
@@ -171,15 +177,23 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
         raise ValueError("the audio is shorter than one video frame (1/25 s)")
     frames = window_frames(total, settings.frames)
     starts = window_starts(total, frames, settings.motion_frames) if frames < total else [0]
-    plan = settings.plan()
+    small = takes_reference_in_latents(model)
+    plan = settings.plan(latent_reference=small)
     store = WindowStore(resume_dir, run_fingerprint(settings, height, width, bands, text, references))
     with torch.no_grad():
         reference = encode_references(vae, references, height, width)
         n_lat, n_ref = (frames - 1) // 4 + 1, reference.shape[2]
-        y, y_null = (t.to(device) for t in humo_y(zero_video_latent(vae, height, width, n_lat + n_ref), reference))
-        if settings.guidance == "ta":
-            y = y_null
         null_audio = zero_humo_conditioning(model, n_lat + n_ref)
+        if small:
+            runner = ReferenceInLatents(model)
+            make_cond = lambda audio: LatentReferenceConditioning(text.context, text.negative_context,
+                                                                  reference.to(device).float(), audio, null_audio)
+        else:
+            y, y_null = (t.to(device) for t in humo_y(zero_video_latent(vae, height, width, n_lat + n_ref), reference))
+            y = y_null if settings.guidance == "ta" else y
+            runner = model
+            make_cond = lambda audio: Conditioning(text.context, text.negative_context, None, y, y_null, audio=audio,
+                                                   audio_null=null_audio)
         done: list[torch.Tensor] = []
         for w, start in enumerate(starts):
             stored = store.load(w)
@@ -189,13 +203,12 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
                     previous = torch.cat(done)[-settings.motion_frames:].float() / 255 * 2 - 1
                     pinned = vae.encode(previous.permute(3, 0, 1, 2)[None].to(vae.device, vae.dtype)).to(device).float()
                 windows = humo_audio_windows(bands.float(), n_lat, n_ref, start=start)
-                cond = Conditioning(text.context, text.negative_context, None, y, y_null,
-                                    audio=humo_conditioning(model, windows.to(device)), audio_null=null_audio)
+                cond = make_cond(humo_conditioning(model, windows.to(device)))
                 generator = torch.Generator().manual_seed(settings.seed + w)
                 noise = torch.randn(1, 16, n_lat + n_ref, height // 8, width // 8, generator=generator).to(device)
                 scheduler = make_scheduler(settings.scheduler, settings.steps, settings.shift)
                 step_cb = None if on_step is None else (lambda i, _lat, w=w: on_step(w, len(starts), i + 1, len(scheduler)))
-                latent = denoise(model, noise, scheduler, cond, plan, pinned=pinned, on_step=step_cb)
+                latent = denoise(runner, noise, scheduler, cond, plan, pinned=pinned, on_step=step_cb)
                 decoded = _to_unit(vae.decode(latent[:, :, :n_lat].to(vae.dtype)))
                 del latent, cond
                 stored = to_uint8(decoded if w == 0 else decoded[settings.motion_frames:])

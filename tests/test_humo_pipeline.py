@@ -6,7 +6,8 @@ import torch
 
 from wantalk.humo.audio_features import humo_audio_windows
 from wantalk.humo.conditioning import humo_conditioning
-from wantalk.humo.pipeline import (HUMO_DEFAULTS, HUMO_DISTILLED, HumoSettings, encode_references, fit_reference,
+from wantalk.humo.latent_reference import LatentReferenceConditioning, LatentReferenceGuidance, ReferenceInLatents
+from wantalk.humo.pipeline import (HUMO_1_7B_DEFAULTS, HUMO_DEFAULTS, HUMO_DISTILLED, HumoSettings, encode_references, fit_reference,
                                    generate_humo_video, humo_y, window_frames, zero_video_latent)
 from wantalk.multitalk.long_video import window_starts
 from wantalk.wanvideo import guidance
@@ -207,6 +208,59 @@ def test_bad_inputs_are_explained(parts, rng):
         HumoSettings(guidance="apg").validate()
     with pytest.raises(ValueError, match="reference image must be"):
         fit_reference(torch.rand(32, 32, 3), 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------- HuMo-1.7B
+
+class LatentRecorder:
+    """Stands in for a 16-channel DiT: records the reference frames it was shown, its text and audio."""
+
+    def __init__(self, names):
+        self.calls, self.names = [], names
+
+    def forward_batched(self, x, t, context, clip_fea, y, audio=None):
+        assert y is None and clip_fea is None
+        self.calls.append((x[:, :, -1].clone(), self.names[id(context)], self.names[id(audio)]))
+        return torch.zeros_like(x)
+
+
+def test_1_7b_reference_enters_the_latents_only_in_the_image_pass(rng):
+    context, negative = torch.randn(1, 3, 8, generator=rng), torch.randn(1, 3, 8, generator=rng)
+    audio, audio_null = object(), object()
+    reference = torch.randn(1, 16, 1, 2, 2, generator=rng)
+    recorder = LatentRecorder({id(context): "text", id(negative): "neg", id(audio): "audio", id(audio_null): "zero"})
+    cond = LatentReferenceConditioning(context, negative, reference, audio, audio_null)
+    plan = HUMO_1_7B_DEFAULTS.plan(latent_reference=True)
+    assert plan.passes(999.0) == plan.passes(100.0) == ("cond", "ta", "t", "neg")
+    latent = torch.randn(1, 16, 3, 2, 2, generator=rng)
+    runner = ReferenceInLatents(recorder)
+    for name in plan.passes(500.0):
+        args = cond.for_pass(name)
+        runner.forward_batched(latent, torch.tensor([500.0]), args["context"], args["clip_fea"], args["y"],
+                               audio=args["audio"])
+    shown = [(torch.equal(x, reference[:, :, 0]), x.abs().sum() == 0, c, a) for x, c, a in recorder.calls]
+    assert shown == [(True, False, "text", "audio"), (False, True, "text", "audio"), (False, True, "text", "zero"),
+                     (False, True, "neg", "zero")]
+    assert HumoSettings(guidance="ta").plan(latent_reference=True).passes(500.0) == ("ta", "t", "neg")
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_1_7b_guidance_formula_against_float64(rng, with_image):
+    s_i, s_a, s_t = (float(torch.rand(1, generator=rng)) * 8 for _ in range(3))
+    p = {k: torch.randn(2, 16, 3, generator=rng) for k in ("cond", "ta", "t", "neg")}
+    d = {k: v.double() for k, v in p.items()}
+    expected = s_a * (d["ta"] - d["t"]) + s_t * (d["t"] - d["neg"]) + d["neg"]
+    if with_image:
+        expected = expected + s_i * (d["cond"] - d["ta"])
+    got = LatentReferenceGuidance(s_i, s_a, s_t, with_image).combine(p, 500.0)
+    assert rel(got, expected) < 1e-6
+
+
+def test_1_7b_end_to_end(rng):
     small, _ = tiny_humo(rng, TINY_HUMO_1_7B)
-    with pytest.raises(ValueError, match="HuMo-1.7B"):
-        generate_humo_video(small, vae, text, bands, height=32, width=32, settings=SETTINGS)
+    vae, _ = tiny_vae(rng)
+    bands, text = torch.randn(9, 5, 6, generator=rng), _text(rng)
+    out = generate_humo_video(small, vae, text, bands, [torch.rand(3, 32, 32, generator=rng) * 2 - 1], height=32,
+                              width=32, settings=HumoSettings(frames=9, motion_frames=5, steps=2, text_scale=7.5,
+                                                                 audio_scale=7.5))
+    assert out.shape == (9, 32, 32, 3) and out.dtype == torch.uint8
