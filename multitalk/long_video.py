@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..wanvideo.block_swap import release_vram
 from ..wanvideo.sampling import Conditioning, Guidance, denoise, i2v_mask
 from ..wanvideo.schedulers import make_scheduler
 from .color_match import match_colors
@@ -39,6 +40,7 @@ class LongVideoSettings:
     color_correction: float = 1.0
     max_frames: int = 0            # 0: the whole audio
     audio_scale_embeds: float = 1.0
+    vae_tile: int = 0              # spatial VAE tile size in pixels (0: untiled); bounds decode memory at 720p
 
     def validate(self):
         if (self.frame_window - 1) % 4 or self.frame_window < 5:
@@ -80,6 +82,17 @@ def frame_windows(features: torch.Tensor, start: int, count: int, half: int = 2)
     """`[count, 2*half+1, ...]`: for video frame i in [start, start+count) the features of i-half..i+half, clamped."""
     idx = torch.arange(start, start + count)[:, None] + torch.arange(-half, half + 1)[None, :]
     return features[idx.clamp(0, features.shape[0] - 1)]
+
+
+def _last_frames(chunks: list[torch.Tensor], count: int) -> torch.Tensor:
+    """The last `count` frames of the video so far, touching only the chunks needed (no growing concatenation)."""
+    needed, have = [], 0
+    for chunk in reversed(chunks):
+        needed.append(chunk)
+        have += len(chunk)
+        if have >= count:
+            break
+    return torch.cat(needed[::-1])[-count:]
 
 
 def _to_unit(frames_m1: torch.Tensor) -> torch.Tensor:
@@ -155,10 +168,19 @@ def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text:
     lat_h, lat_w, lat_f = height // 8, width // 8, (settings.frame_window - 1) // 4 + 1
     plan = Guidance("infinitetalk", text_scale=settings.text_scale, audio_scale=settings.audio_scale)
     reference01 = _to_unit(image[None, :, None])[0]
+    tiles = {"tile_size": settings.vae_tile} if settings.vae_tile else {}
+
+    def vae_encode(video):
+        release_vram(model)  # block-swapped models hand their resident GPU copies back while the VAE runs
+        return vae.encode(video.to(vae.dtype), **tiles)
+
+    def vae_decode(latent):
+        release_vram(model)
+        return vae.decode(latent.to(vae.dtype), **tiles)
 
     with torch.no_grad():
         video = torch.cat([image[:, None], image.new_zeros(3, settings.frame_window - 1, height, width)], dim=1)
-        image_latent = vae.encode(video[None].to(vae.dtype))
+        image_latent = vae_encode(video[None])
         y = torch.cat([i2v_mask(settings.frame_window, lat_h, lat_w)[None].to(image_latent), image_latent], 1)
         y = y.to(device)
         null_audio = zero_audio_conditioning(model, settings.frame_window)
@@ -169,8 +191,8 @@ def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text:
                 if w == 0:
                     motion = image_latent[:, :, :1]  # causal VAE: the first latent frame is the image alone
                 else:
-                    previous = torch.cat(frames)[-settings.motion_frames:].float() / 255 * 2 - 1
-                    motion = vae.encode(previous.permute(3, 0, 1, 2)[None].to(vae.dtype))
+                    previous = _last_frames(frames, settings.motion_frames).float() / 255 * 2 - 1
+                    motion = vae_encode(previous.permute(3, 0, 1, 2)[None])
                 windows = torch.stack([frame_windows(f, start, settings.frame_window) for f in features])
                 cond = Conditioning(text.context, text.negative_context, text.clip_fea, y,
                                     audio=audio_conditioning(model, windows.to(device), audio.masks),
@@ -180,7 +202,7 @@ def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text:
                 scheduler = make_scheduler(settings.scheduler, settings.steps, settings.shift)
                 step_cb = None if on_step is None else (lambda i, _lat, w=w: on_step(w, len(starts), i + 1, len(scheduler)))
                 latent = denoise(model, noise, scheduler, cond, plan, pinned=motion.to(device).float(), on_step=step_cb)
-                decoded = _to_unit(vae.decode(latent.to(vae.dtype)))
+                decoded = _to_unit(vae_decode(latent))
                 del latent, cond
                 decoded = match_colors(decoded, reference01, settings.color_correction)
                 stored = to_uint8(decoded if w == 0 else decoded[settings.motion_frames:])

@@ -23,6 +23,8 @@ def _register_package(name: str = "wantalk"):
 
 
 _register_package()
+# Test models are tiny: one thread avoids thread start-up and contention costs that dominate at these sizes.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

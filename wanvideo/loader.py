@@ -231,6 +231,9 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
 def _transformed(key: str, tensor: torch.Tensor, aux: dict, transforms, device):
     """Apply the weight transforms that touch `key`, on `device`, in float32."""
     for transform in transforms:
+        targets = getattr(transform, "targets", None)
+        if targets is not None and key not in targets:
+            continue  # untouched weights stream as stored: no dequantization, no extra time
         shape = policy.logical_shape(tuple(tensor.shape), aux.keys())
         stored = policy.decode_stored(key, tensor.to(device), {k: v.to(device) for k, v in aux.items()}, shape)
         out = transform(key, stored.dense(shape, torch.float32))
