@@ -47,8 +47,7 @@ def generate(work_dir: str, *, seconds: float = 3.5, height: int = 64, width: in
     from wantalk.nodes_model_loading import WanTalkModelLoader
     from safetensors.torch import load_file
 
-    models = os.path.join(work_dir, "models")
-    files = {kind: os.path.join(models, kind, name) for kind, name in tiny.make_tiny_models(models, seed).items()}
+    files = tiny.write_tiny_infinitetalk_files(os.path.join(work_dir, "models"), seed)
     model, _ = WanTalkModelLoader().load(files["diffusion_models"], "fp32", "disabled", "auto", "main_device",
                                          addon_model=files["model_patches"])
     vae, = WanTalkVAELoader().load(files["vae"], "fp32")

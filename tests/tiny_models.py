@@ -98,10 +98,31 @@ TINY_FILES = {"diffusion_models": "tiny_wan2.1_i2v.safetensors",
 ADDON_KEY_MARKERS = ("audio_proj.", "audio_cross_attn.", "norm_x.")
 
 
+# The files the example workflows name, and the tiny file that stands in for each.
+REAL_TO_TINY = {"wan2.1_i2v_480p_14B_bf16.safetensors": TINY_FILES["diffusion_models"],
+                "wan2.1_infiniteTalk_single_fp16.safetensors": TINY_FILES["model_patches"],
+                "wan2.1_infiniteTalk_multi_fp16.safetensors": TINY_FILES["model_patches"],
+                "wan_2.1_vae.safetensors": TINY_FILES["vae"],
+                "wav2vec2-chinese-base_fp16.safetensors": TINY_FILES["audio_encoders"]}
+
+
 def make_tiny_models(models_dir: str, seed: int = 0) -> dict:
-    """Write tiny Wan I2V, InfiniteTalk add-on, VAE and wav2vec2 files (real key names, the layouts of the
-    published files: bf16 DiT, separate add-on, `wav2vec2.`-prefixed encoder) into ComfyUI's model folders.
-    Returns {folder: file name}."""
+    """Write the tiny files every example workflow needs into ComfyUI's model folders: Wan I2V, InfiniteTalk
+    add-on, VAE and wav2vec2 (real key names, the layouts of the published files: bf16 DiT, separate add-on,
+    `wav2vec2.`-prefixed encoder), plus the tiny HuMo files where tests/tiny_humo.py exists.
+    Returns REAL_TO_TINY: the real file names of the workflows -> the tiny stand-ins."""
+    write_tiny_infinitetalk_files(models_dir, seed)
+    try:
+        from tiny_humo import make_tiny_humo_models
+    except ImportError:
+        pass
+    else:
+        make_tiny_humo_models(models_dir, seed)
+    return dict(REAL_TO_TINY)
+
+
+def write_tiny_infinitetalk_files(models_dir: str, seed: int = 0) -> dict:
+    """The tiny InfiniteTalk set; returns {folder: path}."""
     g = torch.Generator().manual_seed(seed)
     _, sd = tiny_infinitetalk(g, config=tiny_graph_infinitetalk_config())
     addon = {k: v for k, v in sd.items() if any(m in k for m in ADDON_KEY_MARKERS)}
@@ -111,7 +132,7 @@ def make_tiny_models(models_dir: str, seed: int = 0) -> dict:
     save_state_dict(addon, path("model_patches"), dtype=torch.float16)
     save_state_dict(tiny_vae(g)[1], path("vae"))
     save_state_dict(tiny_wav2vec2(g)[1], path("audio_encoders"), prefix="wav2vec2.")
-    return dict(TINY_FILES)
+    return {kind: path(kind) for kind in TINY_FILES}
 
 
 def make_tiny_embeddings(path: str, seed: int = 0, text_tokens: int = 12) -> str:
