@@ -155,18 +155,24 @@ def linear_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # Attention modules
 # ----------------------------------------------------------------------------------------------
 
-class WanSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float, *, device, dtype, operations):
+class QKNormAttention(nn.Module):
+    """q, k, v, o projections with RMSNorm on q and k over the full dim: the layout of every Wan attention
+    (and HuMo's audio attention, whose k/v project from `kv_dim`)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, *, device, dtype, operations, kv_dim: int | None = None):
         super().__init__()
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        kv_dim = kv_dim or dim
         self.q = operations.Linear(dim, dim, device=device, dtype=dtype)
-        self.k = operations.Linear(dim, dim, device=device, dtype=dtype)
-        self.v = operations.Linear(dim, dim, device=device, dtype=dtype)
+        self.k = operations.Linear(kv_dim, dim, device=device, dtype=dtype)
+        self.v = operations.Linear(kv_dim, dim, device=device, dtype=dtype)
         self.o = operations.Linear(dim, dim, device=device, dtype=dtype)
         self.norm_q = RMSNorm(dim, eps, device=device, dtype=dtype)
         self.norm_k = RMSNorm(dim, eps, device=device, dtype=dtype)
         self.attention_mode = "auto"
 
+
+class WanSelfAttention(QKNormAttention):
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """q and k after RMSNorm and RoPE, and v: all `[B, L, H, D]` in the compute dtype."""
         b, s, _ = x.shape
@@ -183,24 +189,16 @@ class WanSelfAttention(nn.Module):
         return linear_in(self.o, out.flatten(2))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(QKNormAttention):
     """Text cross-attention, plus the I2V CLIP-image branch (`k_img`, `v_img`) when `image_branch`."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, image_branch: bool, *, device, dtype, operations):
-        super().__init__()
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        super().__init__(dim, num_heads, eps, device=device, dtype=dtype, operations=operations)
         self.image_branch = image_branch
-        self.q = operations.Linear(dim, dim, device=device, dtype=dtype)
-        self.k = operations.Linear(dim, dim, device=device, dtype=dtype)
-        self.v = operations.Linear(dim, dim, device=device, dtype=dtype)
-        self.o = operations.Linear(dim, dim, device=device, dtype=dtype)
-        self.norm_q = RMSNorm(dim, eps, device=device, dtype=dtype)
-        self.norm_k = RMSNorm(dim, eps, device=device, dtype=dtype)
         if image_branch:
             self.k_img = operations.Linear(dim, dim, device=device, dtype=dtype)
             self.v_img = operations.Linear(dim, dim, device=device, dtype=dtype)
             self.norm_k_img = RMSNorm(dim, eps, device=device, dtype=dtype)
-        self.attention_mode = "auto"
 
     def forward(self, x, context, text_len: int):
         b = x.shape[0]
