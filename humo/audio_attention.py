@@ -11,22 +11,11 @@ import torch
 import torch.nn as nn
 
 from ..wanvideo.modules.attention import attention
-from ..wanvideo.modules.model import RMSNorm, layer_norm_fp32, linear_in
+from ..wanvideo.modules.model import QKNormAttention, layer_norm_fp32, linear_in
 
 
-class HumoAudioCrossAttention(nn.Module):
-    """`audio_cross_attn`: q/o over the model dim, k/v from the audio token dim, RMSNorm on q and k."""
-
-    def __init__(self, dim: int, audio_dim: int, num_heads: int, eps: float, *, device, dtype, operations):
-        super().__init__()
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.q = operations.Linear(dim, dim, device=device, dtype=dtype)
-        self.k = operations.Linear(audio_dim, dim, device=device, dtype=dtype)
-        self.v = operations.Linear(audio_dim, dim, device=device, dtype=dtype)
-        self.o = operations.Linear(dim, dim, device=device, dtype=dtype)
-        self.norm_q = RMSNorm(dim, eps, device=device, dtype=dtype)
-        self.norm_k = RMSNorm(dim, eps, device=device, dtype=dtype)
-        self.attention_mode = "auto"
+class HumoAudioCrossAttention(QKNormAttention):
+    """`audio_cross_attn`: q/o over the model dim, k/v from the audio token dim (`kv_dim`), RMSNorm on q and k."""
 
     def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, grid) -> torch.Tensor:
         """x `[B, F*h*w, dim]` (normalised), audio_tokens `[B, F, N_a, audio_dim]` -> `[B, F*h*w, dim]`."""
@@ -46,8 +35,8 @@ class AudioCrossAttentionWrapper(nn.Module):
 
     def __init__(self, cfg, *, device=None, dtype=None, operations=nn):
         super().__init__()
-        self.audio_cross_attn = HumoAudioCrossAttention(cfg.dim, cfg.audio.output_dim, cfg.num_heads, cfg.eps,
-                                                        device=device, dtype=dtype, operations=operations)
+        self.audio_cross_attn = HumoAudioCrossAttention(cfg.dim, cfg.num_heads, cfg.eps, device=device, dtype=dtype,
+                                                        operations=operations, kv_dim=cfg.audio.output_dim)
         self.norm1_audio = operations.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True,
                                                 device=device, dtype=dtype)
 
