@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from . import host
 from .multitalk.conditioning import speaker_masks
-from .multitalk.long_video import LongVideoSettings, _fingerprint, generate_long_video, window_starts
+from .multitalk.long_video import LongVideoSettings, fingerprint, generate_long_video, window_starts
 from .nodes_audio import AUDIO_EMBEDS_TYPE, FPS, SAMPLES_PER_FRAME
 from .nodes_model_loading import CATEGORY, MODEL_TYPE, NodeInputError
 from .wanvideo.sampling import Conditioning
@@ -352,7 +352,7 @@ class WanTalkInfiniteTalkSampler:
         """Folder of a resumable run: the window store's input fingerprint plus the model set-up, so that a
         different model or quantization never resumes from another run's windows."""
         setup = f"{model.cfg}|{getattr(model, 'quant_report', None) and model.quant_report.summary()}|{vae.config}"
-        fingerprint = _fingerprint(settings, image, text.context, text.negative_context, text.clip_fea,
+        fingerprint = fingerprint(settings, image, text.context, text.negative_context, text.clip_fea,
                                    *talk.features, talk.masks)
         return hashlib.blake2b((fingerprint + setup).encode(), digest_size=12).hexdigest()
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..multitalk.long_video import WindowStore, _fingerprint, _to_unit, to_uint8, window_starts
+from ..multitalk.long_video import WindowStore, fingerprint, video_to_unit, to_uint8, window_starts
 from ..wanvideo.sampling import Conditioning, Guidance, denoise
 from ..wanvideo.schedulers import make_scheduler
 from .audio_features import humo_audio_windows
@@ -152,7 +152,7 @@ def window_frames(total: int, frames: int) -> int:
 def run_fingerprint(settings: HumoSettings, height: int, width: int, bands: torch.Tensor, text: Conditioning,
                     references=None) -> str:
     """Identity of a run's inputs: stored windows are reused only by a run with the same fingerprint."""
-    return _fingerprint(settings, torch.tensor([height, width]), bands, text.context, text.negative_context,
+    return fingerprint(settings, torch.tensor([height, width]), bands, text.context, text.negative_context,
                         *(references or []))
 
 
@@ -209,7 +209,7 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
                 scheduler = make_scheduler(settings.scheduler, settings.steps, settings.shift)
                 step_cb = None if on_step is None else (lambda i, _lat, w=w: on_step(w, len(starts), i + 1, len(scheduler)))
                 latent = denoise(runner, noise, scheduler, cond, plan, pinned=pinned, on_step=step_cb)
-                decoded = _to_unit(vae.decode(latent[:, :, :n_lat].to(vae.dtype)))
+                decoded = video_to_unit(vae.decode(latent[:, :, :n_lat].to(vae.dtype)))
                 del latent, cond
                 stored = to_uint8(decoded if w == 0 else decoded[settings.motion_frames:])
                 store.save(w, stored)

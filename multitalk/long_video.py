@@ -95,7 +95,7 @@ def _last_frames(chunks: list[torch.Tensor], count: int) -> torch.Tensor:
     return torch.cat(needed[::-1])[-count:]
 
 
-def _to_unit(frames_m1: torch.Tensor) -> torch.Tensor:
+def video_to_unit(frames_m1: torch.Tensor) -> torch.Tensor:
     """`[1, 3, F, H, W]` in [-1, 1] -> `[F, H, W, 3]` in [0, 1], float32 on the CPU."""
     return ((frames_m1[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()
 
@@ -104,7 +104,7 @@ def to_uint8(frames01: torch.Tensor) -> torch.Tensor:
     return (frames01 * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def _fingerprint(settings: LongVideoSettings, *tensors) -> str:
+def fingerprint(settings: LongVideoSettings, *tensors) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(asdict(settings), sort_keys=True).encode())
     for t in tensors:
@@ -163,11 +163,11 @@ def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text:
     starts = window_starts(total, settings.frame_window, settings.motion_frames)
     end = starts[-1] + settings.frame_window
     features = [extend_audio(f[:n_audio].float() * settings.audio_scale_embeds, end) for f in audio.features]
-    store = WindowStore(resume_dir, _fingerprint(settings, image, text.context, text.negative_context,
+    store = WindowStore(resume_dir, fingerprint(settings, image, text.context, text.negative_context,
                                                  text.clip_fea, *audio.features, audio.masks))
     lat_h, lat_w, lat_f = height // 8, width // 8, (settings.frame_window - 1) // 4 + 1
     plan = Guidance("infinitetalk", text_scale=settings.text_scale, audio_scale=settings.audio_scale)
-    reference01 = _to_unit(image[None, :, None])[0]
+    reference01 = video_to_unit(image[None, :, None])[0]
     tiles = {"tile_size": settings.vae_tile} if settings.vae_tile else {}
 
     def vae_encode(video):
@@ -202,7 +202,7 @@ def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text:
                 scheduler = make_scheduler(settings.scheduler, settings.steps, settings.shift)
                 step_cb = None if on_step is None else (lambda i, _lat, w=w: on_step(w, len(starts), i + 1, len(scheduler)))
                 latent = denoise(model, noise, scheduler, cond, plan, pinned=motion.to(device).float(), on_step=step_cb)
-                decoded = _to_unit(vae_decode(latent))
+                decoded = video_to_unit(vae_decode(latent))
                 del latent, cond
                 decoded = match_colors(decoded, reference01, settings.color_correction)
                 stored = to_uint8(decoded if w == 0 else decoded[settings.motion_frames:])
