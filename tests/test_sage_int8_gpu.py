@@ -17,7 +17,10 @@ from wantalk.wanvideo.modules.attention import attention, select_kernel
 
 pytestmark = pytest.mark.gpu
 
-TOL = {True: 0.04, False: 0.03}    # FP8 P.V (e4m3 P and V: ~2.5% rounding each on zero-mean V) / FP16 P.V
+# (FP8 P.V?, outlier channels?) -> bound. Measured on H100 2026-11-22: FP8 P.V 3.4-3.9% on randn (e4m3 rounds P and
+# V by ~2.5% each, and zero-mean V leaves nothing for the error to hide behind), up to 5.2% with x10 outlier
+# channels in Q and K (D 64); FP16 P.V 1.0-1.2% on randn, up to 4.0% with outliers.
+TOL = {(True, False): 0.045, (True, True): 0.06, (False, False): 0.03, (False, True): 0.05}
 
 # name: (batch, query tokens, key tokens, heads, head dim)
 SHAPES = {
@@ -92,7 +95,7 @@ def test_wan_shapes_against_fp32(shape, pv_fp8, outliers):
     q, k, v = wan_like(*SHAPES[shape], outliers=outliers)
     err = check(q, k, v, pv_fp8)
     print(f"{shape:18s} {'fp8' if pv_fp8 else 'fp16'} P.V outliers={outliers} rel err {err:.4f}")
-    assert err < TOL[pv_fp8], err
+    assert err < TOL[pv_fp8, outliers], err
 
 
 def test_offsets_are_smoothed_away():
@@ -116,7 +119,7 @@ def test_small_paths_and_lengths(d, pv_fp8, use_tma):
         pytest.skip("path not supported by this GPU")
     for lq, lk in ((1, 1), (65, 65), (200, 129), (77, 300)):
         q, k, v = wan_like(2, lq, lk, 4, d, outliers=lk > 100, dtype=torch.float16 if lk % 2 else torch.bfloat16)
-        assert check(q, k, v, pv_fp8, use_tma=use_tma) < TOL[pv_fp8], (lq, lk)
+        assert check(q, k, v, pv_fp8, use_tma=use_tma) < TOL[pv_fp8, lk > 100], (lq, lk)
 
 
 def test_small_strided_gqa_and_scale():
@@ -127,10 +130,10 @@ def test_small_strided_gqa_and_scale():
     q, k, v = qkv.view(b, n, 3, h, d).unbind(2)
     out = sage_int8.sage_int8_attention(q, k, v, scale=0.05)
     ref = fp32_reference(q.float() * (0.05 * d ** 0.5), k, v, torch.arange(n, device="cuda"))
-    assert rel_err(out, ref) < TOL[True]
+    assert rel_err(out, ref) < TOL[True, False]
     kv_heads = torch.randn(b, n, 2, 2, d, device="cuda", dtype=torch.bfloat16).unbind(2)   # 2 k/v heads
     out = sage_int8.sage_int8_attention(q, *kv_heads)
-    assert rel_err(out, fp32_reference(q, *kv_heads, torch.arange(n, device="cuda"))) < TOL[True]
+    assert rel_err(out, fp32_reference(q, *kv_heads, torch.arange(n, device="cuda"))) < TOL[True, False]
 
 
 def test_small_dispatch_mode():
@@ -141,11 +144,11 @@ def test_small_dispatch_mode():
     out = attention(q, k, v, mode="int8_triton", k_lens=torch.tensor([70, 33], device="cuda"))
     rows = torch.arange(100, device="cuda")
     ref = torch.cat([fp32_reference(q[:1], k[:1], v[:1], rows), fp32_reference(q[1:], k[1:, :33], v[1:, :33], rows)])
-    assert rel_err(out, ref) < TOL[True]
+    assert rel_err(out, ref) < TOL[True, False]
     q32 = wan_like(1, 50, 50, 4, 32)                                    # head dim 32: padded to 64 by dispatch
     assert select_kernel(*q32, mode="int8_triton") == "int8_triton"
     assert rel_err(attention(*q32, mode="int8_triton"), fp32_reference(*q32, torch.arange(50, device="cuda"))) \
-        < TOL[True]
+        < TOL[True, False]
 
 
 def test_small_bad_inputs_are_refused():
