@@ -35,7 +35,7 @@ NEGATIVE = ("bright tones, overexposed, static, blurred details, subtitles, styl
 PARAMS_TO_KEEP = ("norm, bias, time_in, patch_embedding, time_, img_emb, modulation, text_embedding, adapter, add, "
                   "ref_conv, audio_proj, multitalk_audio_proj, head")
 
-# Output slots of every node type used: name -> type, in order.
+# Output slots of the ComfyUI core node types used: name -> type, in order (the pack's come from its classes).
 OUTPUTS = {
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "LoadAudio": [("AUDIO", "AUDIO")],
@@ -45,33 +45,71 @@ OUTPUTS = {
     "CLIPVisionEncode": [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")],
     "CreateVideo": [("VIDEO", "VIDEO")],
     "SaveVideo": [("video", "VIDEO")],
-    "WanTalkModelLoader": [("model", "WANTALK_MODEL"), ("quantization_report", "STRING")],
-    "WanTalkVAELoader": [("vae", "WANTALK_VAE")],
-    "WanTalkAudioEncoderLoader": [("audio_encoder", "WANTALK_AUDIO_ENCODER")],
-    "WanTalkAudioEmbeds": [("audio_embeds", "WANTALK_AUDIO_EMBEDS"), ("audio", "AUDIO"), ("num_frames", "INT")],
-    "WanTalkInfiniteTalkSampler": [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")],
 }
-# Types of linked inputs. A linked widget input (fps) keeps its widget value in the UI format; the link wins in
-# the API format.
-INPUT_TYPES = {"image": "IMAGE", "clip": "CLIP", "clip_vision": "CLIP_VISION", "images": "IMAGE", "audio": "AUDIO",
-               "fps": "FLOAT", "video": "VIDEO", "audio_1": "AUDIO", "audio_2": "AUDIO",
-               "audio_encoder": "WANTALK_AUDIO_ENCODER", "model": "WANTALK_MODEL", "vae": "WANTALK_VAE",
-               "audio_embeds": "WANTALK_AUDIO_EMBEDS", "positive": "CONDITIONING", "negative": "CONDITIONING",
-               "start_image": "IMAGE", "clip_vision_output": "CLIP_VISION_OUTPUT"}
-WIDGET_INPUTS = {"fps"}   # linked inputs that are widgets when unlinked
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+# Types of linked inputs of core nodes. A linked widget input (fps) keeps its widget value in the UI format; the
+# link wins in the API format.
+CORE_INPUT_TYPES = {"image": "IMAGE", "clip": "CLIP", "clip_vision": "CLIP_VISION", "images": "IMAGE",
+                    "audio": "AUDIO", "fps": "FLOAT", "video": "VIDEO"}
+WIDGET_INPUTS = {"fps"}   # linked core inputs that are widgets when unlinked
+
+
+def pack_nodes() -> dict:
+    """The pack's node classes (the repository imported as the package `wantalk`)."""
+    import sys
+    sys.path.insert(0, os.path.dirname(HERE))
+    from run_demo import import_pack
+    return import_pack()[0].NODE_CLASS_MAPPINGS
+
+
+def pack_schema(cls) -> tuple[list, dict, dict]:
+    """(outputs [(name, type)], link input types {name: type}, widget defaults {name: value} in UI order)."""
+    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+    outputs = list(zip(names, cls.RETURN_TYPES))
+    links, widgets = {}, {}
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, value in spec.get(section, {}).items():
+            kind, options = value[0], (value[1] if len(value) > 1 else {})
+            if isinstance(kind, list):
+                widgets[name] = options.get("default", kind[0] if kind else "")
+            elif kind in WIDGET_TYPES:
+                widgets[name] = options.get("default")
+            else:
+                links[name] = kind
+    return outputs, links, widgets
 
 
 class Graph:
-    def __init__(self):
-        self.nodes = []            # dicts: id, type, title, widgets (ordered name -> value), ui_extra, links, pos
+    """Nodes placed in columns; the UI sizes are estimates of what the frontend draws."""
+    COLUMN_X, WIDTH, GAP = 390, 350, 40
 
-    def add(self, type_, widgets=None, links=None, *, pos, title=None, ui_after=None, size=(320, 130)):
+    def __init__(self):
+        self.nodes = []
+        self.pack = pack_nodes()
+
+    def add(self, type_, widgets=None, links=None, *, column, title=None, ui_after=None, extra_height=0):
         """links: input name -> (node, output slot). ui_after: widget name -> extra UI-only values after it
-        (control_after_generate, upload buttons)."""
-        node = {"id": len(self.nodes) + 1, "type": type_, "widgets": dict(widgets or {}), "links": dict(links or {}),
-                "pos": pos, "size": size, "title": title, "ui_after": dict(ui_after or {})}
+        (control_after_generate, upload buttons). Pack nodes get every widget, unspecified ones at default."""
+        widgets = dict(widgets or {})
+        if type_ in self.pack:
+            outputs, _, defaults = pack_schema(self.pack[type_])
+            widgets = {name: widgets.get(name, default) for name, default in defaults.items()}
+        else:
+            outputs = OUTPUTS[type_]
+        rows = max(len(links or {}), len(outputs)) + len(widgets) + sum(map(len, (ui_after or {}).values()))
+        height = 40 + 24 * rows + extra_height
+        y = sum(n["size"][1] + self.GAP for n in self.nodes if n["column"] == column)
+        node = {"id": len(self.nodes) + 1, "type": type_, "widgets": widgets, "links": dict(links or {}),
+                "outputs": outputs, "column": column, "pos": (column * self.COLUMN_X, y), "size": (self.WIDTH, height),
+                "title": title, "ui_after": dict(ui_after or {})}
         self.nodes.append(node)
         return node["id"]
+
+    def input_type(self, node, name):
+        if node["type"] in self.pack:
+            return pack_schema(self.pack[node["type"]])[1].get(name) or type(node["widgets"][name]).__name__.upper()
+        return CORE_INPUT_TYPES[name]
 
     def api(self) -> dict:
         out = {}
@@ -86,16 +124,16 @@ class Graph:
     def ui(self, notes=()) -> dict:
         links, link_id = [], 0
         outputs = {n["id"]: [{"name": name, "type": t, "links": [], "slot_index": i}
-                             for i, (name, t) in enumerate(OUTPUTS[n["type"]])] for n in self.nodes}
+                             for i, (name, t) in enumerate(n["outputs"])] for n in self.nodes}
         nodes = []
         for order, n in enumerate(self.nodes):
             inputs = []
             for name, (src, slot) in n["links"].items():
                 link_id += 1
-                t = OUTPUTS[self.by_id(src)["type"]][slot][1]
+                t = self.by_id(src)["outputs"][slot][1]
                 links.append([link_id, src, slot, n["id"], len(inputs), t])
                 outputs[src][slot]["links"].append(link_id)
-                entry = {"name": name, "type": INPUT_TYPES[name], "link": link_id}
+                entry = {"name": name, "type": self.input_type(n, name), "link": link_id}
                 if name in WIDGET_INPUTS:
                     entry["widget"] = {"name": name}
                 inputs.append(entry)
@@ -123,7 +161,7 @@ class Graph:
             for o in output_list:
                 o["links"] = o["links"] or None
         return {"last_node_id": len(nodes), "last_link_id": link_id, "nodes": nodes, "links": links, "groups": [],
-                "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4}
+                "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [120, 90]}}, "version": 0.4}
 
     def by_id(self, node_id):
         return self.nodes[node_id - 1]
@@ -132,47 +170,40 @@ class Graph:
 def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, steps: int, low_vram: bool,
                   prefix: str) -> Graph:
     g = Graph()
-    image = g.add("LoadImage", {"image": "wantalk_portrait.png"}, pos=(0, 0), size=(320, 360),
-                  ui_after={"image": ["image"]}, title="Start image")
-    audio_1 = g.add("LoadAudio", {"audio": "wantalk_speech_1.wav"}, pos=(0, 400), ui_after={"audio": [None, None]},
-                    title="Speech (speaker 1)")
+    image = g.add("LoadImage", {"image": "wantalk_portrait.png"}, column=0, ui_after={"image": ["image"]},
+                  title="Start image", extra_height=260)
+    audio_1 = g.add("LoadAudio", {"audio": "wantalk_speech_1.wav"}, column=0, ui_after={"audio": [None, None]},
+                    title="Speech (speaker 1)", extra_height=30)
     audio_2 = None
     if speakers == 2:
-        audio_2 = g.add("LoadAudio", {"audio": "wantalk_speech_2.wav"}, pos=(0, 560), ui_after={"audio": [None, None]},
-                        title="Speech (speaker 2)")
+        audio_2 = g.add("LoadAudio", {"audio": "wantalk_speech_2.wav"}, column=0, ui_after={"audio": [None, None]},
+                        title="Speech (speaker 2)", extra_height=30)
     clip = g.add("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
-                                "device": "cpu" if low_vram else "default"}, pos=(360, 0))
-    positive = g.add("CLIPTextEncode", {"text": prompt}, {"clip": (clip, 0)}, pos=(360, 160), size=(360, 150),
-                     title="Prompt")
-    negative = g.add("CLIPTextEncode", {"text": NEGATIVE}, {"clip": (clip, 0)}, pos=(360, 340), size=(360, 150),
-                     title="Negative prompt")
-    clip_vision = g.add("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"}, pos=(360, 520))
+                                "device": "cpu" if low_vram else "default"}, column=1)
+    positive = g.add("CLIPTextEncode", {"text": prompt}, {"clip": (clip, 0)}, column=1, title="Prompt",
+                     extra_height=80)
+    negative = g.add("CLIPTextEncode", {"text": NEGATIVE}, {"clip": (clip, 0)}, column=1, title="Negative prompt",
+                     extra_height=110)
+    clip_vision = g.add("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"}, column=1)
     clip_out = g.add("CLIPVisionEncode", {"crop": "center"}, {"clip_vision": (clip_vision, 0), "image": (image, 0)},
-                     pos=(360, 640))
+                     column=1)
     encoder = g.add("WanTalkAudioEncoderLoader", {"model": "wav2vec2-chinese-base_fp16.safetensors",
-                                                  "precision": "fp32", "device": "cpu" if low_vram else "main_device"},
-                    pos=(760, 0))
+                                                  "device": "cpu" if low_vram else "main_device"}, column=2)
     embed_links = {"audio_1": (audio_1, 0), "audio_encoder": (encoder, 0)}
     if audio_2:
         embed_links["audio_2"] = (audio_2, 0)
-    embeds = g.add("WanTalkAudioEmbeds", {"normalize_loudness": True, "audio_scale": 1.0, "num_frames": 0,
-                                          "two_speaker_mode": "para"}, embed_links, pos=(760, 160), size=(320, 200))
-    model = g.add("WanTalkModelLoader", {"model": "wan2.1_i2v_480p_14B_bf16.safetensors", "base_precision": "bf16",
-                                         "quantization": quantization, "attention_mode": "auto",
-                                         "load_device": "main_device", "addon_model": addon,
-                                         "params_to_keep": PARAMS_TO_KEEP}, pos=(760, 400), size=(320, 230))
-    vae = g.add("WanTalkVAELoader", {"vae_name": "wan_2.1_vae.safetensors", "precision": "bf16"}, pos=(760, 670))
-    sampler = g.add("WanTalkInfiniteTalkSampler", {
-        "width": 832, "height": 480, "steps": steps, "shift": 7.0, "scheduler": "infinitetalk_euler",
-        "text_scale": 5.0, "audio_scale": 4.0, "seed": 42, "frame_window": 81, "motion_frames": 9,
-        "color_correction": 1.0, "max_frames": 0, "save_windows": low_vram},
-        {"model": (model, 0), "vae": (vae, 0), "audio_embeds": (embeds, 0), "positive": (positive, 0),
-         "negative": (negative, 0), "start_image": (image, 0), "clip_vision_output": (clip_out, 0)},
-        pos=(1120, 0), size=(340, 520), ui_after={"seed": ["fixed"]})
-    video = g.add("CreateVideo", {"fps": 25.0, "bit_depth": 8}, {"images": (sampler, 0), "audio": (sampler, 1), "fps": (sampler, 2)},
-                  pos=(1500, 0), size=(270, 100))
-    g.add("SaveVideo", {"filename_prefix": f"video/{prefix}", "format": "auto", "codec": "auto"}, {"video": (video, 0)},
-          pos=(1500, 140), size=(400, 420))
+    embeds = g.add("WanTalkAudioEmbeds", {"two_speaker_mode": "para"}, embed_links, column=2, extra_height=100)
+    model = g.add("WanTalkModelLoader", {"model": "wan2.1_i2v_480p_14B_bf16.safetensors", "quantization": quantization,
+                                         "addon_model": addon}, column=2)
+    vae = g.add("WanTalkVAELoader", {"vae_name": "wan_2.1_vae.safetensors"}, column=2)
+    sampler = g.add("WanTalkInfiniteTalkSampler", {"steps": steps, "save_windows": low_vram},
+                    {"model": (model, 0), "vae": (vae, 0), "audio_embeds": (embeds, 0), "positive": (positive, 0),
+                     "negative": (negative, 0), "start_image": (image, 0), "clip_vision_output": (clip_out, 0)},
+                    column=3, ui_after={"seed": ["fixed"]})
+    video = g.add("CreateVideo", {"fps": 25.0, "bit_depth": 8},
+                  {"images": (sampler, 0), "audio": (sampler, 1), "fps": (sampler, 2)}, column=4)
+    g.add("SaveVideo", {"filename_prefix": f"video/{prefix}", "format": "auto", "codec": "auto"},
+          {"video": (video, 0)}, column=4, extra_height=300)
     return g
 
 
@@ -213,7 +244,9 @@ def main():
     for name, spec in WORKFLOWS.items():
         extra = spec.pop("extra")
         graph = talking_graph(prefix=f"wantalk_{name}", **spec)
-        note = (model_note(spec["addon"], extra), (0, 720 if spec["speakers"] == 2 else 560), (340, 420))
+        sampler = next(n for n in graph.nodes if n["type"] == "WanTalkInfiniteTalkSampler")
+        note = (model_note(spec["addon"], extra), (sampler["pos"][0], sampler["size"][1] + Graph.GAP),
+                (Graph.WIDTH, 420))
         with open(os.path.join(HERE, f"{name}.json"), "w", encoding="utf-8") as f:
             json.dump(graph.ui(notes=[note]), f, indent=1)
         with open(os.path.join(HERE, f"{name}_api.json"), "w", encoding="utf-8") as f:
