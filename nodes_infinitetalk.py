@@ -352,9 +352,9 @@ class WanTalkInfiniteTalkSampler:
         """Folder of a resumable run: the window store's input fingerprint plus the model set-up, so that a
         different model or quantization never resumes from another run's windows."""
         setup = f"{model.cfg}|{getattr(model, 'quant_report', None) and model.quant_report.summary()}|{vae.config}"
-        fingerprint = fingerprint(settings, image, text.context, text.negative_context, text.clip_fea,
-                                   *talk.features, talk.masks)
-        return hashlib.blake2b((fingerprint + setup).encode(), digest_size=12).hexdigest()
+        inputs = fingerprint(settings, image, text.context, text.negative_context, text.clip_fea, *talk.features,
+                             talk.masks)
+        return hashlib.blake2b((inputs + setup).encode(), digest_size=12).hexdigest()
 
 
 NODE_CLASS_MAPPINGS = {
