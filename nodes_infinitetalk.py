@@ -249,7 +249,7 @@ class WanTalkInfiniteTalkSampler:
                 "audio_scale": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1,
                                           "tooltip": "Audio guidance: higher follows the speech more closely. "
                                                      "1 skips the no-audio pass."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "seed": ("INT", {"default": 42, "min": 0, "max": 2**63 - 1,
                                  "tooltip": "Noise seed (window k uses seed + k)."}),
                 "frame_window": ("INT", {"default": 81, "min": 5, "max": 1001, "step": 4,
                                          "tooltip": "Frames generated per window (1 + 4k). 81 is what the model "

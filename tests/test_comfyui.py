@@ -204,6 +204,13 @@ def test_api_workflow_runs_and_writes_a_video(workflow, request, tmp_path):
         f"stderr: {result.stderr[-3000:]}")
     videos = [f for f in report.get("files", []) if f.lower().endswith(VIDEO_EXTENSIONS) and os.path.getsize(f) > 0]
     assert videos, f"no video among the outputs: {report.get('outputs')}"
+    if any(node["class_type"] == "CreateVideo" and "audio" in node["inputs"] for node in api.values()):
+        streams = subprocess.run([_comfy_python(), "-c", STREAM_KINDS, videos[0]], capture_output=True, text=True)
+        assert streams.stdout.split() == ["audio", "video"], f"{videos[0]}: streams {streams.stdout} {streams.stderr}"
+
+
+# Stream kinds of a video file, read with PyAV in ComfyUI's venv (ComfyUI's video nodes need it there).
+STREAM_KINDS = "import av, sys; print(*sorted({s.type for s in av.open(sys.argv[1]).streams}))"
 
 
 def _ui_node_types(ui_workflow: dict) -> set[str]:
