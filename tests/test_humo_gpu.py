@@ -46,4 +46,4 @@ def test_full_size_audio_block_bf16_memory_and_closeness(mode):
         extra = (torch.cuda.max_memory_allocated() - base) / GIB
     assert out.isfinite().all()
     assert rel(out, ref) < 2e-2
-    assert extra < 3.0, f"the audio block used {extra:.2f} GiB beyond its inputs"
+    assert extra < 3.5, f"the audio block used {extra:.2f} GiB beyond its inputs"

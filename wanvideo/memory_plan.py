@@ -229,6 +229,8 @@ def available_vram(device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return 1 << 62
+    if device.index is None:  # some torch.cuda queries need an explicit index
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     available = free + torch.cuda.memory_reserved(device) - allocated
