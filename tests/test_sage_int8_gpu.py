@@ -92,6 +92,9 @@ def test_wan_shapes_against_fp32(shape, pv_fp8, outliers):
     needs_kernel()
     if pv_fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 dots need sm89+")
+    if pv_fp8 and SHAPES[shape][2] < 128:
+        pytest.xfail("known defect: FP8 P.V with fewer than 128 keys gave non-finite values at Lk 1 on an H100; "
+                     "the dispatcher's contract (min_kv_len 128) routes such calls to exact kernels")
     q, k, v = wan_like(*SHAPES[shape], outliers=outliers)
     err = check(q, k, v, pv_fp8)
     print(f"{shape:18s} {'fp8' if pv_fp8 else 'fp16'} P.V outliers={outliers} rel err {err:.4f}")
