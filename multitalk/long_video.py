@@ -104,9 +104,23 @@ def to_uint8(frames01: torch.Tensor) -> torch.Tensor:
     return (frames01 * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def fingerprint(settings: LongVideoSettings, *tensors) -> str:
+def model_identity(model, samples: int = 64) -> str:
+    """A cheap digest of the weights (a fixed strided sample of every tensor, as stored), so that windows saved
+    with other weights (another checkpoint, LoRA or quantization) are never resumed."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        h.update(name.encode())
+        h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(settings, *tensors, extra: str = "") -> str:
+    """Identity of a run's inputs (settings dataclass + tensors + extra text)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(asdict(settings), sort_keys=True).encode())
+    h.update(extra.encode())
     for t in tensors:
         if t is not None:
             h.update(str(tuple(t.shape)).encode())
@@ -163,8 +177,9 @@ def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text:
     starts = window_starts(total, settings.frame_window, settings.motion_frames)
     end = starts[-1] + settings.frame_window
     features = [extend_audio(f[:n_audio].float() * settings.audio_scale_embeds, end) for f in audio.features]
-    store = WindowStore(resume_dir, fingerprint(settings, image, text.context, text.negative_context,
-                                                 text.clip_fea, *audio.features, audio.masks))
+    store = WindowStore(resume_dir, fingerprint(settings, image, text.context, text.negative_context, text.clip_fea,
+                                                *audio.features, audio.masks,
+                                                extra=model_identity(model) if resume_dir else ""))
     lat_h, lat_w, lat_f = height // 8, width // 8, (settings.frame_window - 1) // 4 + 1
     plan = Guidance("infinitetalk", text_scale=settings.text_scale, audio_scale=settings.audio_scale)
     reference01 = video_to_unit(image[None, :, None])[0]

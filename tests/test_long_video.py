@@ -96,6 +96,15 @@ def test_resume_after_interrupt_gives_the_same_frames(parts, rng, tmp_path):
                                   on_step=lambda w, *_: steps_run.append(w))
     assert set(steps_run) == {2}  # only the unfinished window ran again
     assert torch.equal(resumed, full)
+    # other weights do not reuse the stored windows
+    with torch.no_grad():
+        model.head.head.weight.mul_(1.5)
+    try:
+        changed = generate_long_video(model, vae, image, audio, text, SETTINGS, resume_dir=str(tmp_path))
+    finally:
+        with torch.no_grad():
+            model.head.head.weight.div_(1.5)
+    assert not torch.equal(changed, full)
     # another seed does not reuse the stored windows
     other = generate_long_video(model, vae, image, audio, text,
                                 LongVideoSettings(**{**SETTINGS.__dict__, "seed": 8}), resume_dir=str(tmp_path))
