@@ -17,17 +17,24 @@ from ..wanvideo.modules.model import apply_rope, linear_in
 ROPE_1D_THETA = 10000
 
 
-def rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """1-D RoPE on adjacent pairs of `x` `[B, L, H, D]` at float `positions` `[B, L]`; returns float32.
+ROPE_1D_CHUNK = 4096  # tokens rotated at a time: float32 temporaries stay small at 32760 tokens x 5120
+
+
+def rope_1d(x: torch.Tensor, positions: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """1-D RoPE on adjacent pairs of `x` `[B, L, H, D]` at float `positions` `[B, L]`, in `out_dtype` (float32
+    by default), rotated in float32 a chunk of tokens at a time so the two-speaker path needs little memory.
 
     Angles are float32 products, as the official RotaryPositionalEmbedding1D computes them."""
-    d = x.shape[-1]
+    b, l, _, d = x.shape
     inv_freq = 1.0 / (ROPE_1D_THETA ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
-    angles = positions.to(device=x.device, dtype=torch.float32)[..., None] * inv_freq
-    cos, sin = torch.cos(angles)[..., None, :], torch.sin(angles)[..., None, :]
-    if x.shape[0] == 1:
-        return apply_rope(x, cos[0], sin[0])
-    return torch.cat([apply_rope(x[i:i + 1], cos[i], sin[i]) for i in range(x.shape[0])])
+    positions = positions.to(device=x.device, dtype=torch.float32)
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype or torch.float32)
+    for i in range(b):
+        for s in range(0, l, ROPE_1D_CHUNK):
+            angles = positions[i, s:s + ROPE_1D_CHUNK, None] * inv_freq
+            cos, sin = torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :]
+            out[i:i + 1, s:s + ROPE_1D_CHUNK] = apply_rope(x[i:i + 1, s:s + ROPE_1D_CHUNK], cos, sin)
+    return out
 
 
 def reference_attention_map(q: torch.Tensor, k: torch.Tensor, frame_tokens: int, masks: torch.Tensor,
@@ -105,8 +112,8 @@ class AudioCrossAttention(nn.Module):
         q = linear_in(self.q_linear, x).view(b, f * h * w, self.num_heads, self.head_dim)
         k, v = linear_in(self.kv_linear, audio_tokens).view(b, f * n_a, 2, self.num_heads, self.head_dim).unbind(2)
         if q_positions is not None:
-            q = rope_1d(q, q_positions).to(q.dtype)
-            k = rope_1d(k, k_positions).to(k.dtype)
+            q = rope_1d(q, q_positions, q.dtype)
+            k = rope_1d(k, k_positions, k.dtype)
         out = attention(q.reshape(b * f, h * w, self.num_heads, self.head_dim),
                         k.reshape(b * f, n_a, self.num_heads, self.head_dim),
                         v.reshape(b * f, n_a, self.num_heads, self.head_dim), mode=self.attention_mode)
