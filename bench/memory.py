@@ -191,7 +191,7 @@ def main():
             continue
         print(f"{r['case']} | {r.get('blocks_to_swap', 0)} | {r['seconds_per_forward']:.3f} | "
               f"{r['seconds_per_forward'] * passes:.2f} | "
-              f"{r['speed_vs_uncapped'] or 1.0:.2f} | {r['peak_gib']:.2f}"
+              f"{r.get('speed_vs_uncapped') or 1.0:.2f} | {r['peak_gib']:.2f}"
               + (f" ({r['planned_peak_gib']:.2f})" if "planned_peak_gib" in r else ""))
 
 
