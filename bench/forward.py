@@ -38,6 +38,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--speakers", type=int, default=1, help="InfiniteTalk: 1 or 2 speakers")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward")
+    p.add_argument("--compare-attention", default=None,
+                   help="also time the same forward with this attention mode; report the output's relative difference")
     args = p.parse_args()
     pack = import_pack()
     from wantalk.wanvideo.loader import assemble_model
@@ -67,6 +69,17 @@ def main():
     with torch.no_grad():
         times = cuda_time(lambda: model.forward_batched(x, t, ctx, clip, y, audio=audio), 1, args.repeats)
     tokens = lat_f * (lat_h // 2) * (lat_w // 2)
+    comparison = {}
+    if args.compare_attention:
+        with torch.no_grad():
+            reference = model.forward_batched(x, t, ctx, clip, y, audio=audio)
+            model.set_attention_mode(args.compare_attention)
+            other_times = cuda_time(lambda: model.forward_batched(x, t, ctx, clip, y, audio=audio), 1, args.repeats)
+            other = model.forward_batched(x, t, ctx, clip, y, audio=audio)
+            model.set_attention_mode(args.attention)
+        comparison = {"compare_attention": args.compare_attention,
+                      "compare_seconds_per_forward": sorted(other_times)[len(other_times) // 2],
+                      "output_rel_diff": ((other - reference).norm() / reference.norm()).item()}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -78,7 +91,8 @@ def main():
         "attention": args.attention, "speakers": args.speakers, "frames": args.frames, "size": f"{args.height}x{args.width}", "tokens": tokens,
         "seconds_per_forward": sorted(times)[len(times) // 2], "all_seconds": times,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "weights_gib": weights_gib, "build_s": build_s,
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")})
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        **comparison})
 
 
 if __name__ == "__main__":
