@@ -245,3 +245,17 @@ def fused_stages(x: torch.Tensor) -> bool:
     """Whether the block's fused (Triton) stages serve tensors like `x` (they use less memory)."""
     from .modules import fused_ops
     return fused_ops._use_triton(x)
+
+
+def check_before_sampling(model: nn.Module, run: RunSettings, decode: DecodeSettings | None = None) -> None:
+    """Before a run of a model whose weights sit on a CUDA device (no block swap): raise MemoryPlanError with what
+    to change when its activations (and VAE decode) will not fit next to the resident weights. Block-swapped models
+    are checked by their swapper; CPU models are not checked."""
+    device = next(model.parameters()).device
+    if device.type != "cuda" or getattr(model, "block_runner", None) is not None:
+        return
+    sizes = ModelBytes.of(model)
+    plan = plan_memory(model.cfg, sizes, run, blocks_to_swap=0, decode=decode)
+    budget = available_vram(device) + plan.weights  # the resident weights are already allocated
+    if plan.peak > budget:
+        raise MemoryPlanError(plan.advice(budget, fitting_swap(model.cfg, sizes, run, budget, decode=decode)))
