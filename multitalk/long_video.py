@@ -1,10 +1,16 @@
-"""InfiniteTalk long-video generation: overlapping windows of any count in bounded memory, resumable.
+"""InfiniteTalk / MultiTalk long-video generation: overlapping windows of any count in bounded memory, resumable.
 
-Each window of `frame_window` frames (81) is denoised with its own audio; its first `motion_frames` (9) frames
-are the last frames of the video so far, VAE-encoded and pinned clean before and after every step. The audio
-advances by `frame_window - motion_frames` per window. Finished frames are kept on the CPU as uint8, and the
-next window's motion frames are always taken from those stored frames, so a run resumed from saved windows
-produces exactly the frames of an uninterrupted run with the same seed.
+Each window of `frame_window` frames (81) is denoised with its own audio; its first `motion_frames` frames are
+the last frames of the video so far. The audio advances by `frame_window - motion_frames` per window. Two ways
+to continue a window (`LongVideoSettings.continuation`, REFERENCE.md 5.6):
+- "infinitetalk": `y` always holds the start image; the motion frames (9) are VAE-encoded and pinned clean
+  before and after every step (also the image latent in the first window).
+- "multitalk": `y` holds the motion frames (official 25) with the I2V mask over them; their latents are
+  written into the latent noised to the current level, `(1 - sigma) x + sigma eps`, before the first step and
+  after every update (clean only after the last); the first window is plain I2V.
+Finished frames are kept on the CPU as uint8, and the next window's motion frames are always taken from those
+stored frames, so a run resumed from saved windows produces exactly the frames of an uninterrupted run with the
+same seed.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from .conditioning import audio_conditioning, zero_audio_conditioning
 
 log = logging.getLogger("wantalk")
 
+CONTINUATIONS = ("infinitetalk", "multitalk")
+
 
 @dataclass(frozen=True)
 class LongVideoSettings:
@@ -41,8 +49,11 @@ class LongVideoSettings:
     max_frames: int = 0            # 0: the whole audio
     audio_scale_embeds: float = 1.0
     vae_tile: int = 0              # spatial VAE tile size in pixels (0: untiled); bounds decode memory at 720p
+    continuation: str = "infinitetalk"   # how a window continues the previous one: one of CONTINUATIONS
 
     def validate(self):
+        if self.continuation not in CONTINUATIONS:
+            raise ValueError(f"continuation must be one of {CONTINUATIONS}, got {self.continuation!r}")
         if (self.frame_window - 1) % 4 or self.frame_window < 5:
             raise ValueError(f"frame_window must be 1 + 4k (e.g. 81), got {self.frame_window}")
         if not 1 <= self.motion_frames < self.frame_window or (self.motion_frames - 1) % 4:
@@ -104,6 +115,37 @@ def to_uint8(frames01: torch.Tensor) -> torch.Tensor:
     return (frames01 * 255).round().clamp(0, 255).to(torch.uint8)
 
 
+class NoisedMotion:
+    """MultiTalk's continuation around a scheduler: after every update the first latent frames are replaced by the
+    motion latents noised to the level the latent has reached, `(1 - sigma) x + sigma eps` with fresh noise from
+    `generator` (the official `add_noise` at the next time; clean after the last step, where sigma is 0)."""
+
+    def __init__(self, scheduler, motion: torch.Tensor, generator: torch.Generator):
+        self.scheduler, self.motion, self.generator = scheduler, motion.float(), generator
+        self.timesteps = scheduler.timesteps
+
+    def __len__(self) -> int:
+        return len(self.scheduler)
+
+    def inject(self, latent: torch.Tensor, index: int) -> torch.Tensor:
+        """Write the motion latents at noise level `sigmas[index]` into the first frames of `latent` (in place)."""
+        sigma = self.scheduler.sigmas[index].to(self.motion.device)
+        eps = torch.randn(self.motion.shape, generator=self.generator).to(self.motion.device)
+        latent[:, :, :self.motion.shape[2]] = ((1 - sigma) * self.motion + sigma * eps).to(latent.dtype)
+        return latent
+
+    def step(self, velocity: torch.Tensor, index: int, latent: torch.Tensor) -> torch.Tensor:
+        return self.inject(self.scheduler.step(velocity, index, latent), index + 1)
+
+
+def motion_mask(frames: int, motion_frames: int, lat_h: int, lat_w: int) -> torch.Tensor:
+    """The I2V mask `[4, latent frames, lat_h, lat_w]` with ones over the latent frames of the first
+    `motion_frames` pixel frames (1 + (motion_frames - 1) // 4 of them; 1 for a single start image)."""
+    mask = i2v_mask(frames, lat_h, lat_w)
+    mask[:, :1 + (motion_frames - 1) // 4] = 1
+    return mask
+
+
 def model_identity(model, samples: int = 64) -> str:
     """A cheap digest of the weights (a fixed strided sample of every tensor, as stored), so that windows saved
     with other weights (another checkpoint, LoRA or quantization) are never resumed."""
@@ -157,13 +199,16 @@ class WindowStore:
 
 def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text: Conditioning,
                         settings: LongVideoSettings = LongVideoSettings(), *, resume_dir: str | None = None,
+                        encode_clip: Callable[[torch.Tensor], torch.Tensor] | None = None,
                         on_step: Callable[[int, int, int, int], None] | None = None,
                         on_window: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Talking video for the whole audio: uint8 frames `[N, H, W, 3]`, N = audio frames (or max_frames).
 
     image: the reference frame `[3, H, W]` in [-1, 1] (H, W multiples of 16). text: contexts and CLIP features
-    (its `y`/`audio` fields are filled here). on_step(window, windows, step, steps) is called after every step
-    (raise there to stop; finished windows stay saved); on_window(index, uint8 frames) after each window.
+    (its `y`/`audio` fields are filled here). encode_clip (multitalk continuation only): `[3, H, W]` frame in
+    [-1, 1] -> CLIP features, for the official re-encoding of each window's last motion frame; without it the
+    start image's features are kept. on_step(window, windows, step, steps) is called after every step (raise
+    there to stop; finished windows stay saved); on_window(index, uint8 frames) after each window.
     """
     settings.validate()
     _, height, width = image.shape
@@ -174,12 +219,17 @@ def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text:
     total = min(n_audio, settings.max_frames) if settings.max_frames > 0 else n_audio
     if total < 1:
         raise ValueError("the audio is shorter than one video frame (1/25 s)")
+    multitalk = settings.continuation == "multitalk"
+    if multitalk and encode_clip is None:
+        log.info("wantalk: multitalk continuation without a CLIP vision model: every window keeps the start "
+                 "image's CLIP features (the official code re-encodes each window's last motion frame)")
     starts = window_starts(total, settings.frame_window, settings.motion_frames)
     end = starts[-1] + settings.frame_window
     features = [extend_audio(f[:n_audio].float() * settings.audio_scale_embeds, end) for f in audio.features]
+    clip_mode = "reencode_clip" if multitalk and encode_clip is not None else ""
     store = WindowStore(resume_dir, fingerprint(settings, image, text.context, text.negative_context, text.clip_fea,
                                                 *audio.features, audio.masks,
-                                                extra=model_identity(model) if resume_dir else ""))
+                                                extra=(model_identity(model) if resume_dir else "") + clip_mode))
     lat_h, lat_w, lat_f = height // 8, width // 8, (settings.frame_window - 1) // 4 + 1
     plan = Guidance("infinitetalk", text_scale=settings.text_scale, audio_scale=settings.audio_scale)
     reference01 = video_to_unit(image[None, :, None])[0]
@@ -193,30 +243,41 @@ def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text:
         release_vram(model)
         return vae.decode(latent.to(vae.dtype), **tiles)
 
+    def condition_on(frames):
+        """`y` for a window that starts with `frames` `[3, m, H, W]` (zeros after them), and their latents."""
+        m = frames.shape[1]
+        latent = vae_encode(torch.cat([frames, frames.new_zeros(3, settings.frame_window - m, height, width)], 1)[None])
+        mask = motion_mask(settings.frame_window, m, lat_h, lat_w)[None].to(latent)
+        return torch.cat([mask, latent], 1).to(device), latent[:, :, :1 + (m - 1) // 4]
+
     with torch.no_grad():
-        video = torch.cat([image[:, None], image.new_zeros(3, settings.frame_window - 1, height, width)], dim=1)
-        image_latent = vae_encode(video[None])
-        y = torch.cat([i2v_mask(settings.frame_window, lat_h, lat_w)[None].to(image_latent), image_latent], 1)
-        y = y.to(device)
+        image_y, image_latent = condition_on(image[:, None])  # causal VAE: the first latent is the image alone
         null_audio = zero_audio_conditioning(model, settings.frame_window)
         frames: list[torch.Tensor] = []
         for w, start in enumerate(starts):
             stored = store.load(w)
             if stored is None:
-                if w == 0:
-                    motion = image_latent[:, :, :1]  # causal VAE: the first latent frame is the image alone
-                else:
-                    previous = _last_frames(frames, settings.motion_frames).float() / 255 * 2 - 1
-                    motion = vae_encode(previous.permute(3, 0, 1, 2)[None])
-                windows = torch.stack([frame_windows(f, start, settings.frame_window) for f in features])
-                cond = Conditioning(text.context, text.negative_context, text.clip_fea, y,
-                                    audio=audio_conditioning(model, windows.to(device), audio.masks),
-                                    audio_null=null_audio)
                 generator = torch.Generator().manual_seed(settings.seed + w)
                 noise = torch.randn(1, 16, lat_f, lat_h, lat_w, generator=generator).to(device)
                 scheduler = make_scheduler(settings.scheduler, settings.steps, settings.shift)
+                y, clip_fea, pinned = image_y, text.clip_fea, None if multitalk else image_latent.to(device).float()
+                if w > 0:
+                    previous = _last_frames(frames, settings.motion_frames).float() / 255 * 2 - 1
+                    previous = previous.permute(3, 0, 1, 2)  # [3, m, H, W]
+                    if multitalk:
+                        y, motion = condition_on(previous)
+                        if encode_clip is not None:
+                            clip_fea = encode_clip(previous[:, -1]).to(device)
+                        scheduler = NoisedMotion(scheduler, motion.to(device), generator)
+                        noise = scheduler.inject(noise, 0)
+                    else:
+                        pinned = vae_encode(previous[None]).to(device).float()
+                windows = torch.stack([frame_windows(f, start, settings.frame_window) for f in features])
+                cond = Conditioning(text.context, text.negative_context, clip_fea, y,
+                                    audio=audio_conditioning(model, windows.to(device), audio.masks),
+                                    audio_null=null_audio)
                 step_cb = None if on_step is None else (lambda i, _lat, w=w: on_step(w, len(starts), i + 1, len(scheduler)))
-                latent = denoise(model, noise, scheduler, cond, plan, pinned=motion.to(device).float(), on_step=step_cb)
+                latent = denoise(model, noise, scheduler, cond, plan, pinned=pinned, on_step=step_cb)
                 decoded = video_to_unit(vae_decode(latent))
                 del latent, cond
                 decoded = match_colors(decoded, reference01, settings.color_correction)
