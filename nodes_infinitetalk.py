@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from . import host
 from .multitalk.conditioning import speaker_masks
-from .multitalk.long_video import LongVideoSettings, fingerprint, generate_long_video, window_starts
+from .multitalk.long_video import CONTINUATIONS, LongVideoSettings, fingerprint, generate_long_video, window_starts
 from .nodes_audio import AUDIO_EMBEDS_TYPE, FPS, SAMPLES_PER_FRAME
 from .nodes_model_loading import CATEGORY, MODEL_TYPE, NodeInputError
 from .wanvideo.sampling import Conditioning
@@ -272,6 +272,17 @@ class WanTalkInfiniteTalkSampler:
                 "clip_vision_output": ("CLIP_VISION_OUTPUT", {
                     "tooltip": "CLIP Vision Encode of the start image (clip_vision_h.safetensors, crop 'center'). "
                                "The official pipeline always uses it."}),
+                "continuation": (list(CONTINUATIONS), {
+                    "default": "infinitetalk",
+                    "tooltip": "How each window continues the last one. infinitetalk (official InfiniteTalk): the "
+                               "last motion_frames frames are pinned clean at every step, the start image stays "
+                               "the condition. multitalk (official MultiTalk long-video mode, set motion_frames "
+                               "25): the last frames become the condition and are blended in noised at each step "
+                               "(freer motion, more drift); connect clip_vision to re-encode each window's last "
+                               "frame as the official does, else the start image's CLIP features are kept."}),
+                "clip_vision": ("CLIP_VISION", {
+                    "tooltip": "Only for continuation 'multitalk': the CLIP vision model (Load CLIP Vision, "
+                               "clip_vision_h) to encode the last motion frame of each window."}),
             },
         }
 
@@ -284,17 +295,18 @@ class WanTalkInfiniteTalkSampler:
 
     def sample(self, model, vae, audio_embeds, positive, negative, start_image, width, height, steps, shift,
                scheduler, text_scale, audio_scale, seed, frame_window, motion_frames, color_correction, max_frames,
-               save_windows, clip_vision_output=None):
+               save_windows, clip_vision_output=None, continuation="infinitetalk", clip_vision=None):
         node = "InfiniteTalk Sampler"
         if width % 16 or height % 16:
             raise NodeInputError(node, "width/height", f"{width}x{height} is not a multiple of 16; use e.g. 832x480.")
         settings = LongVideoSettings(frame_window=frame_window, motion_frames=motion_frames, steps=steps,
                                      shift=shift, scheduler=scheduler, text_scale=text_scale, audio_scale=audio_scale,
-                                     seed=seed, color_correction=color_correction, max_frames=max_frames)
+                                     seed=seed, color_correction=color_correction, max_frames=max_frames,
+                                     continuation=continuation)
         try:
             settings.validate()
         except ValueError as exc:
-            raise NodeInputError(node, "frame_window/motion_frames", str(exc)) from None
+            raise NodeInputError(node, "frame_window/motion_frames/continuation", str(exc)) from None
         device = next(model.parameters()).device
         image = self._start_image(start_image, height, width, node)
         talk = audio_embeds.talk
@@ -317,7 +329,10 @@ class WanTalkInfiniteTalkSampler:
                                                                                              image, talk, text))
         try:
             frames = generate_long_video(model, vae, image, talk, text, settings, resume_dir=resume_dir,
+                                         encode_clip=self._clip_encoder(clip_vision, model, node),
                                          on_step=on_step, on_window=on_window)
+        except NodeInputError:
+            raise
         except ValueError as exc:
             raise NodeInputError(node, "audio_embeds/model", str(exc)) from None
         finally:
@@ -325,6 +340,22 @@ class WanTalkInfiniteTalkSampler:
         waveform = audio_embeds.audio["waveform"][..., :frames.shape[0] * SAMPLES_PER_FRAME]
         audio = {"waveform": waveform, "sample_rate": audio_embeds.audio["sample_rate"]}
         return (frames.float() / 255, audio, float(FPS))
+
+    @staticmethod
+    def _clip_encoder(clip_vision, model, node: str):
+        """`[3, H, W]` frame in [-1, 1] -> CLIP features with ComfyUI's CLIP vision model (straight resize to its
+        input size, like the official encoder), or None without one."""
+        if clip_vision is None:
+            return None
+
+        def encode(frame):
+            pixels = ((frame.permute(1, 2, 0)[None].float() + 1) / 2).clamp(0, 1)
+            features = clip_vision.encode_image(pixels, crop=False)["penultimate_hidden_states"][:1]
+            if not model.cfg.image_branch or features.shape[-1] != model.cfg.clip_dim:
+                raise NodeInputError(node, "clip_vision", f"CLIP features of width {features.shape[-1]} do not fit "
+                                     f"this model; use clip_vision_h.safetensors with an I2V model.")
+            return features
+        return encode
 
     @staticmethod
     def _start_image(start_image: torch.Tensor, height: int, width: int, node: str) -> torch.Tensor:

@@ -239,3 +239,36 @@ def test_sampler_input_errors_name_the_input(parts, rng):
                        clip_vision_output=ClipVisionEmbeds(torch.randn(1, 257, 1280)), **SMALL)
     with pytest.raises(NodeInputError, match="frame_window"):
         sampler.sample(model, vae, embeds, positive, negative, image, **dict(SMALL, frame_window=10))
+
+
+class FakeClipVision:
+    """ComfyUI's CLIP_VISION interface: encode_image([B, H, W, 3] in [0, 1], crop) -> penultimate_hidden_states."""
+
+    def __init__(self, width, rng):
+        self.projection = torch.randn(3, 257 * width, generator=rng)
+        self.calls = []
+
+    def encode_image(self, image, crop=True):
+        self.calls.append((image.clone(), crop))
+        return {"penultimate_hidden_states": (image.mean((1, 2)) @ self.projection).reshape(1, 257, -1)}
+
+
+def test_multitalk_continuation_reencodes_the_last_frame_with_clip_vision(parts, rng):
+    model, vae = parts
+    embeds, positive, negative, image, clip = _graph_inputs(rng)       # windows at 0, 4, 8
+    sampler = WanTalkInfiniteTalkSampler()
+    encoder = FakeClipVision(TINY_I2V.clip_dim, rng)
+    frames, _, _ = sampler.sample(model, vae, embeds, positive, negative, image, clip_vision_output=clip,
+                                  continuation="multitalk", clip_vision=encoder, **SMALL)
+    assert frames.shape == (15, 32, 32, 3)
+    assert [(tuple(i.shape), crop) for i, crop in encoder.calls] == [((1, 32, 32, 3), False)] * 2
+    last_of_window_0 = frames[8]                                       # window 1 continues from frames 4..8
+    assert torch.allclose(encoder.calls[0][0][0], last_of_window_0, atol=1e-6)
+    infinitetalk, _, _ = sampler.sample(model, vae, embeds, positive, negative, image, clip_vision_output=clip,
+                                        clip_vision=encoder, **SMALL)
+    assert len(encoder.calls) == 2 and not torch.equal(infinitetalk, frames)   # unused by infinitetalk
+    with pytest.raises(NodeInputError, match="input 'clip_vision'"):
+        sampler.sample(model, vae, embeds, positive, negative, image, clip_vision_output=clip,
+                       continuation="multitalk", clip_vision=FakeClipVision(TINY_I2V.clip_dim + 1, rng), **SMALL)
+    with pytest.raises(NodeInputError, match="continuation"):
+        sampler.sample(model, vae, embeds, positive, negative, image, continuation="loop", **SMALL)
