@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..wanvideo import memory_plan
 from ..wanvideo.block_swap import release_vram
 from ..wanvideo.sampling import Conditioning, Guidance, denoise, i2v_mask
 from ..wanvideo.schedulers import make_scheduler
@@ -250,6 +251,10 @@ def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text:
         mask = motion_mask(settings.frame_window, m, lat_h, lat_w)[None].to(latent)
         return torch.cat([mask, latent], 1).to(device), latent[:, :, :1 + (m - 1) // 4]
 
+    memory_plan.check_before_sampling(
+        model, memory_plan.RunSettings(lat_f * (lat_h // 2) * (lat_w // 2), two_speakers=len(audio.features) == 2),
+        memory_plan.DecodeSettings(settings.frame_window, height, width, settings.vae_tile or None,
+                                   dtype_bytes=vae.dtype.itemsize))
     with torch.no_grad():
         image_y, image_latent = condition_on(image[:, None])  # causal VAE: the first latent is the image alone
         null_audio = zero_audio_conditioning(model, settings.frame_window)
@@ -277,8 +282,15 @@ def generate_long_video(model, vae, image: torch.Tensor, audio: TalkAudio, text:
                                     audio=audio_conditioning(model, windows.to(device), audio.masks),
                                     audio_null=null_audio)
                 step_cb = None if on_step is None else (lambda i, _lat, w=w: on_step(w, len(starts), i + 1, len(scheduler)))
-                latent = denoise(model, noise, scheduler, cond, plan, pinned=pinned, on_step=step_cb)
-                decoded = video_to_unit(vae_decode(latent))
+                try:
+                    latent = denoise(model, noise, scheduler, cond, plan, pinned=pinned, on_step=step_cb)
+                    decoded = video_to_unit(vae_decode(latent))
+                except torch.cuda.OutOfMemoryError:
+                    raise memory_plan.MemoryPlanError(
+                        f"wantalk: out of GPU memory in window {w + 1} of {len(starts)}"
+                        f"{' (finished windows are saved; the next run resumes)' if resume_dir else ''}. Change one "
+                        f"of: block swap (WanTalk Block Swap, blocks_to_swap -1), fp8/fp4 quantization, vae_tile 256, "
+                        f"a smaller frame_window or resolution.") from None
                 del latent, cond
                 decoded = match_colors(decoded, reference01, settings.color_correction)
                 stored = to_uint8(decoded if w == 0 else decoded[settings.motion_frames:])

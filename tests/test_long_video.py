@@ -199,3 +199,21 @@ def test_multitalk_continuation_conditions_on_noised_motion_frames(parts, rng, m
         assert torch.equal(seen[w * passes][0][:, :, 2:], noise[:, :, 2:])
         assert torch.allclose(decoded[w][:, :, :2], motion, rtol=1e-5, atol=1e-5)
     assert len(clip_inputs) == 2 + 2 * settings.steps    # windows 1 and 2 (+ the checks above)
+
+
+def test_out_of_memory_becomes_a_clear_error(parts, rng, tmp_path, monkeypatch):
+    from wantalk.multitalk import long_video
+    from wantalk.wanvideo.memory_plan import MemoryPlanError
+    model, vae = parts
+    image, audio, text = _inputs(17, rng)
+    real_denoise, calls = long_video.denoise, []
+
+    def denoise_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_denoise(*args, **kwargs)
+    monkeypatch.setattr(long_video, "denoise", denoise_then_fail)
+    with pytest.raises(MemoryPlanError, match="window 2 of 3.*resumes.*block swap"):
+        generate_long_video(model, vae, image, audio, text, SETTINGS, resume_dir=str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["window_0000.safetensors"]  # the finished window is kept
