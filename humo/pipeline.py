@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..multitalk.long_video import WindowStore, fingerprint, video_to_unit, to_uint8, window_starts
+from ..multitalk.long_video import WindowStore, fingerprint, model_identity, video_to_unit, to_uint8, window_starts
+from ..wanvideo import memory_plan
 from ..wanvideo.sampling import Conditioning, Guidance, denoise
 from ..wanvideo.schedulers import make_scheduler
 from .audio_features import humo_audio_windows
@@ -179,7 +180,11 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
     starts = window_starts(total, frames, settings.motion_frames) if frames < total else [0]
     small = takes_reference_in_latents(model)
     plan = settings.plan(latent_reference=small)
-    store = WindowStore(resume_dir, run_fingerprint(settings, height, width, bands, text, references))
+    store = WindowStore(resume_dir, run_fingerprint(settings, height, width, bands, text, references)
+                        + (model_identity(model) if resume_dir else ""))
+    lat_frames = (frames - 1) // 4 + 1 + (1 if references is not None else 0)
+    memory_plan.check_before_sampling(model, memory_plan.RunSettings(lat_frames * (height // 16) * (width // 16)),
+                                      memory_plan.DecodeSettings(frames, height, width, dtype_bytes=vae.dtype.itemsize))
     with torch.no_grad():
         reference = encode_references(vae, references, height, width)
         n_lat, n_ref = (frames - 1) // 4 + 1, reference.shape[2]
