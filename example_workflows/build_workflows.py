@@ -12,6 +12,7 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DISTILL_LORA = "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"
 REPO = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
 MODEL_URLS = {
     "wan2.1_i2v_480p_14B_bf16.safetensors": (f"{REPO}/diffusion_models/wan2.1_i2v_480p_14B_bf16.safetensors",
@@ -27,6 +28,8 @@ MODEL_URLS = {
     "wav2vec2-chinese-base_fp16.safetensors": (
         "https://huggingface.co/Kijai/wav2vec2_safetensors/resolve/main/wav2vec2-chinese-base_fp16.safetensors",
         "audio_encoders"),
+    DISTILL_LORA: ("https://huggingface.co/lightx2v/Wan2.1-I2V-14B-480P-StepDistill-CfgDistill-Lightx2v/resolve/main/"
+                   f"loras/{DISTILL_LORA}", "loras"),
 }
 NEGATIVE = ("bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, still, "
             "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
@@ -167,8 +170,10 @@ class Graph:
         return self.nodes[node_id - 1]
 
 
-def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, steps: int, low_vram: bool,
-                  prefix: str) -> Graph:
+def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, sampler: dict, low_vram: bool,
+                  prefix: str, lora: str | None = None) -> Graph:
+    """The InfiniteTalk graph; sampler: widget values of the sampler (steps, shift, guidance scales). low_vram:
+    encoders on the CPU, weights loaded to CPU RAM and streamed by Block Swap, resumable windows."""
     g = Graph()
     image = g.add("LoadImage", {"image": "wantalk_portrait.png"}, column=0, ui_after={"image": ["image"]},
                   title="Start image", extra_height=260)
@@ -193,10 +198,18 @@ def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, 
     if audio_2:
         embed_links["audio_2"] = (audio_2, 0)
     embeds = g.add("WanTalkAudioEmbeds", {"two_speaker_mode": "para"}, embed_links, column=2, extra_height=100)
+    loader_links = {}
+    if lora:
+        loader_links["lora"] = (g.add("WanTalkLoraSelect", {"lora": lora, "strength": 1.0}, column=2,
+                                      title="Step-distill LoRA"), 0)
     model = g.add("WanTalkModelLoader", {"model": "wan2.1_i2v_480p_14B_bf16.safetensors", "quantization": quantization,
-                                         "addon_model": addon}, column=2)
+                                         "addon_model": addon, "lora_mode": "merge",
+                                         "load_device": "offload_device" if low_vram else "main_device"},
+                  loader_links, column=2)
+    if low_vram:
+        model = g.add("WanTalkBlockSwap", {"blocks_to_swap": -1, "prefetch": 1}, {"model": (model, 0)}, column=2)
     vae = g.add("WanTalkVAELoader", {"vae_name": "wan_2.1_vae.safetensors"}, column=2)
-    sampler = g.add("WanTalkInfiniteTalkSampler", {"steps": steps, "save_windows": low_vram},
+    sampler = g.add("WanTalkInfiniteTalkSampler", {**sampler, "save_windows": low_vram},
                     {"model": (model, 0), "vae": (vae, 0), "audio_embeds": (embeds, 0), "positive": (positive, 0),
                      "negative": (negative, 0), "start_image": (image, 0), "clip_vision_output": (clip_out, 0)},
                     column=3, ui_after={"seed": ["fixed"]})
@@ -207,11 +220,11 @@ def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, 
     return g
 
 
-def model_note(addon: str, extra: str) -> str:
+def model_note(addon: str, lora: str | None, extra: str) -> str:
     lines = ["## wantalk: InfiniteTalk", "", "Put the files in ComfyUI's `models/` folders:", ""]
     for name in ("wan2.1_i2v_480p_14B_bf16.safetensors", addon, "wan_2.1_vae.safetensors",
                  "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision_h.safetensors",
-                 "wav2vec2-chinese-base_fp16.safetensors"):
+                 "wav2vec2-chinese-base_fp16.safetensors") + ((lora,) if lora else ()):
         url, folder = MODEL_URLS[name]
         lines.append(f"- **{folder}/** [{name}]({url})")
     lines += ["", "The video follows the whole audio (25 fps, 81-frame windows). Connect your own image and speech "
@@ -219,38 +232,58 @@ def model_note(addon: str, extra: str) -> str:
     return "\n".join(lines)
 
 
+OFFICIAL = {"steps": 40}   # the sampler's defaults are the official settings: shift 7, text 5, audio 4
 WORKFLOWS = {
     "infinitetalk_single": dict(
-        addon="wan2.1_infiniteTalk_single_fp16.safetensors", quantization="fp8_e4m3fn_scaled", speakers=1, steps=40,
-        low_vram=False, prompt="A woman is talking to the camera, natural head movements and expressions, "
-                               "soft indoor light.",
+        addon="wan2.1_infiniteTalk_single_fp16.safetensors", quantization="fp8_e4m3fn_scaled", speakers=1,
+        sampler=OFFICIAL, low_vram=False,
+        prompt="A woman is talking to the camera, natural head movements and expressions, soft indoor light.",
         extra="fp8_e4m3fn_scaled keeps the 14B model in about 15 GB; choose disabled on 48 GB+ GPUs."),
     "multitalk_two_speakers": dict(
-        addon="wan2.1_infiniteTalk_multi_fp16.safetensors", quantization="fp8_e4m3fn_scaled", speakers=2, steps=40,
-        low_vram=False, prompt="Two people are having a conversation at a table, each talks in turn, natural "
-                               "gestures.",
+        addon="wan2.1_infiniteTalk_multi_fp16.safetensors", quantization="fp8_e4m3fn_scaled", speakers=2,
+        sampler=OFFICIAL, low_vram=False,
+        prompt="Two people are having a conversation at a table, each talks in turn, natural gestures.",
         extra="Speaker 1 is the left half of the image, speaker 2 the right half. To choose the regions, paint "
               "a mask per speaker and connect them to mask_1 / mask_2 of Audio Embeds. two_speaker_mode: 'para' "
-              "for two tracks on one timeline, 'add' when speaker 2 answers after speaker 1."),
+              "for two tracks on one timeline, 'add' when speaker 2 answers after speaker 1. The sampler's "
+              "continuation 'multitalk' (with motion_frames 25) switches to the official MultiTalk long-video mode."),
     "infinitetalk_lowvram_fp4": dict(
-        addon="wan2.1_infiniteTalk_single_fp16.safetensors", quantization="fp4_scaled", speakers=1, steps=20,
-        low_vram=True, prompt="A man is talking to the camera, natural head movements and expressions.",
-        extra="Low VRAM: fp4 weights (about 8 GB for the 14B model), text and audio encoders on the CPU, 20 steps, "
-              "and save_windows on, so a crashed long run resumes from its last finished window."),
+        addon="wan2.1_infiniteTalk_single_fp16.safetensors", quantization="fp4_scaled", speakers=1,
+        sampler={"steps": 20}, low_vram=True,
+        prompt="A man is talking to the camera, natural head movements and expressions.",
+        extra="Low VRAM (12 GB cards): fp4 weights (about 8 GB for the 14B model) loaded to CPU RAM, WanTalk Block "
+              "Swap streaming the last blocks to the GPU (blocks_to_swap -1: chosen from the free VRAM and the "
+              "video size), text and audio encoders on the CPU, 20 steps, and save_windows on, so a crashed long "
+              "run resumes from its last finished window. On a CPU-only machine remove the Block Swap node."),
+    "infinitetalk_distill_lora": dict(
+        addon="wan2.1_infiniteTalk_single_fp16.safetensors", quantization="fp8_e4m3fn_scaled_fast", speakers=1,
+        sampler={"steps": 6, "shift": 2.0, "text_scale": 1.0, "audio_scale": 1.0}, low_vram=False, lora=DISTILL_LORA,
+        prompt="A woman is talking to the camera, natural head movements and expressions, soft indoor light.",
+        extra="Fast: the lightx2v step-distill LoRA, merged into the weights while loading (lora_mode merge, "
+              "before the fp8 quantization: no cost per step), 6 steps, shift 2, text and audio scale 1: one model "
+              "pass per step, about 10x faster than 40 steps with three passes. fp8_e4m3fn_scaled_fast needs an "
+              "RTX 40xx / H100 or newer; choose fp8_e4m3fn_scaled on older GPUs. For stronger lip sync try "
+              "audio_scale 2 (two passes per step)."),
 }
+
+
+def build(name: str, spec: dict) -> tuple[dict, dict]:
+    """(UI workflow, API workflow) of one entry of WORKFLOWS."""
+    spec = dict(spec)
+    extra = spec.pop("extra")
+    graph = talking_graph(prefix=f"wantalk_{name}", **spec)
+    sampler = next(n for n in graph.nodes if n["type"] == "WanTalkInfiniteTalkSampler")
+    note = (model_note(spec["addon"], spec.get("lora"), extra), (sampler["pos"][0], sampler["size"][1] + Graph.GAP),
+            (Graph.WIDTH, 420))
+    return graph.ui(notes=[note]), graph.api()
 
 
 def main():
     for name, spec in WORKFLOWS.items():
-        extra = spec.pop("extra")
-        graph = talking_graph(prefix=f"wantalk_{name}", **spec)
-        sampler = next(n for n in graph.nodes if n["type"] == "WanTalkInfiniteTalkSampler")
-        note = (model_note(spec["addon"], extra), (sampler["pos"][0], sampler["size"][1] + Graph.GAP),
-                (Graph.WIDTH, 420))
-        with open(os.path.join(HERE, f"{name}.json"), "w", encoding="utf-8") as f:
-            json.dump(graph.ui(notes=[note]), f, indent=1)
-        with open(os.path.join(HERE, f"{name}_api.json"), "w", encoding="utf-8") as f:
-            json.dump(graph.api(), f, indent=1)
+        ui, api = build(name, spec)
+        for path, content in ((f"{name}.json", ui), (f"{name}_api.json", api)):
+            with open(os.path.join(HERE, path), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=1)
         print("wrote", name)
 
 

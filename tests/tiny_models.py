@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from wantalk.wanvideo.modules.model import WanConfig, WanModel
 
@@ -94,7 +94,8 @@ def tiny_wav2vec2(generator=None) -> tuple[torch.nn.Module, dict]:
 TINY_FILES = {"diffusion_models": "tiny_wan2.1_i2v.safetensors",
               "model_patches": "tiny_infinitetalk.safetensors",
               "vae": "tiny_wan_2.1_vae.safetensors",
-              "audio_encoders": "tiny_chinese-wav2vec2-base.safetensors"}
+              "audio_encoders": "tiny_chinese-wav2vec2-base.safetensors",
+              "loras": "tiny_lightx2v_i2v_step_distill_rank4.safetensors"}
 ADDON_KEY_MARKERS = ("audio_proj.", "audio_cross_attn.", "norm_x.")
 
 
@@ -103,15 +104,18 @@ REAL_TO_TINY = {"wan2.1_i2v_480p_14B_bf16.safetensors": TINY_FILES["diffusion_mo
                 "wan2.1_infiniteTalk_single_fp16.safetensors": TINY_FILES["model_patches"],
                 "wan2.1_infiniteTalk_multi_fp16.safetensors": TINY_FILES["model_patches"],
                 "wan_2.1_vae.safetensors": TINY_FILES["vae"],
-                "wav2vec2-chinese-base_fp16.safetensors": TINY_FILES["audio_encoders"]}
+                "wav2vec2-chinese-base_fp16.safetensors": TINY_FILES["audio_encoders"],
+                "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors": TINY_FILES["loras"]}
 
 
 def make_tiny_models(models_dir: str, seed: int = 0) -> dict:
     """Write the tiny files every example workflow needs into ComfyUI's model folders: Wan I2V, InfiniteTalk
-    add-on, VAE and wav2vec2 (real key names, the layouts of the published files: bf16 DiT, separate add-on,
-    `wav2vec2.`-prefixed encoder), plus the tiny HuMo files where tests/tiny_humo.py exists.
+    add-on, VAE, wav2vec2 and a step-distill-style LoRA (real key names, the layouts of the published files: bf16
+    DiT, separate add-on, `wav2vec2.`-prefixed encoder), plus the tiny HuMo files where tests/tiny_humo.py exists.
     Returns REAL_TO_TINY: the real file names of the workflows -> the tiny stand-ins."""
-    write_tiny_infinitetalk_files(models_dir, seed)
+    files = write_tiny_infinitetalk_files(models_dir, seed)
+    make_tiny_lora(os.path.join(models_dir, "loras", TINY_FILES["loras"]), load_file(files["diffusion_models"]),
+                   torch.Generator().manual_seed(seed))
     try:
         from tiny_humo import make_tiny_humo_models
     except ImportError:
@@ -122,7 +126,7 @@ def make_tiny_models(models_dir: str, seed: int = 0) -> dict:
 
 
 def write_tiny_infinitetalk_files(models_dir: str, seed: int = 0) -> dict:
-    """The tiny InfiniteTalk set; returns {folder: path}."""
+    """The tiny InfiniteTalk model files (no LoRA); returns {folder: path}."""
     g = torch.Generator().manual_seed(seed)
     _, sd = tiny_infinitetalk(g, config=tiny_graph_infinitetalk_config())
     addon = {k: v for k, v in sd.items() if any(m in k for m in ADDON_KEY_MARKERS)}
@@ -132,7 +136,35 @@ def write_tiny_infinitetalk_files(models_dir: str, seed: int = 0) -> dict:
     save_state_dict(addon, path("model_patches"), dtype=torch.float16)
     save_state_dict(tiny_vae(g)[1], path("vae"))
     save_state_dict(tiny_wav2vec2(g)[1], path("audio_encoders"), prefix="wav2vec2.")
-    return {kind: path(kind) for kind in TINY_FILES}
+    return {kind: path(kind) for kind in TINY_FILES if kind != "loras"}
+
+
+# Layers of each block that the lightx2v step-distill LoRAs change with low-rank factors (and bias deltas), and
+# the norms they change with full deltas.
+LORA_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")
+LORA_NORMS = ("norm3", "self_attn.norm_q", "self_attn.norm_k", "cross_attn.norm_q", "cross_attn.norm_k",
+              "cross_attn.norm_k_img")
+
+
+def make_tiny_lora(path: str, base: dict, generator=None, rank: int = 4, scale: float = 0.05) -> str:
+    """A LoRA in the layout of the lightx2v I2V step-distill files for the model with state dict `base`:
+    `diffusion_model.blocks.N.<layer>.lora_down/lora_up.weight` + `.alpha` and `.diff_b` for the linears of every
+    block and `head.head`, `.diff` for the norms; bf16. Small deltas: the model stays a sane tiny model."""
+    tensors = {}
+    blocks = sorted({int(k.split(".")[1]) for k in base if k.startswith("blocks.")})
+    modules = [f"blocks.{n}.{layer}" for n in blocks for layer in LORA_LINEARS] + ["head.head"]
+    for module in modules:
+        out_dim, in_dim = base[f"{module}.weight"].shape
+        key = f"diffusion_model.{module}"
+        tensors[f"{key}.lora_down.weight"] = torch.randn(rank, in_dim, generator=generator) / in_dim ** 0.5
+        tensors[f"{key}.lora_up.weight"] = scale * torch.randn(out_dim, rank, generator=generator) / rank ** 0.5
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+        tensors[f"{key}.diff_b"] = scale * torch.randn(out_dim, generator=generator)
+    for module in (f"blocks.{n}.{norm}" for n in blocks for norm in LORA_NORMS):
+        tensors[f"diffusion_model.{module}.diff"] = scale * torch.randn(base[f"{module}.weight"].shape,
+                                                                        generator=generator)
+    return save_state_dict(tensors, path, dtype=torch.bfloat16)
 
 
 def make_tiny_embeddings(path: str, seed: int = 0, text_tokens: int = 12) -> str:
