@@ -3,7 +3,7 @@
 M = 32,760 tokens (81 frames at 480x832); (K, N) = q/k/v/o 5120x5120, ffn up 5120x13824, ffn down 13824x5120.
 TFLOP/s = 2*M*K*N / time; ratio = bf16 time / mode time; weight bytes include scales; rel. err is against the
 float64 product of the bf16 weights on 256 sampled rows. `fast` rows also split the time into the activation
-quantization, the weight conversion (fp4 -> fp8) and the GEMM.
+quantization, the weight conversion (fp4 -> fp8) and the GEMM; fp4 rows into the weight dequantization and the GEMM.
 
     python bench/linear.py            # full shapes
     python bench/linear.py --quick    # M = 8190, fewer repeats
@@ -12,6 +12,7 @@ import argparse
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from _common import cuda_time, import_pack, write_result
 
@@ -26,17 +27,25 @@ def build(q, mode, w, b):
     return model[0]
 
 
+def _ms(fn):
+    return 1000 * min(cuda_time(fn, warmup=2, repeats=5))
+
+
 def parts(layer, x2):
-    """Milliseconds of the fast path's pieces (activation quantization, fp8 weight form, GEMM)."""
+    """Milliseconds of the fast path's pieces (activation quantization, fp8 weight form, GEMM), or of the
+    dequantizing path's (weight to bf16, the bf16 GEMM on it)."""
     from wantalk import fp8_optimization
     from wantalk.wanvideo.kernels import quant_triton as qt
+    if not layer.fast:
+        w = layer.dequantize(torch.bfloat16)
+        return {"weight_bf16_ms": _ms(lambda: layer.dequantize(torch.bfloat16)),
+                "gemm_ms": _ms(lambda: F.linear(x2, w, layer.bias))}
     xq, xs = qt.quantize_rows(x2)
     w8, ws = layer.fp8_operands()
-    ms = lambda fn: 1000 * min(cuda_time(fn, warmup=2, repeats=5))
-    return {"act_quant_ms": ms(lambda: qt.quantize_rows(x2)), "weight_fp8_ms": ms(layer.fp8_operands),
-            "gemm_ms": ms(lambda: torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=ws.reshape(1, -1),
-                                                   bias=layer.bias, out_dtype=torch.bfloat16,
-                                                   use_fast_accum=fp8_optimization.USE_FAST_ACCUM))}
+    return {"act_quant_ms": _ms(lambda: qt.quantize_rows(x2)), "weight_fp8_ms": _ms(layer.fp8_operands),
+            "gemm_ms": _ms(lambda: torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=ws.reshape(1, -1),
+                                                    bias=layer.bias, out_dtype=torch.bfloat16,
+                                                    use_fast_accum=fp8_optimization.USE_FAST_ACCUM))}
 
 
 def main():
@@ -85,7 +94,7 @@ def main():
                       "ms": 1000 * s, "tflops": flops / s / 1e12, "speedup": base_s / s, "weight_bytes": wb,
                       "bytes_ratio": wb / dense_bytes, "rel_err": err, "bf16_ms": 1000 * base_s,
                       "fast_accum": fp8_optimization.USE_FAST_ACCUM}
-            if layer.fast:
+            if layer.fast or mode.startswith("fp4"):
                 result.update(parts(layer, x))
             print(f"| {shape_name} {k}x{n} | {mode} | {1000 * s:.3f} | {flops / s / 1e12:.0f} | {base_s / s:.2f} | "
                   f"{wb / 2**20:.1f} | {wb / dense_bytes:.3f} | {100 * err:.2f}% |")

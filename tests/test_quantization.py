@@ -389,11 +389,8 @@ def test_fast_path_wiring_with_emulated_kernels(rng, monkeypatch, mode):
         out = (a.double() * scale_a.double()) @ (b.double() * scale_b.double())
         return (out if bias is None else out + bias.double()).to(out_dtype)
 
-    def nvfp4_dequantize(packed, scales, g, shape, dtype, row_scale=None):
-        return qf.nvfp4_to_fp8(packed, scales, g, shape, row_scale)
-
     kernels = type("Kernels", (), {"quantize_rows": staticmethod(qf.quantize_rows_reference),
-                                   "nvfp4_dequantize": staticmethod(nvfp4_dequantize),
+                                   "nvfp4_to_fp8": staticmethod(qf.nvfp4_to_fp8),
                                    "available": staticmethod(lambda device: False)})
     monkeypatch.setattr(fp8_optimization, "_triton", lambda: kernels)
     monkeypatch.setattr(fp8_optimization, "fp8_compute_reason", lambda device: None)

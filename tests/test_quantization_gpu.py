@@ -51,18 +51,22 @@ def test_fused_row_quantization_matches_reference(rng, k):
     torch.testing.assert_close(qt.quantize_rows(strided)[1], qf.quantize_rows_reference(strided)[1], rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(5120, 13824), (200, 768), (64, 5120)])
+@pytest.mark.parametrize("shape", [(5120, 13824), (200, 768), (64, 5120), (37, 100), (19, 45)])
 def test_nvfp4_dequant_kernel_matches_reference(rng, shape):
     qt = kernels()
     w = (torch.randn(*shape, generator=rng) / shape[1] ** 0.5).to(CUDA)
+    w[1] = 0  # an all-zero row: row scale 1, signed zeros
+    w[2, :17] *= 3e-5  # tiny blocks: subnormal block scales
     packed, scales, g = qf.nvfp4_quantize(w)
-    for dtype in (torch.float32, torch.bfloat16):   # bit for bit, signed zeros included
-        assert torch.equal(bits(qt.nvfp4_dequantize(packed, scales, g, shape, dtype)),
-                           bits(qf.nvfp4_dequantize(packed, scales, g, shape, dtype)))
-    row_scale = qf.nvfp4_row_scale(scales, g, shape[0])
-    w8 = qt.nvfp4_dequantize(packed, scales, g, shape, torch.float8_e4m3fn, row_scale)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):   # bit for bit, signed zeros included
+        got = qt.nvfp4_dequantize(packed, scales, g, shape, dtype)
+        assert got.shape == shape
+        assert torch.equal(bits(got), bits(qf.nvfp4_dequantize(packed, scales, g, shape, dtype)))
     # The same fp32 operations (IEEE division) and the same round-to-nearest-even cast: identical codes.
-    frac, worst = code_mismatch(w8, qf.nvfp4_to_fp8(packed, scales, g, shape, row_scale))
+    w8, row_scale = qt.nvfp4_to_fp8(packed, scales, g, shape)
+    ref8, ref_scale = qf.nvfp4_to_fp8(packed, scales, g, shape)
+    assert torch.equal(bits(row_scale), bits(ref_scale))
+    frac, worst = code_mismatch(w8, ref8)
     assert frac == 0, (frac, worst)
 
 

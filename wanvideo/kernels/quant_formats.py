@@ -162,10 +162,12 @@ def nvfp4_row_scale(scales: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tens
     return torch.where(top > 0, top, torch.ones_like(top))
 
 
-def nvfp4_to_fp8(packed, scales, g, shape, row_scale: torch.Tensor) -> torch.Tensor:
-    """NVFP4 weight re-expressed as E4M3 codes with per-row `row_scale` (w ~= codes * row_scale[:, None])."""
+def nvfp4_to_fp8(packed, scales, g, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 weight re-expressed as (E4M3 codes `[N, K]`, fp32 `nvfp4_row_scale` `[N]`), w ~= codes * row_scale[:, None]."""
+    row_scale = nvfp4_row_scale(scales, g, shape[0])
     w = nvfp4_dequantize(packed, scales, g, shape, torch.float32)
-    return (w / row_scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    # One IEEE reciprocal per row and a multiply per element (what the Triton kernel does, bit for bit)
+    return (w * (1.0 / row_scale)[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), row_scale
 
 
 def to_blocked(scales: torch.Tensor) -> torch.Tensor:
