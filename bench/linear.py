@@ -1,14 +1,17 @@
 """Whole linear layer (activation quantization included) of every quantization mode next to bf16, at Wan shapes.
 
 M = 32,760 tokens (81 frames at 480x832); (K, N) = q/k/v/o 5120x5120, ffn up 5120x13824, ffn down 13824x5120.
-TFLOP/s = 2*M*K*N / time; ratio = bf16 time / mode time; weight bytes include scales; rel. err is against the
-float64 product of the bf16 weights on 256 sampled rows. `fast` rows also split the time into the activation
-quantization, the weight conversion (fp4 -> fp8) and the GEMM; fp4 rows into the weight dequantization and the GEMM.
+TFLOP/s = 2*M*K*N / time; ratio = bf16 time / mode time, both timed in alternating rounds (median of the
+rounds' minima) so that clock and temperature drift during the run hit both alike; weight bytes include scales;
+rel. err is against the float64 product of the bf16 weights on 256 sampled rows. `fast` rows also split the
+time into the activation quantization, the weight conversion (fp4 -> fp8) and the GEMM; fp4 rows into the weight
+dequantization and the GEMM (bench/nvfp4_dequant.py times the dequantization kernels alone).
 
     python bench/linear.py            # full shapes
     python bench/linear.py --quick    # M = 8190, fewer repeats
 """
 import argparse
+import statistics
 
 import torch
 import torch.nn as nn
@@ -25,6 +28,15 @@ def build(q, mode, w, b):
     q.load_param(model, "0.weight", w, device="cuda", base_dtype=torch.bfloat16)
     q.load_param(model, "0.bias", b, device="cuda", base_dtype=torch.bfloat16)
     return model[0]
+
+
+def paired(base_fn, mode_fn, rounds, repeats):
+    """Seconds of the bf16 layer and of a mode, each the median over alternating rounds of a per-round minimum."""
+    base, mode = [], []
+    for _ in range(rounds):
+        base.append(min(cuda_time(base_fn, warmup=1, repeats=repeats)))
+        mode.append(min(cuda_time(mode_fn, warmup=1, repeats=repeats)))
+    return statistics.median(base), statistics.median(mode)
 
 
 def _ms(fn):
@@ -61,7 +73,7 @@ def main():
     from wantalk.wanvideo import quantization as q
     torch.backends.cuda.matmul.allow_tf32 = False
     m = args.m or (8190 if args.quick else 32760)
-    repeats = 3 if args.quick else 10
+    rounds, repeats = (3, 2) if args.quick else (7, 3)
     modes = args.modes.split(",") if args.modes else [x for x in q.QUANTIZATION_MODES if x != "disabled"]
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {m}, "
@@ -79,25 +91,25 @@ def main():
         dense.weight.data.copy_(w)
         dense.bias.data.copy_(b)
         with torch.no_grad():
-            base_s = min(cuda_time(lambda: dense(x), warmup=2, repeats=repeats))
+            base_s = min(cuda_time(lambda: dense(x), warmup=2, repeats=rounds * repeats))
         dense_bytes = n * k * 2
         print(f"| {shape_name} {k}x{n} | bf16 | {1000 * base_s:.3f} | {flops / base_s / 1e12:.0f} | 1.00 | "
               f"{dense_bytes / 2**20:.1f} | 1.00 | - |")
         for mode in modes:
             layer = build(q, mode, w, b)
             with torch.no_grad():
-                s = min(cuda_time(lambda: layer(x), warmup=2, repeats=repeats))
+                pair_base_s, s = paired(lambda: dense(x), lambda: layer(x), rounds, repeats)
                 out = layer(x[rows])
             err = ((out.double() - ref).norm() / ref.norm()).item()
             wb = layer.weight_bytes()
             result = {"bench": "linear", "shape": shape_name, "m": m, "k": k, "n": n, "mode": mode,
-                      "ms": 1000 * s, "tflops": flops / s / 1e12, "speedup": base_s / s, "weight_bytes": wb,
-                      "bytes_ratio": wb / dense_bytes, "rel_err": err, "bf16_ms": 1000 * base_s,
+                      "ms": 1000 * s, "tflops": flops / s / 1e12, "speedup": pair_base_s / s, "weight_bytes": wb,
+                      "bytes_ratio": wb / dense_bytes, "rel_err": err, "bf16_ms": 1000 * pair_base_s,
                       "fast_accum": fp8_optimization.USE_FAST_ACCUM}
             if layer.fast or mode.startswith("fp4"):
                 result.update(parts(layer, x))
-            print(f"| {shape_name} {k}x{n} | {mode} | {1000 * s:.3f} | {flops / s / 1e12:.0f} | {base_s / s:.2f} | "
-                  f"{wb / 2**20:.1f} | {wb / dense_bytes:.3f} | {100 * err:.2f}% |")
+            print(f"| {shape_name} {k}x{n} | {mode} | {1000 * s:.3f} | {flops / s / 1e12:.0f} | "
+                  f"{pair_base_s / s:.2f} | {wb / 2**20:.1f} | {wb / dense_bytes:.3f} | {100 * err:.2f}% |")
             write_result("linear", result)
             del layer
             torch.cuda.empty_cache()

@@ -163,7 +163,8 @@ def nvfp4_row_scale(scales: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tens
 
 
 def nvfp4_to_fp8(packed, scales, g, shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4 weight re-expressed as (E4M3 codes `[N, K]`, fp32 `nvfp4_row_scale` `[N]`), w ~= codes * row_scale[:, None]."""
+    """NVFP4 weight re-expressed as (E4M3 codes `[N, K]`, fp32 `nvfp4_row_scale` `[N]`),
+    w ~= codes * row_scale[:, None]."""
     row_scale = nvfp4_row_scale(scales, g, shape[0])
     w = nvfp4_dequantize(packed, scales, g, shape, torch.float32)
     # One IEEE reciprocal per row and a multiply per element (what the Triton kernel does, bit for bit)

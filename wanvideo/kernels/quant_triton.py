@@ -171,8 +171,9 @@ def _nvfp4_launch(packed, scales, g, shape, dtype, row_scale):
             packed_words, scales, g32, g32 if row_scale is None else row_scale, out_words,
             n, kp // 8, out_words.shape[1], scales.shape[1], packed_words.stride(0), scales.stride(0),
             out_words.stride(0), OUT=getattr(tl, _OUT_TYPES[dtype][0]), UINT=getattr(tl, _OUT_TYPES[dtype][1]),
-            ES=dtype.itemsize, TO_FP8=row_scale is not None, QMAX=FP8_MAX.get(dtype, 1.0), ROW_FACTOR=E2M1_MAX / E4M3_MAX,
-            BLOCK_N=ROWS_PER_PROGRAM, BLOCK_W=WORDS_PER_STEP, BLOCK_S=256, num_warps=WARPS)
+            ES=dtype.itemsize, TO_FP8=row_scale is not None, QMAX=FP8_MAX.get(dtype, 1.0),
+            ROW_FACTOR=E2M1_MAX / E4M3_MAX, BLOCK_N=ROWS_PER_PROGRAM, BLOCK_W=WORDS_PER_STEP, BLOCK_S=256,
+            num_warps=WARPS)
     return out[:, :k] if kp != k else out
 
 
