@@ -17,7 +17,7 @@ from .multitalk import audio_processing
 from .multitalk.audio_processing import TARGET_RATE
 from .multitalk.long_video import TalkAudio
 from .multitalk.wav2vec2 import encode_for_infinitetalk, load_wav2vec2
-from .nodes_model_loading import CATEGORY, NodeInputError
+from .nodes_common import CATEGORY, NodeInputError
 
 AUDIO_ENCODER_TYPE = "WANTALK_AUDIO_ENCODER"
 AUDIO_EMBEDS_TYPE = "WANTALK_AUDIO_EMBEDS"

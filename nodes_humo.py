@@ -20,7 +20,8 @@ from .humo.whisper import SAMPLE_RATE, hidden_states_from_comfy, load_whisper_en
 from .multitalk import audio_processing
 from .nodes_audio import FPS, PRECISIONS, SAMPLES_PER_FRAME, fit_length
 from .nodes_infinitetalk import VAE_TYPE, WINDOWS_FOLDER, conditioning_from, preview_image
-from .nodes_model_loading import CATEGORY, MODEL_TYPE, NodeInputError
+from .nodes_common import (CATEGORY, MAX_FRAMES_INPUT, MODEL_TYPE, SAVE_WINDOWS_INPUT, SEED_INPUT, NodeInputError,
+                           VideoSamplerNode)
 from .wanvideo.schedulers import SCHEDULERS
 
 log = logging.getLogger("wantalk")
@@ -152,7 +153,7 @@ class WanTalkHuMoEmbeds:
         return (embeds, embeds.audio, frames)
 
 
-class WanTalkHuMoSampler:
+class WanTalkHuMoSampler(VideoSamplerNode):
     DESCRIPTION = ("Generates a HuMo video of the whole audio (text + reference image + audio): windows of 97 frames, "
                    "each later window continued from the last frames of the previous one. Outputs frames, the "
                    "matching audio and the fps for Create Video.")
@@ -190,18 +191,14 @@ class WanTalkHuMoSampler:
                 "audio_scale": ("FLOAT", {"default": d.audio_scale, "min": 0.0, "max": 30.0, "step": 0.1,
                                           "tooltip": "Audio guidance (official 5.5): higher follows the speech "
                                                      "more closely."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Noise seed (window k uses seed + k)."}),
+                "seed": SEED_INPUT,
                 "frame_window": ("INT", {"default": d.frames, "min": 5, "max": 1001, "step": 4,
                                          "tooltip": "Frames per window (1 + 4k). HuMo is trained with 97 (3.9 s)."}),
                 "motion_frames": ("INT", {"default": d.motion_frames, "min": 1, "max": 97, "step": 4,
                                           "tooltip": "Frames each later window continues from (1 + 4k). Long audio "
                                                      "only; a wantalk extension (HuMo itself makes one window)."}),
-                "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000,
-                                       "tooltip": "Stop after this many frames (0 = the whole audio)."}),
-                "save_windows": ("BOOLEAN", {"default": False,
-                                             "tooltip": "Write each finished window to output/wantalk_windows/, so "
-                                                        "a cancelled run with the same inputs resumes."}),
+                "max_frames": MAX_FRAMES_INPUT,
+                "save_windows": SAVE_WINDOWS_INPUT,
             },
             "optional": {
                 "image_scale": ("FLOAT", {"default": d.image_scale, "min": 0.0, "max": 30.0, "step": 0.1,
@@ -210,12 +207,6 @@ class WanTalkHuMoSampler:
             },
         }
 
-    RETURN_TYPES = ("IMAGE", "AUDIO", "FLOAT")
-    RETURN_NAMES = ("images", "audio", "fps")
-    OUTPUT_TOOLTIPS = ("The video frames.", "The audio cut to the video length (16 kHz mono).",
-                       "Frame rate of the video (25).")
-    FUNCTION = "sample"
-    CATEGORY = CATEGORY
 
     def sample(self, model, vae, humo_embeds, positive, negative, width, height, steps, shift, scheduler, guidance,
                text_scale, audio_scale, seed, frame_window, motion_frames, max_frames, save_windows,

@@ -19,7 +19,8 @@ from . import host
 from .multitalk.conditioning import speaker_masks
 from .multitalk.long_video import CONTINUATIONS, LongVideoSettings, fingerprint, generate_long_video, window_starts
 from .nodes_audio import AUDIO_EMBEDS_TYPE, FPS, SAMPLES_PER_FRAME
-from .nodes_model_loading import CATEGORY, MODEL_TYPE, NodeInputError
+from .nodes_common import (CATEGORY, MAX_FRAMES_INPUT, MODEL_TYPE, SAVE_WINDOWS_INPUT, SEED_INPUT, NodeInputError,
+                           VideoSamplerNode)
 from .wanvideo.sampling import Conditioning
 from .wanvideo.schedulers import SCHEDULERS
 from .wanvideo.vae import load_wan_vae
@@ -212,7 +213,7 @@ class WanTalkLoadEmbeddings:
         return ([[tensors["positive"], {}]], [[tensors["negative"], {}]], clip)
 
 
-class WanTalkInfiniteTalkSampler:
+class WanTalkInfiniteTalkSampler(VideoSamplerNode):
     DESCRIPTION = ("Generates a talking video of the whole audio with InfiniteTalk/MultiTalk: overlapping windows "
                    "continued from their last frames, colour-matched to the start image. Outputs frames, the "
                    "matching audio and the fps for Create Video.")
@@ -249,8 +250,7 @@ class WanTalkInfiniteTalkSampler:
                 "audio_scale": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1,
                                           "tooltip": "Audio guidance: higher follows the speech more closely. "
                                                      "1 skips the no-audio pass."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 2**63 - 1,
-                                 "tooltip": "Noise seed (window k uses seed + k)."}),
+                "seed": SEED_INPUT,
                 "frame_window": ("INT", {"default": 81, "min": 5, "max": 1001, "step": 4,
                                          "tooltip": "Frames generated per window (1 + 4k). 81 is what the model "
                                                     "was trained with; smaller saves memory."}),
@@ -260,13 +260,8 @@ class WanTalkInfiniteTalkSampler:
                 "color_correction": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
                                                "tooltip": "Strength of the per-frame colour match to the start "
                                                           "image (stops colour drift in long videos). 0 = off."}),
-                "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000,
-                                       "tooltip": "Stop after this many frames (0 = the whole audio). Handy for "
-                                                  "a quick test of a long clip."}),
-                "save_windows": ("BOOLEAN", {"default": False,
-                                             "tooltip": "Write each finished window to output/wantalk_windows/, so "
-                                                        "a crashed or cancelled run with the same inputs resumes "
-                                                        "from the last finished window."}),
+                "max_frames": MAX_FRAMES_INPUT,
+                "save_windows": SAVE_WINDOWS_INPUT,
             },
             "optional": {
                 "clip_vision_output": ("CLIP_VISION_OUTPUT", {
@@ -286,12 +281,6 @@ class WanTalkInfiniteTalkSampler:
             },
         }
 
-    RETURN_TYPES = ("IMAGE", "AUDIO", "FLOAT")
-    RETURN_NAMES = ("images", "audio", "fps")
-    OUTPUT_TOOLTIPS = ("The video frames.", "The audio cut to the video length (16 kHz mono).",
-                       "Frame rate of the video (25).")
-    FUNCTION = "sample"
-    CATEGORY = CATEGORY
 
     def sample(self, model, vae, audio_embeds, positive, negative, start_image, width, height, steps, shift,
                scheduler, text_scale, audio_scale, seed, frame_window, motion_frames, color_correction, max_frames,

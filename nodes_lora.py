@@ -3,7 +3,7 @@ applies the chain (merged before quantization, or at run time)."""
 from __future__ import annotations
 
 from . import host
-from .nodes_model_loading import CATEGORY, NodeInputError
+from .nodes_common import CATEGORY, NodeInputError
 from .wanvideo.lora import check_lora_file
 
 LORA_TYPE = "WANTALK_LORA"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import host
-from .nodes_model_loading import CATEGORY, MODEL_TYPE, NodeInputError
+from .nodes_common import CATEGORY, MODEL_TYPE, NodeInputError
 from .wanvideo import block_swap, memory_plan
 
 

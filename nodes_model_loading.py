@@ -7,6 +7,7 @@ import weakref
 import torch
 
 from . import host
+from .nodes_common import CATEGORY, MODEL_TYPE, NodeInputError
 from .wanvideo.loader import BASE_DTYPES, load_wan_model
 from .wanvideo.lora import LoraError, LoraModeError, attach_unmerged_loras
 from .wanvideo.modules.attention import ATTENTION_MODES
@@ -14,19 +15,10 @@ from .wanvideo.quantization import DEFAULT_PARAMS_TO_KEEP, QUANTIZATION_MODES
 
 log = logging.getLogger("wantalk")
 
-MODEL_TYPE = "WANTALK_MODEL"
 LORA_MODES = ("merge", "unmerged")
 # The last model loaded with unmerged LoRAs, by its load settings (weakly held: ComfyUI decides its lifetime), so
 # a strength change re-uses it instead of reloading.
 _last_unmerged: dict = {}
-CATEGORY = "wantalk"
-
-
-class NodeInputError(ValueError):
-    """An error that names the node and the input, says what was expected and what to do."""
-
-    def __init__(self, node: str, input_name: str, message: str):
-        super().__init__(f"[wantalk {node}] input '{input_name}': {message}")
 
 
 def addon_files() -> list[str]:
