@@ -20,7 +20,7 @@ from wantalk.wanvideo import quantization as q
 from wantalk.wanvideo.checkpoint import CheckpointError
 from wantalk.wanvideo.loader import build_model, infer_config, load_wan_model
 from test_model import parse_keys
-from tiny_models import TINY_I2V, TINY_T2V, random_state_dict, save_state_dict
+from tiny_models import TINY_I2V, TINY_T2V, random_state_dict, save_state_dict, tiny_addon_model
 
 # Small audio sizes the detector reads back exactly: 8-frame windows of 5 bands x 6 channels, 4 tokens of 24.
 TINY_HUMO = HumoConfig(audio_channels=6, intermediate_dim=16, output_dim=24, context_tokens=4)
@@ -30,10 +30,7 @@ GRID_LATENT = (4, 8, 12)  # 3 video latent frames + 1 reference frame, latent he
 
 
 def tiny_humo(rng, cfg=TINY_HUMO_17B, acfg=TINY_HUMO, dtype=torch.float32):
-    model = build_model(cfg.with_(audio=acfg), humo_addon(acfg), device="cpu", dtype=dtype)
-    sd = random_state_dict(model, rng)
-    model.load_state_dict(sd)
-    return model.eval().requires_grad_(False), sd
+    return tiny_addon_model(cfg, humo_addon(acfg), rng, dtype)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from wantalk.multitalk.model_addon import InfiniteTalkConfig, detect_infinitetal
 from wantalk.wanvideo.checkpoint import CheckpointError
 from wantalk.wanvideo.loader import build_model, infer_config, load_wan_model
 from test_model import parse_keys
-from tiny_models import TINY_I2V, random_state_dict, save_state_dict
+from tiny_models import TINY_I2V, random_state_dict, save_state_dict, tiny_addon_model
 
 # Small audio sizes whose shapes the detector reads back exactly (12 layers of 4 channels).
 TINY_AUDIO = InfiniteTalkConfig(audio_layers=12, audio_channels=4, intermediate_dim=16, output_dim=24, context_tokens=4)
@@ -24,10 +24,7 @@ GRID_LATENT = (3, 8, 12)  # latent frames, height, width -> token grid (3, 4, 6)
 
 
 def tiny_infinitetalk(rng, cfg=TINY_I2V, acfg=TINY_AUDIO, dtype=torch.float32):
-    model = build_model(cfg.with_(audio=acfg), infinitetalk_addon(acfg), device="cpu", dtype=dtype)
-    sd = random_state_dict(model, rng)
-    model.load_state_dict(sd)
-    return model.eval().requires_grad_(False), sd
+    return tiny_addon_model(cfg, infinitetalk_addon(acfg), rng, dtype)
 
 
 @pytest.fixture(scope="module")

@@ -46,16 +46,19 @@ def tiny_infinitetalk_config():
     return InfiniteTalkConfig(audio_layers=2, audio_channels=16, intermediate_dim=32, output_dim=32, context_tokens=4)
 
 
-def tiny_infinitetalk(generator=None, dtype=torch.float32, config=None) -> tuple[WanModel, dict]:
-    """Tiny Wan I2V + InfiniteTalk with the real key names (audio features: 2 layers x 16 channels unless
-    `config` says otherwise)."""
+def tiny_addon_model(cfg: WanConfig, addon, generator=None, dtype=torch.float32) -> tuple[WanModel, dict]:
+    """A tiny Wan model with an add-on (InfiniteTalk, HuMo) and random weights, with the real key names."""
     from wantalk.wanvideo.loader import build_model
-    from wantalk.multitalk.model_addon import infinitetalk_addon
-    config = config or tiny_infinitetalk_config()
-    model = build_model(TINY_I2V.with_(audio=config), infinitetalk_addon(config), device="cpu", dtype=dtype)
+    model = build_model(cfg.with_(audio=addon.config), addon, device="cpu", dtype=dtype)
     sd = random_state_dict(model, generator)
     model.load_state_dict(sd)
     return model.eval().requires_grad_(False), sd
+
+
+def tiny_infinitetalk(generator=None, dtype=torch.float32, config=None) -> tuple[WanModel, dict]:
+    """Tiny Wan I2V + InfiniteTalk (audio features: 2 layers x 16 channels unless `config` says otherwise)."""
+    from wantalk.multitalk.model_addon import infinitetalk_addon
+    return tiny_addon_model(TINY_I2V, infinitetalk_addon(config or tiny_infinitetalk_config()), generator, dtype)
 
 
 def tiny_vae(generator=None, dim: int = 8):
