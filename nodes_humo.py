@@ -22,6 +22,7 @@ from .nodes_audio import FPS, PRECISIONS, SAMPLES_PER_FRAME, fit_length
 from .nodes_infinitetalk import VAE_TYPE, WINDOWS_FOLDER, conditioning_from, preview_image
 from .nodes_common import (CATEGORY, MAX_FRAMES_INPUT, MODEL_TYPE, SAVE_WINDOWS_INPUT, SEED_INPUT, NodeInputError,
                            VideoSamplerNode)
+from .nodes_lowvram import compute_device_for
 from .wanvideo.schedulers import SCHEDULERS
 
 log = logging.getLogger("wantalk")
@@ -224,7 +225,7 @@ class WanTalkHuMoSampler(VideoSamplerNode):
         if getattr(model.cfg.audio, "bands", None) is None:
             raise NodeInputError(node, "model", "this is not a HuMo model; load a HuMo-17B or HuMo-1.7B file with "
                                  "Load Wan Model (wantalk).")
-        device = next(model.parameters()).device
+        device = compute_device_for(model, node)
         text = conditioning_from(model, positive, negative, None, device, node)
         bar = host.ProgressBar(1)
 

@@ -21,6 +21,7 @@ from .multitalk.long_video import CONTINUATIONS, LongVideoSettings, fingerprint,
 from .nodes_audio import AUDIO_EMBEDS_TYPE, FPS, SAMPLES_PER_FRAME
 from .nodes_common import (CATEGORY, MAX_FRAMES_INPUT, MODEL_TYPE, SAVE_WINDOWS_INPUT, SEED_INPUT, NodeInputError,
                            VideoSamplerNode)
+from .nodes_lowvram import compute_device_for
 from .wanvideo.sampling import Conditioning
 from .wanvideo.schedulers import SCHEDULERS
 from .wanvideo.vae import load_wan_vae
@@ -296,7 +297,7 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
             settings.validate()
         except ValueError as exc:
             raise NodeInputError(node, "frame_window/motion_frames/continuation", str(exc)) from None
-        device = next(model.parameters()).device
+        device = compute_device_for(model, node)
         image = self._start_image(start_image, height, width, node)
         talk = audio_embeds.talk
         talk = type(talk)(talk.features, self._masks(talk, start_image, height, width, node))

@@ -1,11 +1,15 @@
 """Low-VRAM node: block swap on a loaded Wan model (a thin wrapper over `wanvideo.block_swap`)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import host
 from .nodes_common import CATEGORY, MODEL_TYPE, NodeInputError
 from .wanvideo import block_swap, memory_plan
+
+log = logging.getLogger("wantalk")
 
 
 class WanTalkBlockSwap:
@@ -71,6 +75,19 @@ class WanTalkBlockSwap:
             plan.check(memory_plan.available_vram(device) + on_device)
         except memory_plan.MemoryPlanError as exc:
             raise NodeInputError(node, "blocks_to_swap", f"{exc}\n(or -1 for automatic)") from None
+
+
+def compute_device_for(model, node: str) -> torch.device:
+    """Where the sampler runs `model`. A model left on the CPU (load_device offload_device) without a Block Swap
+    node gets automatic block swap when there is a CUDA GPU, instead of running on the CPU."""
+    device = next(model.parameters()).device
+    target = host.torch_device()
+    if device.type == "cpu" and target.type == "cuda" and model.block_runner is None:
+        log.info("wantalk %s: the model is in CPU memory and no Block Swap node is connected: using automatic "
+                 "block swap", node)
+        WanTalkBlockSwap().configure(model, -1, 1)
+        device = next(model.parameters()).device
+    return device
 
 
 NODE_CLASS_MAPPINGS = {"WanTalkBlockSwap": WanTalkBlockSwap}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 
 import torch
@@ -19,6 +20,20 @@ LORA_MODES = ("merge", "unmerged")
 # The last model loaded with unmerged LoRAs, by its load settings (weakly held: ComfyUI decides its lifetime), so
 # a strength change re-uses it instead of reloading.
 _last_unmerged: dict = {}
+
+
+# Bytes per weight once loaded, by quantization (bf16 base; fp8 + scales; NVFP4 codes + block scales).
+_BYTES_PER_WEIGHT = {"disabled": 2.0, "fp8": 1.05, "fp4": 0.6}
+
+
+def expected_model_bytes(paths: list[str], quantization: str) -> int:
+    """What the loaded model will occupy on the load device, from the files' headers (no tensor is read)."""
+    from .wanvideo.checkpoint import CheckpointReader
+    params = 0
+    for path in paths:
+        reader = CheckpointReader(path)
+        params += sum(math.prod(reader.shape(k)) for k in reader.keys())
+    return int(params * _BYTES_PER_WEIGHT[quantization.split("_")[0]])
 
 
 def addon_files() -> list[str]:
@@ -120,6 +135,11 @@ class WanTalkModelLoader:
                 return (reused, reused.quant_report.summary())
             except LoraError as exc:  # e.g. norm deltas already copied by block swap: load afresh
                 log.info("wantalk: reloading instead of changing LoRA strengths: %s", exc)
+        if device.type == "cuda":
+            try:
+                host.free_memory(expected_model_bytes([path, *extra], quantization), device)
+            except ValueError:
+                pass  # an unreadable file is reported by the loader below, with its reason
         try:
             wan = load_wan_model(path, device=device, base_dtype=BASE_DTYPES[base_precision],
                                  quantization=quantization, attention_mode=attention_mode,

@@ -43,3 +43,22 @@ def test_loader_node_errors_name_the_input(models_dir, rng):
         node.load("broken.safetensors", "bf16", "disabled", "auto", "offload_device")
     with pytest.raises(ValueError, match="input 'model'.*not found"):
         node.load("absent.safetensors", "bf16", "disabled", "auto", "offload_device")
+
+
+def test_loader_asks_comfyui_for_room_only_on_cuda(models_dir, rng, monkeypatch):
+    _, sd = tiny_wan(TINY_I2V, rng)
+    path = save_state_dict(sd, str(models_dir / "diffusion_models" / "tiny.safetensors"))
+    params = sum(v.numel() for v in sd.values())
+    assert nodes_model_loading.expected_model_bytes([path], "disabled") == 2 * params
+    assert nodes_model_loading.expected_model_bytes([path], "fp8_e4m3fn_scaled_fast") < 1.1 * params
+    assert nodes_model_loading.expected_model_bytes([path], "fp4") < 0.7 * params
+    asked = []
+    monkeypatch.setattr(host, "free_memory", lambda n, device: asked.append(n))
+    nodes_model_loading.WanTalkModelLoader().load("tiny.safetensors", "bf16", "disabled", "auto", "offload_device")
+    assert asked == []  # loading to the CPU takes no GPU memory
+
+
+def test_cpu_compute_device_runs_the_model_where_it_is(rng):
+    from wantalk.nodes_lowvram import compute_device_for
+    model, _ = tiny_wan(TINY_I2V, rng)
+    assert compute_device_for(model, "test").type == "cpu" and model.block_runner is None
