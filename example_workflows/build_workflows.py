@@ -28,8 +28,7 @@ MODEL_URLS = {
     "wav2vec2-chinese-base_fp16.safetensors": (
         "https://huggingface.co/Kijai/wav2vec2_safetensors/resolve/main/wav2vec2-chinese-base_fp16.safetensors",
         "audio_encoders"),
-    DISTILL_LORA: ("https://huggingface.co/lightx2v/Wan2.1-I2V-14B-480P-StepDistill-CfgDistill-Lightx2v/resolve/main/"
-                   f"loras/{DISTILL_LORA}", "loras"),
+    DISTILL_LORA: (f"https://huggingface.co/Kijai/WanVideo_comfy/resolve/main/Lightx2v/{DISTILL_LORA}", "loras"),
 }
 NEGATIVE = ("bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, still, "
             "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
