@@ -72,15 +72,6 @@ def fp8_rowwise_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tens
     return y if bias is None else y.add_(bias.to(y.dtype))
 
 
-def scaled_dense_linear(x: torch.Tensor, w: torch.Tensor, alpha: float, bias: torch.Tensor | None) -> torch.Tensor:
-    """`alpha * (x @ w^T) + bias` in ONE GEMM: alpha and the bias go into cuBLAS's epilogue (fp32)."""
-    if alpha == 1.0:
-        return F.linear(x, w, bias)
-    if bias is None:  # beta = 0: the 0-d `self` is never read
-        return torch.addmm(x.new_zeros(()), x, w.t(), beta=0, alpha=alpha)
-    return torch.addmm(bias, x, w.t(), alpha=alpha)
-
-
 class QuantizedLinear(nn.Module):
     """Common part: shapes, the base-dtype bias, the dispatch between the fast and the dequantizing path."""
 
@@ -103,10 +94,6 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
-
-    def dense_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-        """(weight `[N, K]` of `dtype`, scalar alpha), W = alpha * weight: the dequantizing path's GEMM operands."""
-        return self.dequantize(dtype), 1.0
 
     def fp8_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(E4M3 weight `[N, K]`, fp32 per-row scale `[N]`) for the fast path, or None if this weight can't."""
@@ -135,7 +122,7 @@ class QuantizedLinear(nn.Module):
             _once(f"{self.format_name} fast path unavailable ({reason or 'fp8 matmul needs an e4m3 weight'}); "
                   f"using the dequantizing path")
         bias = None if self.bias is None else self.bias.to(dtype)
-        return scaled_dense_linear(x2.to(dtype), *self.dense_operands(dtype), bias).reshape(*lead, self.out_features)
+        return F.linear(x2.to(dtype), self.dequantize(dtype), bias).reshape(*lead, self.out_features)
 
 
 class FP8Linear(QuantizedLinear):
@@ -183,7 +170,6 @@ class NVFP4Linear(QuantizedLinear):
         self.register_buffer("weight_scale", torch.empty(np_, kp // qf.NVFP4_BLOCK, device=device,
                                                          dtype=torch.float8_e4m3fn))
         self.register_buffer("weight_scale_2", torch.empty((), device=device, dtype=torch.float32))
-        self.global_scale_value: float | None = None  # weight_scale_2 on the host, read once in set_codes
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -196,27 +182,12 @@ class NVFP4Linear(QuantizedLinear):
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.weight_scale = block_scales
         self.weight_scale_2 = global_scale.float().reshape(())
-        self.global_scale_value = float(self.weight_scale_2)
-
-    def _decode(self, global_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        kernels = _triton()
-        if kernels is not None and kernels.available(self.weight.device):
-            return kernels.nvfp4_dequantize(self.weight, self.weight_scale, global_scale, self.shape, dtype)
-        return qf.nvfp4_dequantize(self.weight, self.weight_scale, global_scale, self.shape, dtype)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self._decode(self.weight_scale_2, dtype)
-
-    def dense_operands(self, dtype):
-        # The GEMM reads the E2M1 x E4M3 block scale products (exact in bf16/fp16: at most 5 significant bits)
-        # and applies the per-tensor scale as alpha, in fp32, so the result is at least as accurate as
-        # F.linear on the dequantized weight. Why: the bf16 GEMM on the dequantized weight measured slower than
-        # on the bf16 one; operand bit patterns move H100 power and clocks, and the global scale fills the low
-        # mantissa bits. Not yet measured: bench/fp4_gap.py times this against the old path (docs/BENCHMARKS.md).
-        if self.global_scale_value is None:
-            self.global_scale_value = float(self.weight_scale_2)
-        unit = torch.ones((), device=self.weight.device, dtype=torch.float32)
-        return self._decode(unit, dtype), self.global_scale_value
+        kernels = _triton()
+        if kernels is not None and kernels.available(self.weight.device):
+            return kernels.nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, self.shape, dtype)
+        return qf.nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, self.shape, dtype)
 
     def fp8_operands(self):
         # A transient E4M3 copy per call (half the bf16 bytes, freed after the GEMM): one bandwidth-bound launch.

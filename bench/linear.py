@@ -15,6 +15,7 @@ import statistics
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from _common import cuda_time, import_pack, write_result
 
@@ -48,9 +49,9 @@ def parts(layer, x2):
     from wantalk import fp8_optimization
     from wantalk.wanvideo.kernels import quant_triton as qt
     if not layer.fast:
-        w, alpha = layer.dense_operands(torch.bfloat16)
-        return {"weight_bf16_ms": _ms(lambda: layer.dense_operands(torch.bfloat16)),
-                "gemm_ms": _ms(lambda: fp8_optimization.scaled_dense_linear(x2, w, alpha, layer.bias))}
+        w = layer.dequantize(torch.bfloat16)
+        return {"weight_bf16_ms": _ms(lambda: layer.dequantize(torch.bfloat16)),
+                "gemm_ms": _ms(lambda: F.linear(x2, w, layer.bias))}
     xq, xs = qt.quantize_rows(x2)
     w8, ws = layer.fp8_operands()
     return {"act_quant_ms": _ms(lambda: qt.quantize_rows(x2)), "weight_fp8_ms": _ms(layer.fp8_operands),
