@@ -41,7 +41,7 @@ def main():
     p.add_argument("--compare-attention", default=None,
                    help="also time the same forward with this attention mode; report the output's relative difference")
     args = p.parse_args()
-    pack = import_pack()
+    import_pack()
     from wantalk.wanvideo.loader import assemble_model
 
     device = torch.device("cuda")

@@ -1,6 +1,5 @@
 """HuMo nodes as plain Python: Whisper loading from the models folder, embeds from our encoder and from ComfyUI's
 AUDIO_ENCODER_OUTPUT (same bands), reference images, the sampler end to end on tiny files, and input errors."""
-import os
 
 import pytest
 import torch

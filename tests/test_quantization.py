@@ -13,7 +13,7 @@ from wantalk.fp8_optimization import FP8Linear, NVFP4Linear, QuantizedLinear
 from wantalk.wanvideo import loader, quantization as q
 from wantalk.wanvideo.checkpoint import CheckpointError
 from wantalk.wanvideo.kernels import quant_formats as qf
-from tiny_models import TINY_I2V, random_state_dict, tiny_wan
+from tiny_models import TINY_I2V, tiny_wan
 
 QUANT_MODES = [m for m in q.QUANTIZATION_MODES if m != "disabled"]
 # Relative error of a layer's output against float64, from the weight quantization alone. fp8 e4m3 with

@@ -11,7 +11,7 @@ Audio add-ons (InfiniteTalk, HuMo) plug into each block through `block.audio_ada
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .fused_ops import (layer_norm_modulate, residual_add, rms_norm_reference, rms_norm_rope,
-                        rope_reference as apply_rope)
+                        rope_reference as apply_rope)  # noqa: F401  (apply_rope: public, used by add-ons)
 
 
 @dataclass(frozen=True)
