@@ -447,3 +447,29 @@ def test_bad_input_gets_clear_errors(rng):
         attention(q[0], k[0], v[0])
     with pytest.raises(ValueError, match="query heads"):
         attention(torch.randn(1, 9, 3, 64), k, v)
+
+
+def test_cached_routes_never_go_stale(rng, caplog):
+    """Repeated signatures reuse their route; a different alignment class, dtype or mode re-decides, and copies
+    made on cached calls are still counted."""
+    assert all(dispatch.ALIGNMENT_CLASS % c.align_bytes == 0 for c in CONTRACTS.values())   # real kernels cache
+    q, k, v = (torch.randn(2, n, 2, 64, generator=rng).half() for n in (9, 32, 32))
+    misaligned_q = _misaligned_base(2, 9, 2, 64, torch.float16, rng)   # q's shape and strides, odd pointer
+    fake, calls = stand_in("sdpa_cudnn", CONTRACTS["sdpa_cudnn"])   # the stand-in asserts 16-byte alignment
+    with stand_in_kernels(fake):
+        for inputs, copies_per_call in (((q, k, v), 0), ((misaligned_q, k, v), 1), ((q, k, v), 0)):
+            with count_copies() as copies:
+                for _ in range(3):
+                    out = attention(*inputs, mode="sdpa_cudnn")
+            assert copies.count == 3 * copies_per_call
+            assert rel_err(out, reference(*inputs)) < TOL[torch.float16]
+        assert len(calls) == 9
+        assert select_kernel(q.float(), k.float(), v.float(), mode="sdpa_cudnn") == "sdpa_native"   # dtype
+        assert select_kernel(q, k, v, mode="sdpa_math") == "sdpa_math"                              # mode
+        assert select_kernel(q, k, v, mode="sdpa_cudnn") == "sdpa_cudnn"
+        attention(q, k[:, :1], v[:, :1], mode="sdpa_cudnn")   # cuDNN passed over (key length 1): route cached
+        dispatch._noted.clear()
+        with caplog.at_level(logging.INFO, logger="wantalk"):
+            attention(q, k[:, :1], v[:, :1], mode="sdpa_cudnn")   # the cached route still logs what is new
+    assert select_kernel(q, k, v, mode="sdpa_cudnn") != "sdpa_cudnn"   # stand-in gone: the table changed
+    assert any("key length < 2" in r.getMessage() for r in caplog.records)

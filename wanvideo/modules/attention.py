@@ -4,6 +4,9 @@ Every attention site calls `attention(q, k, v, ...)` with `[B, L, H, D]` tensors
 kernel; the dispatcher walks that kernel's fallback chain and runs the first kernel whose contract covers the
 call, so a kernel never sees an input it mishandles (wrong layout, misaligned pointer, key length it gets wrong,
 a mask it would drop) and the caller never gets an error or a wrong result because of a kernel's limits.
+The route (kernel, copies, log lines) depends only on the call's signature (mode, dtypes, shapes, strides,
+pointer alignment class, device, key lengths, mask metadata, scale), so it is worked out once per signature and
+cached: a repeated call costs a dict lookup, not the contract walk.
 
 Policy (why `auto` is what it is):
 - `auto` and `sdpa` use exact kernels only. Quantized kernels (`sageattn*`, the pack's own `int8_triton`) are
@@ -99,15 +102,29 @@ def _unavailable_reason(kernel: Kernel) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Call preparation
+# Routes: everything a call's signature decides, worked out once per signature
 # ------------------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Plan:
+# Pointer alignment enters a signature modulo this many bytes; every contract's align_bytes divides it, so two
+# calls with equal signatures meet the same alignment rules (checked when a route is made).
+ALIGNMENT_CLASS = 64
+# The model makes a handful of signatures; a caller cycling through fresh ones only resets the cache.
+MAX_ROUTES = 1024
+
+
+@dataclass(frozen=True)
+class _Route:
     call: Call
     scale: float
-    segments: list[tuple[int, int, int]]   # (first batch item, end, key length): one kernel launch each
-    mask: torch.Tensor | None              # broadcastable to [B, H, Lq, Lk]; bool or additive
+    segments: tuple[tuple[int, int, int], ...]    # (first batch item, end, key length): one kernel launch each
+    masked: bool                                  # attn_mask and/or key lengths become one mask tensor
+    kernel: Kernel                                # the first kernel in the chain whose contract covers the call
+    passed_over: tuple[tuple[str, str, bool], ...]   # (kernel, reason, chosen) of those before it, logged once
+    copies: tuple[tuple[bool, bool, bool], ...]   # per segment: whether q, k, v must be copied for `kernel`
+
+
+_routes: dict[tuple, _Route] = {}
+_routes_kernels: tuple[Kernel, ...] = ()        # the kernel table the cached routes were made with
 
 
 def _validate(q, k, v, mode):
@@ -147,19 +164,22 @@ def _runs(lens: tuple[int, ...]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def _check_mask(attn_mask: torch.Tensor, shape: tuple[int, int, int, int]) -> None:
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise ValueError(f"attn_mask must be bool (True = attend) or additive float, got {attn_mask.dtype}")
+    try:
+        ok = torch.broadcast_shapes(attn_mask.shape, shape) == torch.Size(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, Lq, Lk] = "
+                         f"{list(shape)}")
+
+
 def _mask(attn_mask, lens, shape, dtype, device) -> torch.Tensor | None:
-    """attn_mask and key lengths as one mask broadcastable to `shape` = (B, H, Lq, Lk)."""
+    """attn_mask (checked by `_check_mask`) and key lengths as one mask broadcastable to `shape` = (B, H, Lq, Lk)."""
     mask = attn_mask
     if mask is not None:
-        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            raise ValueError(f"attn_mask must be bool (True = attend) or additive float, got {mask.dtype}")
-        try:
-            ok = torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to [B, H, Lq, Lk] = "
-                             f"{list(shape)}")
         mask = mask.to(device)
         while mask.ndim < 4:
             mask = mask.unsqueeze(0)
@@ -181,45 +201,112 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
-def _plan(q, k, v, mode, k_lens, attn_mask, scale) -> _Plan:
-    _validate(q, k, v, mode)
-    b, lq, hq, d = q.shape
-    lk, hk = k.shape[1], k.shape[2]
-    dtype = q.dtype if q.dtype.is_floating_point and q.dtype.itemsize >= 2 else torch.bfloat16
-    scale = d ** -0.5 if scale is None else float(scale)
-    lens = _key_lengths(k_lens, b, lk)
-    if lens is not None and attn_mask is None and len(_runs(lens)) <= MAX_KEY_LENGTH_RUNS:
-        segments, mask = _runs(lens), None
-    else:
-        segments, mask = [(0, b, lk)], _mask(attn_mask, lens, (b, hq, lq, lk), dtype, q.device)
-    call = Call(device_type=q.device.type, capability=_capability(q.device), dtype=dtype, head_dim=d,
-                q_heads=hq, kv_heads=hk, kv_lens=tuple(n for _, _, n in segments), has_mask=mask is not None,
-                default_scale=abs(scale - d ** -0.5) <= 1e-12 * d ** -0.5,
-                largest_numel=max(b * lq * hq, b * lk * hk) * d)
-    return _Plan(call, scale, segments, mask)
+def _tensor_signature(t: torch.Tensor) -> tuple:
+    return t.dtype, t.shape, t.stride(), t.data_ptr() % ALIGNMENT_CLASS, t.device
+
+
+def _signature(q, k, v, mode, lens, attn_mask, scale) -> tuple:
+    """Everything `_make_route` reads: mode, scale, key lengths, mask metadata, and per tensor its dtype, shape,
+    strides, pointer alignment class and device (the device fixes the GPU capability)."""
+    mask = None if attn_mask is None else (attn_mask.dtype, attn_mask.shape)
+    return mode, scale, lens, mask, _tensor_signature(q), _tensor_signature(k), _tensor_signature(v)
 
 
 def _candidates(mode: str, call: Call):
-    """Kernels able to serve `call`, in chain order; the ones passed over are logged once."""
+    """(kernel, passed over) for each kernel able to serve `call`, in chain order; the kernels passed over on the
+    way, as (name, reason, chosen), are logged once."""
+    passed = []
     for position, name in enumerate(kernel_chain(mode, call.device_type, call.capability)):
         kernel = KERNELS[name]
         reason = _unavailable_reason(kernel) or kernel.contract.rejection(call)
         if reason is None:
-            yield kernel
+            yield kernel, tuple(passed)
+            passed = []
         else:
-            _note(mode, name, reason, chosen=position == 0 and mode not in ("auto", "sdpa"))
+            note = (name, reason, position == 0 and mode not in ("auto", "sdpa"))
+            _note(mode, *note)
+            passed.append(note)
+
+
+def _make_route(q, k, v, mode, lens, attn_mask, scale) -> tuple[_Route, bool]:
+    """The route of a call, and whether it may be cached (its kernel's alignment rule fits ALIGNMENT_CLASS)."""
+    _validate(q, k, v, mode)
+    b, lq, hq, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    dtype = q.dtype if q.dtype.is_floating_point and q.dtype.itemsize >= 2 else torch.bfloat16
+    scale = d ** -0.5 if scale is None else scale
+    if attn_mask is not None:
+        _check_mask(attn_mask, (b, hq, lq, lk))
+    if lens is not None and attn_mask is None and len(_runs(lens)) <= MAX_KEY_LENGTH_RUNS:
+        segments, masked = tuple(_runs(lens)), False
+    else:
+        segments, masked = ((0, b, lk),), attn_mask is not None or lens is not None
+    call = Call(device_type=q.device.type, capability=_capability(q.device), dtype=dtype, head_dim=d,
+                q_heads=hq, kv_heads=hk, kv_lens=tuple(n for _, _, n in segments), has_mask=masked,
+                default_scale=abs(scale - d ** -0.5) <= 1e-12 * d ** -0.5,
+                largest_numel=max(b * lq * hq, b * lk * hk) * d)
+    kernel, passed_over = next(_candidates(mode, call))
+    route = _Route(call, scale, segments, masked, kernel, passed_over, _copy_plan(kernel, q, k, v, call, segments))
+    return route, ALIGNMENT_CLASS % kernel.contract.align_bytes == 0
+
+
+def _route(q, k, v, mode, k_lens, attn_mask, scale) -> tuple[_Route, tuple[int, ...] | None]:
+    """The call's route (cached per signature; its log lines replayed, so they still come once per reason) and
+    its key lengths. Without k_lens this reads no tensor values: no host sync."""
+    global _routes_kernels
+    scale = None if scale is None else float(scale)
+    lens = None
+    if k_lens is not None:
+        _validate(q, k, v, mode)
+        lens = _key_lengths(k_lens, q.shape[0], k.shape[1])
+    key = _signature(q, k, v, mode, lens, attn_mask, scale)
+    kernels_now = tuple(KERNELS.values())
+    if kernels_now != _routes_kernels or len(_routes) >= MAX_ROUTES:
+        _routes.clear()
+        _routes_kernels = kernels_now
+    route = _routes.get(key)
+    if route is None:
+        route, cacheable = _make_route(q, k, v, mode, lens, attn_mask, scale)
+        if cacheable:
+            _routes[key] = route
+    else:
+        for note in route.passed_over:
+            _note(mode, *note)
+    return route, lens
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Running a kernel
 # ------------------------------------------------------------------------------------------------------------
 
-def _fit(t: torch.Tensor, kernel: Kernel, dtype: torch.dtype, head_dim: int, private: bool) -> torch.Tensor:
-    """`t` ([B, L, H, D]) as the kernel's contract wants it: a view when it complies, else ONE copy."""
+def _segment(q, k, v, segment, whole: tuple[int, int, int]):
+    b0, b1, n = segment
+    return (q, k, v) if segment == whole else (q[b0:b1], k[b0:b1, :n], v[b0:b1, :n])
+
+
+def _in_layout(t: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+    return t.transpose(1, 2) if kernel.contract.layout == "HND" else t
+
+
+def _copy_plan(kernel: Kernel, q, k, v, call: Call, segments) -> tuple[tuple[bool, bool, bool], ...]:
+    """Per segment, whether each of q, k, v must be copied: a view serves when it meets the contract."""
     contract = kernel.contract
-    view = t.transpose(1, 2) if contract.layout == "HND" else t
-    if (not private and view.dtype == dtype and view.shape[-1] == head_dim
-            and contract.layout_violation(view) is None):
+    fed = contract.feed_head_dim(call.head_dim)
+    whole = (0, q.shape[0], k.shape[1])
+
+    def must_copy(t, private):
+        view = _in_layout(t, kernel)
+        return (private or view.dtype != call.dtype or view.shape[-1] != fed
+                or contract.layout_violation(view) is not None)
+
+    return tuple((must_copy(qs, False), must_copy(ks, contract.clobbers_k), must_copy(vs, False))
+                 for qs, ks, vs in (_segment(q, k, v, s, whole) for s in segments))
+
+
+def _fed(t: torch.Tensor, kernel: Kernel, dtype: torch.dtype, head_dim: int, copy: bool) -> torch.Tensor:
+    """`t` ([B, L, H, D]) as the kernel's contract wants it: a view when it complies, else ONE copy."""
+    view = _in_layout(t, kernel)
+    if not copy:
         return view
     for counter in _copy_counters:
         counter.count += 1
@@ -229,26 +316,32 @@ def _fit(t: torch.Tensor, kernel: Kernel, dtype: torch.dtype, head_dim: int, pri
     return fresh
 
 
-def _run(kernel: Kernel, q, k, v, plan: _Plan) -> torch.Tensor:
+def _run(kernel: Kernel, q, k, v, route: _Route, copies, mask) -> torch.Tensor:
     d = q.shape[-1]
     fed = kernel.contract.feed_head_dim(d)
+    dtype = route.call.dtype
+    whole = (0, q.shape[0], k.shape[1])
     outs = []
-    for b0, b1, n in plan.segments:
-        whole = (b0, b1, n) == (0, q.shape[0], k.shape[1])
-        qs, ks, vs = (q, k, v) if whole else (q[b0:b1], k[b0:b1, :n], v[b0:b1, :n])
-        out = kernel.run(_fit(qs, kernel, plan.call.dtype, fed, False),
-                         _fit(ks, kernel, plan.call.dtype, fed, kernel.contract.clobbers_k),
-                         _fit(vs, kernel, plan.call.dtype, fed, False),
-                         scale=plan.scale, mask=plan.mask)
+    for segment, (copy_q, copy_k, copy_v) in zip(route.segments, copies):
+        qs, ks, vs = _segment(q, k, v, segment, whole)
+        out = kernel.run(_fed(qs, kernel, dtype, fed, copy_q), _fed(ks, kernel, dtype, fed, copy_k),
+                         _fed(vs, kernel, dtype, fed, copy_v), scale=route.scale, mask=mask)
         out = out.transpose(1, 2) if kernel.contract.layout == "HND" else out
-        outs.append(out[..., :d])
+        outs.append(out if fed == d else out[..., :d])
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _attempts(mode: str, q, k, v, route: _Route):
+    """(kernel, copies) to try in turn: the route's kernel, then, if it fails at run time, the rest of the chain."""
+    yield route.kernel, route.copies
+    for kernel, _ in _candidates(mode, route.call):
+        if kernel is not route.kernel:
+            yield kernel, _copy_plan(kernel, q, k, v, route.call, route.segments)
 
 
 def select_kernel(q, k, v, *, mode: str = "auto", k_lens=None, attn_mask=None, scale: float | None = None) -> str:
     """Name of the kernel `attention` would run for these inputs (before any runtime failure)."""
-    plan = _plan(q, k, v, mode, k_lens, attn_mask, scale)
-    return next(_candidates(mode, plan.call)).name
+    return _route(q, k, v, mode, k_lens, attn_mask, scale)[0].kernel.name
 
 
 @torch.compiler.disable   # the dispatch reads pointers, strides and k_lens values: one eager graph break
@@ -261,18 +354,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str = 
     attn_mask: bool (True = attend) or additive float, broadcastable to `[B, H, Lq, Lk]`.
     scale: softmax scale, default head_dim ** -0.5.
     """
-    plan = _plan(q, k, v, mode, k_lens, attn_mask, scale)
+    route, lens = _route(q, k, v, mode, k_lens, attn_mask, scale)
+    call = route.call
+    mask = None
+    if route.masked:
+        b, lq, hq, _ = q.shape
+        mask = _mask(attn_mask, lens, (b, hq, lq, k.shape[1]), call.dtype, q.device)
     if q.shape[1] == 0:
         return q.new_empty(q.shape)
-    for kernel in _candidates(mode, plan.call):
+    for kernel, copies in _attempts(mode, q, k, v, route):
         try:
-            out = _run(kernel, q, k, v, plan)
+            out = _run(kernel, q, k, v, route, copies, mask)
         except torch.cuda.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError, NotImplementedError) as err:
             first_line = (str(err).splitlines() or [""])[0][:160]
             _note(mode, kernel.name, f"failed: {type(err).__name__}: {first_line}", chosen=True)
             continue
-        return out.to(q.dtype)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
     raise RuntimeError(f"no attention kernel could serve mode {mode!r} on {q.device} (the last kernel of every "
                        "chain accepts all inputs, so this is a bug in the kernel table)")
+
