@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from ..wanvideo.modules.attention import attention
-from ..wanvideo.modules.model import QKNormAttention, layer_norm_fp32, linear_in
+from ..wanvideo.modules.fused_ops import layer_norm_modulate
+from ..wanvideo.modules.model import QKNormAttention, compute_dtype_of, linear_in
 
 
 class HumoAudioCrossAttention(QKNormAttention):
@@ -55,5 +56,7 @@ class HumoBlockAdapter(nn.Module):
         # Modules are taken from the block: quantization or offloading may have swapped them there.
         wrapper = block.audio_cross_attn_wrapper
         tokens = inp.audio.tokens_for(x.shape[0], inp.grid).to(x.device)
-        xn = layer_norm_fp32(x, wrapper.norm1_audio, x.shape[-1], wrapper.norm1_audio.eps)
+        norm = wrapper.norm1_audio
+        xn = layer_norm_modulate(x, norm.eps, norm.weight, norm.bias,
+                                 out_dtype=compute_dtype_of(wrapper.audio_cross_attn.q))
         return wrapper.audio_cross_attn(xn, tokens, inp.grid)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..wanvideo.modules.model import layer_norm_fp32, linear_in
+from ..wanvideo.modules.fused_ops import layer_norm_modulate
+from ..wanvideo.modules.model import linear_in
 
 
 class _Slot(nn.Module):
@@ -36,4 +37,4 @@ class HumoAudioProj(nn.Module):
         h = torch.relu(linear_in(self.audio_proj_glob_2.layer, h))
         tokens = linear_in(self.audio_proj_glob_3.layer, h).unflatten(-1, (self.context_tokens, self.output_dim))
         norm = self.audio_proj_glob_norm.layer
-        return layer_norm_fp32(tokens, norm, self.output_dim, norm.eps)
+        return layer_norm_modulate(tokens, norm.eps, norm.weight, norm.bias)

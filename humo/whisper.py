@@ -12,7 +12,6 @@ Layouts: audio `[T]` mono at 16 kHz; mel `[B, n_mels, 2 * num_positions]`; hidde
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..wanvideo.checkpoint import CheckpointReader
 from ..wanvideo.modules.attention import attention
 
 SAMPLE_RATE = 16000
@@ -265,22 +265,11 @@ def whisper_encoder_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.T
                      f"or 'encoder.conv1.weight' (e.g. openai/whisper-large-v3 model.safetensors).{hint}")
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Whisper checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path, device="cpu")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return sd.get("state_dict", sd)
-
-
 def load_whisper_encoder(path: str, *, device="cpu", dtype=torch.float32, num_heads: int | None = None,
                          attention_mode: str = "sdpa") -> WhisperEncoder:
     """Whisper encoder from an HF-layout `.safetensors` / `.bin` file, in `dtype` on `device`, eval mode."""
-    sd = whisper_encoder_state_dict(_read_state_dict(path))
+    reader = CheckpointReader(path)  # the pack's one reader: safetensors, or .bin/.pt with weights_only
+    sd = whisper_encoder_state_dict({k: reader.get(k) for k in reader.keys()})
     cfg = whisper_config_from_state_dict(sd, num_heads)
     with torch.device("meta"):
         encoder = WhisperEncoder(cfg, dtype=dtype, attention_mode=attention_mode)

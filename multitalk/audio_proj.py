@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..wanvideo.modules.model import layer_norm_fp32, linear_in
+from ..wanvideo.modules.fused_ops import layer_norm_modulate
+from ..wanvideo.modules.model import linear_in
 
 
 def latent_window_index(window: int, vae_scale: int) -> tuple[list[int], list[int]]:
@@ -67,4 +68,4 @@ class AudioProjModel(nn.Module):
         tokens = linear_in(self.proj3, h).unflatten(-1, (self.context_tokens, self.output_dim))
         if self.norm is None:
             return tokens.float()
-        return layer_norm_fp32(tokens, self.norm, self.output_dim, self.norm.eps)
+        return layer_norm_modulate(tokens, self.norm.eps, self.norm.weight, self.norm.bias)

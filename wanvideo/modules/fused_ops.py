@@ -63,7 +63,13 @@ if triton is not None:
 
 def layer_norm_modulate(x: torch.Tensor, eps: float, weight=None, bias=None, scale=None, shift=None,
                         out_dtype=None) -> torch.Tensor:
-    """x `[B, L, C]`; scale/shift float32 `[B, C]` or None; weight/bias `[C]` or None."""
+    """x `[B, L, C]` (any leading shape without modulation); scale/shift float32 `[B, C]` or None; weight/bias `[C]`
+    or None. Output float32 unless out_dtype."""
+    if x.dim() != 3:
+        if scale is not None:
+            raise ValueError("modulated LayerNorm needs x of shape [B, L, C]")
+        flat = layer_norm_modulate(x.reshape(1, -1, x.shape[-1]), eps, weight, bias, out_dtype=out_dtype)
+        return flat.reshape(x.shape)
     if not _use_triton(x) or not x.is_contiguous():
         return layer_norm_modulate_reference(x, eps, weight, bias, scale, shift, out_dtype)
     b, l, c = x.shape

@@ -123,17 +123,9 @@ class RMSNorm(nn.Module):
         return rms_norm_rope(x, self.weight, self.eps, num_heads, x.dtype, rope)
 
 
-def layer_norm_fp32(x: torch.Tensor, norm: nn.Module | None, dim: int, eps: float) -> torch.Tensor:
-    """LayerNorm computed in float32 (affine parameters upcast); output float32."""
-    w = b = None
-    if norm is not None:
-        w, b = norm.weight.float(), (norm.bias.float() if norm.bias is not None else None)
-    return F.layer_norm(x.float(), (dim,), w, b, eps)
-
-
 def linear_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a linear layer in float32, as the official autocast(float32) regions do."""
-    if type(layer) is nn.Linear or isinstance(layer, nn.Linear):
+    if isinstance(layer, nn.Linear):
         return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
     return layer(x.float()).float()
 
@@ -274,7 +266,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.float()[:, None]).unbind(1)
-        return linear_fp32(self.head, layer_norm_fp32(x, None, self.dim, self.eps) * (1 + scale[:, None]) + shift[:, None])
+        return linear_fp32(self.head, layer_norm_modulate(x, self.eps, scale=scale, shift=shift))
 
 
 class MLPProj(nn.Module):
@@ -291,9 +283,9 @@ class MLPProj(nn.Module):
 
     def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
         p = self.proj
-        x = layer_norm_fp32(clip_fea, p[0], p[0].normalized_shape[0], p[0].eps)
+        x = layer_norm_modulate(clip_fea, p[0].eps, p[0].weight, p[0].bias)
         x = linear_in(p[3], p[2](linear_in(p[1], x)))
-        return layer_norm_fp32(x, p[4], p[4].normalized_shape[0], p[4].eps)
+        return layer_norm_modulate(x, p[4].eps, p[4].weight, p[4].bias)
 
 
 # ----------------------------------------------------------------------------------------------
