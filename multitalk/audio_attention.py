@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from ..wanvideo.modules.attention import attention
-from ..wanvideo.modules.fused_ops import layer_norm_modulate
-from ..wanvideo.modules.model import apply_rope, linear_in
+from ..wanvideo.modules.fused_ops import layer_norm_modulate, rope_reference
+from ..wanvideo.modules.model import linear_in
 
 ROPE_1D_THETA = 10000
 
@@ -33,7 +33,7 @@ def rope_1d(x: torch.Tensor, positions: torch.Tensor, out_dtype: torch.dtype | N
         for s in range(0, l, ROPE_1D_CHUNK):
             angles = positions[i, s:s + ROPE_1D_CHUNK, None] * inv_freq
             cos, sin = torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :]
-            out[i:i + 1, s:s + ROPE_1D_CHUNK] = apply_rope(x[i:i + 1, s:s + ROPE_1D_CHUNK], cos, sin)
+            out[i:i + 1, s:s + ROPE_1D_CHUNK] = rope_reference(x[i:i + 1, s:s + ROPE_1D_CHUNK], cos, sin)
     return out
 
 

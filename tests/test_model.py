@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from wantalk.wanvideo.modules.model import (WAN_I2V_14B, WAN_T2V_1_3B, WanModel, apply_rope, rope_cos_sin,
+from wantalk.wanvideo.modules.fused_ops import rope_reference as apply_rope
+from wantalk.wanvideo.modules.model import (WAN_I2V_14B, WAN_T2V_1_3B, WanModel, rope_cos_sin,
                                             rope_inv_freqs, rope_params, sinusoidal_embedding_1d)
 from tiny_models import TINY_I2V, TINY_T2V, tiny_wan
 

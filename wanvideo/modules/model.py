@@ -19,8 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
-from .fused_ops import (layer_norm_modulate, residual_add, rms_norm_reference, rms_norm_rope,
-                        rope_reference as apply_rope)  # noqa: F401  (apply_rope: public, used by add-ons)
+from .fused_ops import layer_norm_modulate, residual_add, rms_norm_reference, rms_norm_rope
 
 
 @dataclass(frozen=True)
