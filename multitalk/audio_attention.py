@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..wanvideo.modules.attention import attention
 from ..wanvideo.modules.fused_ops import layer_norm_modulate, rope_reference
-from ..wanvideo.modules.model import linear_in
+from ..wanvideo.modules.model import compute_dtype_of, linear_in
 
 ROPE_1D_THETA = 10000
 
@@ -86,12 +86,6 @@ def audio_key_positions(tokens_per_frame: int, frames: int, speaker_ranges, devi
     return per_frame.repeat(frames)
 
 
-def compute_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype a (possibly quantized) linear layer computes in, as `linear_in` feeds it."""
-    dtype = getattr(layer, "compute_dtype", None) or layer.weight.dtype
-    return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.bfloat16
-
-
 class AudioCrossAttention(nn.Module):
     """`audio_cross_attn`: q from video tokens, k/v from audio tokens (`kv_linear` rows: k then v), `proj`."""
 
@@ -142,9 +136,9 @@ class InfiniteTalkBlockAdapter(nn.Module):
                 raise RuntimeError("two-speaker audio needs the self-attention q/k of the block (keep_qk)")
             f, h, w = inp.grid
             amap = reference_attention_map(keep_qk[0], keep_qk[1], h * w, cond.token_masks(inp.grid),
-                                           compute_dtype(attn.q_linear))
+                                           compute_dtype_of(attn.q_linear))
             q_pos = speaker_positions(amap, self.acfg.speaker_ranges, self.acfg.background_position)
             k_pos = audio_key_positions(tokens.shape[2], f, self.acfg.speaker_ranges, x.device).expand(x.shape[0], -1)
         xn = layer_norm_modulate(x, block.norm_x.eps, block.norm_x.weight, block.norm_x.bias,
-                                 out_dtype=compute_dtype(attn.q_linear))
+                                 out_dtype=compute_dtype_of(attn.q_linear))
         return attn(xn, tokens, inp.grid, q_pos, k_pos)
