@@ -3,7 +3,9 @@
 M = 32,760 tokens (81 frames at 480x832); (K, N) = q/k/v/o 5120x5120, ffn up 5120x13824, ffn down 13824x5120.
 TFLOP/s = 2*M*K*N / time; ratio = bf16 time / mode time, both timed in alternating rounds (median of the
 rounds' minima) so that clock and temperature drift during the run hit both alike; weight bytes include scales;
-rel. err is against the float64 product of the bf16 weights on 256 sampled rows. `fast` rows also split the
+rel. err is against the float64 product of the bf16 weights on 256 sampled rows. Each timed sample is `--calls`
+back-to-back calls of the layer, as a forward pass issues them (the GPU queue stays full, so a path's Python and
+launch cost counts only where it exceeds its GPU time); times are per call. `fast` rows also split the
 time into the activation quantization, the weight conversion (fp4 -> fp8) and the GEMM; fp4 rows into the weight
 dequantization and the GEMM (bench/nvfp4_dequant.py times the dequantization kernels alone).
 
@@ -30,6 +32,14 @@ def build(q, mode, w, b):
     return model[0]
 
 
+def back_to_back(fn, calls):
+    """One sample = `calls` consecutive calls; cuda_time of it divided by `calls` is seconds per call."""
+    def run():
+        for _ in range(calls):
+            fn()
+    return run
+
+
 def paired(base_fn, mode_fn, rounds, repeats):
     """Seconds of the bf16 layer and of a mode, each the median over alternating rounds of a per-round minimum."""
     base, mode = [], []
@@ -39,8 +49,8 @@ def paired(base_fn, mode_fn, rounds, repeats):
     return statistics.median(base), statistics.median(mode)
 
 
-def _ms(fn):
-    return 1000 * min(cuda_time(fn, warmup=2, repeats=5))
+def _ms(fn, calls=4):
+    return 1000 * min(cuda_time(back_to_back(fn, calls), warmup=2, repeats=5)) / calls
 
 
 def parts(layer, x2):
@@ -65,6 +75,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--m", type=int, default=None)
     p.add_argument("--modes", default=None, help="comma-separated subset of quantization modes")
+    p.add_argument("--calls", type=int, default=4, help="back-to-back layer calls per timed sample")
     p.add_argument("--exact-accum", action="store_true", help="FP8 GEMMs without Hopper's fast accumulation")
     args = p.parse_args()
     import_pack()
@@ -77,7 +88,7 @@ def main():
     modes = args.modes.split(",") if args.modes else [x for x in q.QUANTIZATION_MODES if x != "disabled"]
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {m}, "
-          f"fast accumulation {fp8_optimization.USE_FAST_ACCUM}")
+          f"fast accumulation {fp8_optimization.USE_FAST_ACCUM}, {args.calls} back-to-back calls per sample")
     print("| shape | mode | ms | TFLOP/s | x bf16 | weight MiB | x bf16 bytes | rel. err |")
     print("|---|---|---|---|---|---|---|---|")
     for shape_name, (k, n) in SHAPES.items():
@@ -91,21 +102,25 @@ def main():
         dense.weight.data.copy_(w)
         dense.bias.data.copy_(b)
         with torch.no_grad():
-            base_s = min(cuda_time(lambda: dense(x), warmup=2, repeats=rounds * repeats))
+            base_s = min(cuda_time(back_to_back(lambda: dense(x), args.calls), warmup=2,
+                                   repeats=rounds * repeats)) / args.calls
         dense_bytes = n * k * 2
         print(f"| {shape_name} {k}x{n} | bf16 | {1000 * base_s:.3f} | {flops / base_s / 1e12:.0f} | 1.00 | "
               f"{dense_bytes / 2**20:.1f} | 1.00 | - |")
         for mode in modes:
             layer = build(q, mode, w, b)
             with torch.no_grad():
-                pair_base_s, s = paired(lambda: dense(x), lambda: layer(x), rounds, repeats)
+                pair_base_s, s = (t / args.calls for t in paired(back_to_back(lambda: dense(x), args.calls),
+                                                                  back_to_back(lambda: layer(x), args.calls),
+                                                                  rounds, repeats))
                 out = layer(x[rows])
             err = ((out.double() - ref).norm() / ref.norm()).item()
             wb = layer.weight_bytes()
             result = {"bench": "linear", "shape": shape_name, "m": m, "k": k, "n": n, "mode": mode,
                       "ms": 1000 * s, "tflops": flops / s / 1e12, "speedup": pair_base_s / s, "weight_bytes": wb,
                       "bytes_ratio": wb / dense_bytes, "rel_err": err, "bf16_ms": 1000 * pair_base_s,
-                      "fast_accum": fp8_optimization.USE_FAST_ACCUM}
+                      "fast_accum": fp8_optimization.USE_FAST_ACCUM,
+                      "calls_per_sample": args.calls}
             if layer.fast or mode.startswith("fp4"):
                 result.update(parts(layer, x))
             print(f"| {shape_name} {k}x{n} | {mode} | {1000 * s:.3f} | {flops / s / 1e12:.0f} | "
