@@ -4,7 +4,8 @@ Every layer computes `x @ W^T + b` with W stored quantized and the bias in the b
 - default: dequantize W to the activation dtype and `F.linear` (any device; the CPU path);
 - `fast`: FP8 tensor-core matmul through `torch._scaled_mm` with row-wise scales, the activation quantized
   by ONE fused Triton pass (per-row amax + cast) - no eager amax/divide/cast chain, which eats the gain
-  (KERNELS.md 7-8). NVFP4 weights take it too, re-expressed as E4M3 by a Triton kernel on the fly.
+  (KERNELS.md 7-8). NVFP4 weights take it too, re-expressed as E4M3 by a Triton kernel on the fly; on Blackwell
+  they first try a native block-scaled FP4 GEMM (`wanvideo/kernels/nvfp4_native.py`, self-checked per device).
   When FP8 compute or Triton is missing, the layer logs once and takes the default path.
 Layers hold no state that changes between calls: CFG passes and batch sizes are independent.
 """
@@ -99,6 +100,11 @@ class QuantizedLinear(nn.Module):
         """(E4M3 weight `[N, K]`, fp32 per-row scale `[N]`) for the fast path, or None if this weight can't."""
         raise NotImplementedError
 
+    def native_linear(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`x [M, K]` through a matmul native to this weight format, or None where the GPU has none (then the
+        FP8 path runs)."""
+        return None
+
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for n, t in self.named_buffers() if n != "bias") + \
             sum(p.numel() * p.element_size() for n, p in self.named_parameters() if n != "bias")
@@ -116,6 +122,9 @@ class QuantizedLinear(nn.Module):
         dtype = x.dtype if x.dtype in (torch.float32, *FAST_ACTIVATION_DTYPES) else self.compute_dtype
         if self.fast and x2.shape[0] and x.dtype != torch.float32:
             reason = self._fast_reason(x2)
+            native = None if reason else self.native_linear(x2)
+            if native is not None:
+                return native.reshape(*lead, self.out_features)
             operands = None if reason else self.fp8_operands()
             if operands is not None:
                 return fp8_rowwise_linear(x2, *operands, self.bias).reshape(*lead, self.out_features)
@@ -188,6 +197,15 @@ class NVFP4Linear(QuantizedLinear):
         if kernels is not None and kernels.available(self.weight.device):
             return kernels.nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, self.shape, dtype)
         return qf.nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, self.shape, dtype)
+
+    def native_linear(self, x):
+        # Blackwell: one block-scaled FP4 GEMM on the stored weight (cuBLAS wants K a multiple of 32)
+        if self.in_features % 32:
+            return None
+        from .wanvideo.kernels import nvfp4_native
+        if not nvfp4_native.available(x.device):
+            return None
+        return nvfp4_native.linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias)
 
     def fp8_operands(self):
         # A transient E4M3 copy per call (half the bf16 bytes, freed after the GEMM): one bandwidth-bound launch.

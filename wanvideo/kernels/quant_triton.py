@@ -2,6 +2,8 @@
 
 - `quantize_rows`: dynamic per-row FP8 quantization of activations in ONE pass over memory (each program
   holds a whole row in registers: amax, scale, cast, store), the input of a row-wise `torch._scaled_mm`.
+- `nvfp4_quantize_rows`: activations -> NVFP4 (E2M1 codes, one E4M3 scale per 16, a given global scale) in one
+  pass, bit for bit `quant_formats.nvfp4_quantize`; the input of the native FP4 matmul on Blackwell.
 - `nvfp4_dequantize` / `nvfp4_to_fp8`: NVFP4 weight -> bf16/fp16/fp32, or -> E4M3 codes plus the per-row scale
   (computed in the same launch) to feed FP8 matmuls. Bandwidth-bound: whole rows per program, 16-byte loads of
   packed words and 16-byte stores of output words, no per-element division (docs/nvfp4_dequant_notes.md).
@@ -37,6 +39,35 @@ if triton is not None:
         q = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
         tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row, scale)
+
+    @triton.jit
+    def _nvfp4_quantize_rows_kernel(x_ptr, q_ptr, s_ptr, g_ptr, K, stride_x, stride_q, stride_s,
+                                    BLOCK_K: tl.constexpr):
+        """One row: block amax -> E4M3 scale (amax / 6 / g, RNE) -> codes of x / (scale * g) (IEEE division,
+        nearest with ties to even, as `quant_formats.e2m1_encode`) -> two codes per byte, the even one high."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr)
+        blocks = tl.reshape(x, [BLOCK_K // 16, 16])
+        amax = tl.max(tl.abs(blocks), axis=1)
+        scale8 = tl.minimum(tl.div_rn(tl.div_rn(amax, 6.0), g), 448.0).to(tl.float8e4nv)
+        total = scale8.to(tl.float32) * g
+        safe = tl.where(total > 0, total, 1.0)
+        v = tl.where(total[:, None] > 0, tl.div_rn(blocks, safe[:, None]), 0.0)
+        v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+        a = tl.abs(v)
+        # boundaries between E2M1 magnitudes; those below a tie that rounds up to the even code are nudged down
+        code = ((a > 0.25).to(tl.int32) + (a > 0.7499999403953552).to(tl.int32) + (a > 1.25).to(tl.int32)
+                + (a > 1.7499998807907104).to(tl.int32) + (a > 2.5).to(tl.int32)
+                + (a > 3.4999997615814209).to(tl.int32) + (a > 5.0).to(tl.int32))
+        code = code | tl.where(v < 0, 8, 0)
+        even, odd = tl.split(tl.reshape(code, [BLOCK_K // 2, 2]))
+        packed = (even << 4) | odd
+        half = tl.arange(0, BLOCK_K // 2)
+        tl.store(q_ptr + row * stride_q + half, packed.to(tl.uint8), mask=half < K // 2)
+        sixteenth = tl.arange(0, BLOCK_K // 16)
+        tl.store(s_ptr + row * stride_s + sixteenth, scale8, mask=sixteenth < K // 16)
 
     @triton.jit
     def _e2m1_value(nib):
@@ -139,6 +170,24 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> 
     if m:
         _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=FP8_MAX[dtype], BLOCK_K=block,
                                     num_warps=warps)
+    return q, s
+
+
+def nvfp4_quantize_rows(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x [M, K]` (K a multiple of 16) with global scale `g` -> (packed `[M, K/2]` uint8, E4M3 block scales
+    `[M, K/16]`), as `quant_formats.nvfp4_quantize` packs weights."""
+    m, k = x.shape
+    if k % NVFP4_BLOCK or k > MAX_ROW:
+        raise ValueError(f"nvfp4_quantize_rows needs rows of a multiple of 16 up to {MAX_ROW} elements, got {k}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, k // 2, device=x.device, dtype=torch.uint8)
+    s = torch.empty(m, k // NVFP4_BLOCK, device=x.device, dtype=torch.float8_e4m3fn)
+    block = max(triton.next_power_of_2(k), 32)
+    if m:
+        _nvfp4_quantize_rows_kernel[(m,)](x, q, s, g.reshape(1).float(), k, x.stride(0), q.stride(0), s.stride(0),
+                                          BLOCK_K=block,
+                                          num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
     return q, s
 
 
