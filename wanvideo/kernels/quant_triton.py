@@ -44,14 +44,17 @@ if triton is not None:
     def _nvfp4_quantize_rows_kernel(x_ptr, q_ptr, s_ptr, g_ptr, K, stride_x, stride_q, stride_s,
                                     BLOCK_K: tl.constexpr):
         """One row: block amax -> E4M3 scale (amax / 6 / g, RNE) -> codes of x / (scale * g) (IEEE division,
-        nearest with ties to even, as `quant_formats.e2m1_encode`) -> two codes per byte, the even one high."""
+        nearest with ties to even, as `quant_formats.e2m1_encode`) -> two codes per byte, the even one high.
+        Bit for bit `quant_formats.nvfp4_quantize` run on a CUDA tensor."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
         g = tl.load(g_ptr)
         blocks = tl.reshape(x, [BLOCK_K // 16, 16])
         amax = tl.max(tl.abs(blocks), axis=1)
-        scale8 = tl.minimum(tl.div_rn(tl.div_rn(amax, 6.0), g), 448.0).to(tl.float8e4nv)
+        # amax / 6 as torch computes a tensor / python-scalar on CUDA: times the fp32 reciprocal (a tie of two E4M3
+        # scales can hinge on that last bit)
+        scale8 = tl.minimum(tl.div_rn(amax * 0.1666666716337204, g), 448.0).to(tl.float8e4nv)
         total = scale8.to(tl.float32) * g
         safe = tl.where(total > 0, total, 1.0)
         v = tl.where(total[:, None] > 0, tl.div_rn(blocks, safe[:, None]), 0.0)
