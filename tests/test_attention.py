@@ -91,7 +91,8 @@ def stand_in(name, contract, fail=False):
         for t in (q, k, v):
             assert complaints(contract, t) == [], complaints(contract, t)
         assert mask is None or contract.masks
-        assert k.shape[seq] % contract.kv_len_multiple == 0 and k.shape[seq] >= contract.min_kv_len
+        assert k.shape[seq] % contract.kv_len_multiple == 0
+        assert k.shape[seq] >= max(contract.min_kv_len, contract.faster_from_kv_len)
         assert contract.feed_head_dim(q.shape[-1]) == q.shape[-1]
         calls.append(dict(kv_len=k.shape[seq], head_dim=q.shape[-1], batch=q.shape[0], mask=mask,
                           kv_heads=k.shape[3 - seq], ptrs=(q.data_ptr(), k.data_ptr(), v.data_ptr())))
@@ -161,7 +162,8 @@ def expect_served(contract, dtype, d, lk, hq=2, hk=2, scale_default=True, masked
         head_ok = any((d <= x) if contract.pads_head_dim else (d == x) for x in contract.head_dims)
     else:
         head_ok = (contract.max_head_dim is None or d <= contract.max_head_dim) and d % contract.head_dim_multiple == 0
-    return (dtype in contract.dtypes and head_ok and lk % contract.kv_len_multiple == 0 and lk >= contract.min_kv_len
+    return (dtype in contract.dtypes and head_ok and lk % contract.kv_len_multiple == 0
+            and lk >= max(contract.min_kv_len, contract.faster_from_kv_len)
             and (hq == hk or contract.gqa) and (scale_default or contract.custom_scale)
             and (not masked or contract.masks))
 
@@ -292,6 +294,24 @@ def test_key_length_one_is_routed_away_from_cudnn(rng):
     assert [c["kv_len"] for c in calls] == [2]
     assert rel_err(whole, reference(q, k[:, :1], v[:, :1])) < TOL[torch.float16]
     assert rel_err(runs, reference(q, k, v, k_lens=[8, 1])) < TOL[torch.float16]
+
+
+def test_approximate_kernel_is_passed_over_where_an_exact_one_is_faster(rng, caplog):
+    """int8_triton pinned: short key lengths (cross-attention) go to an exact kernel, once-logged with the reason;
+    long ones run it."""
+    dispatch._noted.clear()
+    contract = CONTRACTS["int8_triton"]
+    q = torch.randn(1, 16, 2, 64, generator=rng).half()
+    long_kv = [torch.randn(1, contract.faster_from_kv_len, 2, 64, generator=rng).half() for _ in range(2)]
+    fake, calls = stand_in("int8_triton", contract)
+    with stand_in_kernels(fake), caplog.at_level(logging.INFO, logger="wantalk"):
+        short = attention(q, long_kv[0][:, :512], long_kv[1][:, :512], mode="int8_triton")
+        assert calls == [] and select_kernel(q, long_kv[0][:, :512], long_kv[1][:, :512], mode="int8_triton") \
+            != "int8_triton"
+        attention(q, *long_kv, mode="int8_triton")
+    assert [c["kv_len"] for c in calls] == [contract.faster_from_kv_len]
+    assert rel_err(short, reference(q, long_kv[0][:, :512], long_kv[1][:, :512])) < TOL[torch.float16]
+    assert any("an exact kernel is faster" in r.getMessage() for r in caplog.records)
 
 
 def test_many_distinct_key_lengths_become_a_mask(rng):
