@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .wanvideo.kernels import nvfp4_native
 from .wanvideo.kernels import quant_formats as qf
 
 log = logging.getLogger("wantalk")
@@ -200,10 +201,7 @@ class NVFP4Linear(QuantizedLinear):
 
     def native_linear(self, x):
         # Blackwell: one block-scaled FP4 GEMM on the stored weight (cuBLAS wants K a multiple of 32)
-        if self.in_features % 32:
-            return None
-        from .wanvideo.kernels import nvfp4_native
-        if not nvfp4_native.available(x.device):
+        if self.in_features % 32 or not nvfp4_native.available(x.device):
             return None
         return nvfp4_native.linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias)
 

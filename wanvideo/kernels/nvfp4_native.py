@@ -79,10 +79,11 @@ def self_check(device: torch.device, m: int = 200, k: int = 256, n: int = 128) -
 @functools.lru_cache(maxsize=None)
 def available(device: torch.device) -> bool:
     """Whether the native GEMM runs, and was checked, on `device` (a failed check is logged once)."""
-    reason = unsupported(device) or self_check(device)
-    if reason is None:
-        log.info("wantalk: native NVFP4 matmul enabled on %s", torch.cuda.get_device_name(device))
-        return True
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (10, 0):
-        log.warning("wantalk: native FP4 self-check failed (%s); fp4_scaled_fast uses the FP8 path", reason)
-    return False
+    if unsupported(device) is not None:
+        return False
+    failure = self_check(device)
+    if failure is not None:
+        log.warning("wantalk: native FP4 self-check failed (%s); fp4_scaled_fast uses the FP8 path", failure)
+        return False
+    log.info("wantalk: native NVFP4 matmul enabled on %s", torch.cuda.get_device_name(device))
+    return True
