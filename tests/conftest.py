@@ -8,7 +8,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("WANTALK_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+# Official key listings at real size (test data shipped with the repository, tests/data/keys/README.md).
+KEYS_DIR = os.path.join(ROOT, "tests", "data", "keys")
 
 
 def _register_package(name: str = "wantalk"):
@@ -28,7 +29,7 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="GPU test: no CUDA device here (runs on the lent GPU)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
@@ -44,7 +45,4 @@ def rng():
 
 @pytest.fixture
 def keys_dir():
-    path = os.path.join(SHARED, "reference", "keys")
-    if not os.path.isdir(path):
-        pytest.skip(f"reference key listings not found at {path} (set WANTALK_SHARED)")
-    return path
+    return KEYS_DIR

@@ -30,10 +30,7 @@ def meta_model(keys_dir, mode: str):
 
 @pytest.fixture(scope="module")
 def sizes(request):
-    keys_dir = os.path.join(os.environ.get("WANTALK_SHARED", os.path.join(os.path.dirname(
-        os.path.dirname(os.path.abspath(__file__))), "..", "shared")), "reference", "keys")
-    if not os.path.isdir(keys_dir):
-        pytest.skip(f"reference key listings not found at {keys_dir}")
+    keys_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "keys")
     out = {}
     for mode in ("disabled", "fp8_e4m3fn_scaled", "fp4"):
         model = meta_model(keys_dir, mode)
