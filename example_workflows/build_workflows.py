@@ -1,19 +1,27 @@
-"""Writes the example workflows in both formats from one description each:
-`<name>.json` (UI format, shown in ComfyUI's template browser) and `<name>_api.json` (for the /prompt queue).
+"""Writes the example workflows from one description each:
+
+- `<name>.json`: UI format, listed by ComfyUI's template browser (thumbnail `<name>.jpg`);
+- `api/<name>_api.json`: API format for the /prompt queue. A subfolder, because the browser lists every `*.json`
+  directly in example_workflows/ as a template.
 
     python example_workflows/build_workflows.py
 
-Widget order per node is given here explicitly; the real-ComfyUI test converts every UI file in the frontend,
-which checks it. Thumbnails (`<name>.jpg`) are screenshots of the loaded graph (ui_to_api.py --screenshot).
+A workflow is a function `name -> Graph` in WORKFLOWS. The API file is the frontend's conversion of the UI file
+(widget order per node is explicit here; tests/test_comfyui.py converts every UI file in the real frontend and
+compares it with the shipped API file). Thumbnails are screenshots of the loaded graph:
+`COMFYUI_DIR=... python tests/comfy_frontend.py thumbnails`.
 """
 from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+API_DIR = os.path.join(HERE, "api")
 DISTILL_LORA = "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"
 REPO = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+HUMO_REPO = "https://huggingface.co/Comfy-Org/HuMo_ComfyUI/resolve/main/split_files"
 MODEL_URLS = {
     "wan2.1_i2v_480p_14B_bf16.safetensors": (f"{REPO}/diffusion_models/wan2.1_i2v_480p_14B_bf16.safetensors",
                                              "diffusion_models"),
@@ -29,6 +37,9 @@ MODEL_URLS = {
         "https://huggingface.co/Kijai/wav2vec2_safetensors/resolve/main/wav2vec2-chinese-base_fp16.safetensors",
         "audio_encoders"),
     DISTILL_LORA: (f"https://huggingface.co/Kijai/WanVideo_comfy/resolve/main/Lightx2v/{DISTILL_LORA}", "loras"),
+    "humo_17B_fp16.safetensors": (f"{HUMO_REPO}/diffusion_models/humo_17B_fp16.safetensors", "diffusion_models"),
+    "whisper_large_v3_fp16.safetensors": (f"{HUMO_REPO}/audio_encoders/whisper_large_v3_fp16.safetensors",
+                                          "audio_encoders"),
 }
 NEGATIVE = ("bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, still, "
             "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
@@ -37,16 +48,17 @@ NEGATIVE = ("bright tones, overexposed, static, blurred details, subtitles, styl
 PARAMS_TO_KEEP = ("norm, bias, time_in, patch_embedding, time_, img_emb, modulation, text_embedding, adapter, add, "
                   "ref_conv, audio_proj, multitalk_audio_proj, head")
 
-# Output slots of the ComfyUI core node types used: name -> type, in order (the pack's come from its classes).
-OUTPUTS = {
-    "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
-    "LoadAudio": [("AUDIO", "AUDIO")],
-    "CLIPLoader": [("CLIP", "CLIP")],
-    "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
-    "CLIPVisionLoader": [("CLIP_VISION", "CLIP_VISION")],
-    "CLIPVisionEncode": [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")],
-    "CreateVideo": [("VIDEO", "VIDEO")],
-    "SaveVideo": [("video", "VIDEO")],
+# The ComfyUI core node types used: display name (the frontend's default title) and output slots (name, type) in
+# order. The pack's come from its classes.
+CORE_NODES = {
+    "LoadImage": ("Load Image", [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "LoadAudio": ("Load Audio", [("AUDIO", "AUDIO")]),
+    "CLIPLoader": ("Load CLIP", [("CLIP", "CLIP")]),
+    "CLIPTextEncode": ("CLIP Text Encode (Prompt)", [("CONDITIONING", "CONDITIONING")]),
+    "CLIPVisionLoader": ("Load CLIP Vision", [("CLIP_VISION", "CLIP_VISION")]),
+    "CLIPVisionEncode": ("CLIP Vision Encode", [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")]),
+    "CreateVideo": ("Create Video", [("VIDEO", "VIDEO")]),
+    "SaveVideo": ("Save Video", [("video", "VIDEO")]),
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 # Types of linked inputs of core nodes. A linked widget input (fps) keeps its widget value in the UI format; the
@@ -56,12 +68,13 @@ CORE_INPUT_TYPES = {"image": "IMAGE", "clip": "CLIP", "clip_vision": "CLIP_VISIO
 WIDGET_INPUTS = {"fps"}   # linked core inputs that are widgets when unlinked
 
 
-def pack_nodes() -> dict:
-    """The pack's node classes (the repository imported as the package `wantalk`)."""
+def pack_nodes() -> tuple[dict, dict]:
+    """The pack's node classes and display names (the repository imported as the package `wantalk`)."""
     import sys
     sys.path.insert(0, os.path.dirname(HERE))
     from run_demo import import_pack
-    return import_pack()[0].NODE_CLASS_MAPPINGS
+    pack = import_pack()[0]
+    return pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
 
 
 def pack_schema(cls) -> tuple[list, dict, dict]:
@@ -87,8 +100,8 @@ class Graph:
     COLUMN_X, WIDTH, GAP = 390, 350, 40
 
     def __init__(self):
-        self.nodes = []
-        self.pack = pack_nodes()
+        self.nodes, self.notes = [], []
+        self.pack, self.display_names = pack_nodes()
 
     def add(self, type_, widgets=None, links=None, *, column, title=None, ui_after=None, extra_height=0):
         """links: input name -> (node, output slot). ui_after: widget name -> extra UI-only values after it
@@ -98,7 +111,7 @@ class Graph:
             outputs, _, defaults = pack_schema(self.pack[type_])
             widgets = {name: widgets.get(name, default) for name, default in defaults.items()}
         else:
-            outputs = OUTPUTS[type_]
+            outputs = CORE_NODES[type_][1]
         rows = max(len(links or {}), len(outputs)) + len(widgets) + sum(map(len, (ui_after or {}).values()))
         height = 40 + 24 * rows + extra_height
         y = sum(n["size"][1] + self.GAP for n in self.nodes if n["column"] == column)
@@ -107,6 +120,17 @@ class Graph:
                 "title": title, "ui_after": dict(ui_after or {})}
         self.nodes.append(node)
         return node["id"]
+
+    def note(self, text: str, *, column: int, height: int):
+        """A Markdown note (frontend only: not in the API format) at the bottom of a column."""
+        y = sum(n["size"][1] + self.GAP for n in self.nodes if n["column"] == column)
+        self.notes.append((text, (column * self.COLUMN_X, y), (self.WIDTH, height)))
+
+    def title(self, node) -> str:
+        """The node's title: its own, else the display name the frontend gives its type."""
+        if node["title"]:
+            return node["title"]
+        return self.display_names.get(node["type"]) or CORE_NODES[node["type"]][0]
 
     def input_type(self, node, name):
         if node["type"] in self.pack:
@@ -119,11 +143,10 @@ class Graph:
             inputs = dict(n["widgets"])
             for name, (src, slot) in n["links"].items():
                 inputs[name] = [str(src), slot]
-            out[str(n["id"])] = {"class_type": n["type"], "inputs": inputs,
-                                 "_meta": {"title": n["title"] or n["type"]}}
+            out[str(n["id"])] = {"class_type": n["type"], "inputs": inputs, "_meta": {"title": self.title(n)}}
         return out
 
-    def ui(self, notes=()) -> dict:
+    def ui(self) -> dict:
         links, link_id = [], 0
         outputs = {n["id"]: [{"name": name, "type": t, "links": [], "slot_index": i}
                              for i, (name, t) in enumerate(n["outputs"])] for n in self.nodes}
@@ -154,7 +177,7 @@ class Graph:
             if n["title"]:
                 node["title"] = n["title"]
             nodes.append(node)
-        for i, (text, pos, size) in enumerate(notes):
+        for i, (text, pos, size) in enumerate(self.notes):
             nodes.append({"id": len(self.nodes) + 1 + i, "type": "MarkdownNote", "pos": list(pos), "size": list(size),
                           "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                           "properties": {}, "widgets_values": [text], "title": "Read me",
@@ -219,70 +242,130 @@ def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, 
     return g
 
 
-def model_note(addon: str, lora: str | None, extra: str) -> str:
-    lines = ["## wantalk: InfiniteTalk", "", "Put the files in ComfyUI's `models/` folders:", ""]
-    for name in ("wan2.1_i2v_480p_14B_bf16.safetensors", addon, "wan_2.1_vae.safetensors",
-                 "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision_h.safetensors",
-                 "wav2vec2-chinese-base_fp16.safetensors") + ((lora,) if lora else ()):
+def model_note(title: str, files: list[str], text: str) -> str:
+    """Markdown: where each model file goes, with its download link, then the workflow's own text."""
+    lines = [f"## wantalk: {title}", "", "Put the files in ComfyUI's `models/` folders:", ""]
+    for name in files:
         url, folder = MODEL_URLS[name]
         lines.append(f"- **{folder}/** [{name}]({url})")
-    lines += ["", "The video follows the whole audio (25 fps, 81-frame windows). Connect your own image and speech "
-              "to the Load nodes.", "", extra]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", text])
+
+
+def infinitetalk_workflow(name: str, *, addon: str, lora: str | None = None, extra: str, **graph) -> Graph:
+    """An InfiniteTalk graph (talking_graph's options) with its note under the sampler."""
+    g = talking_graph(prefix=f"wantalk_{name}", addon=addon, lora=lora, **graph)
+    files = ["wan2.1_i2v_480p_14B_bf16.safetensors", addon, "wan_2.1_vae.safetensors",
+             "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision_h.safetensors",
+             "wav2vec2-chinese-base_fp16.safetensors"] + ([lora] if lora else [])
+    g.note(model_note("InfiniteTalk", files, "The video follows the whole audio (25 fps, 81-frame windows). Connect "
+                      "your own image and speech to the Load nodes.\n\n" + extra), column=3, height=420)
+    return g
+
+
+HUMO_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+                 "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+                 "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
+
+def humo_workflow(name: str) -> Graph:
+    """HuMo-17B: text + reference image + speech (Whisper) -> video, official settings (the sampler's defaults)."""
+    g = Graph()
+    image = g.add("LoadImage", {"image": "wantalk_portrait.png"}, column=0, ui_after={"image": ["image"]},
+                  title="Reference image", extra_height=260)
+    audio = g.add("LoadAudio", {"audio": "wantalk_speech_1.wav"}, column=0, ui_after={"audio": [None, None]},
+                  title="Speech", extra_height=30)
+    clip = g.add("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                "device": "default"}, column=1)
+    positive = g.add("CLIPTextEncode", {"text": "A young woman with long dark hair sits in a bright living room and "
+                                                "talks to the camera, smiling, with natural head movement and "
+                                                "expressive lip motion."},
+                     {"clip": (clip, 0)}, column=1, title="Prompt", extra_height=80)
+    negative = g.add("CLIPTextEncode", {"text": HUMO_NEGATIVE}, {"clip": (clip, 0)}, column=1,
+                     title="Negative prompt", extra_height=110)
+    whisper = g.add("WanTalkWhisperLoader", {"model": "whisper_large_v3_fp16.safetensors"}, column=2)
+    embeds = g.add("WanTalkHuMoEmbeds", {}, {"audio": (audio, 0), "whisper": (whisper, 0),
+                                             "reference_images": (image, 0)}, column=2)
+    model = g.add("WanTalkModelLoader", {"model": "humo_17B_fp16.safetensors", "quantization": "fp8_e4m3fn_scaled"},
+                  column=2)
+    vae = g.add("WanTalkVAELoader", {"vae_name": "wan_2.1_vae.safetensors"}, column=2)
+    sampler = g.add("WanTalkHuMoSampler", {}, {"model": (model, 0), "vae": (vae, 0), "humo_embeds": (embeds, 0),
+                                               "positive": (positive, 0), "negative": (negative, 0)},
+                    column=3, ui_after={"seed": ["fixed"]})
+    video = g.add("CreateVideo", {"fps": 25.0, "bit_depth": 8},
+                  {"images": (sampler, 0), "audio": (sampler, 1), "fps": (sampler, 2)}, column=4)
+    g.add("SaveVideo", {"filename_prefix": f"video/wantalk_{name}", "format": "auto", "codec": "auto"},
+          {"video": (video, 0)}, column=4, extra_height=300)
+    g.note(model_note("HuMo 17B", ["humo_17B_fp16.safetensors", "wan_2.1_vae.safetensors",
+                                   "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "whisper_large_v3_fp16.safetensors"],
+                      "Text + reference image + speech to video. Official settings: 480x832 or 720x1280, 97 frames "
+                      "per window at 25 fps, UniPC 50 steps, shift 5, guidance `tia` with text 5.0 / audio 5.5 "
+                      "(HuMo-1.7B: 7.5 / 7.5, image 4.0). With a step-distill LoRA use guidance `audio_cfg` (2 "
+                      "passes) or `none` and 6-8 steps. Audio longer than 97 frames is generated in windows "
+                      "continued from the previous frames. Without a reference image choose guidance `ta`.\n\n"
+                      "fp8_e4m3fn_scaled keeps the 17B model in about 18 GB; choose disabled on 80 GB GPUs."),
+           column=3, height=420)
+    return g
 
 
 OFFICIAL = {"steps": 40}   # the sampler's defaults are the official settings: shift 7, text 5, audio 4
-WORKFLOWS = {
-    "infinitetalk_single": dict(
-        addon="wan2.1_infiniteTalk_single_fp16.safetensors", quantization="fp8_e4m3fn_scaled", speakers=1,
-        sampler=OFFICIAL, low_vram=False,
+WORKFLOWS = {  # name -> function(name) -> Graph
+    "infinitetalk_single": partial(
+        infinitetalk_workflow, addon="wan2.1_infiniteTalk_single_fp16.safetensors", quantization="fp8_e4m3fn_scaled",
+        speakers=1, sampler=OFFICIAL, low_vram=False,
         prompt="A woman is talking to the camera, natural head movements and expressions, soft indoor light.",
         extra="fp8_e4m3fn_scaled keeps the 14B model in about 15 GB; choose disabled on 48 GB+ GPUs."),
-    "multitalk_two_speakers": dict(
-        addon="wan2.1_infiniteTalk_multi_fp16.safetensors", quantization="fp8_e4m3fn_scaled", speakers=2,
-        sampler=OFFICIAL, low_vram=False,
+    "multitalk_two_speakers": partial(
+        infinitetalk_workflow, addon="wan2.1_infiniteTalk_multi_fp16.safetensors", quantization="fp8_e4m3fn_scaled",
+        speakers=2, sampler=OFFICIAL, low_vram=False,
         prompt="Two people are having a conversation at a table, each talks in turn, natural gestures.",
         extra="Speaker 1 is the left half of the image, speaker 2 the right half. To choose the regions, paint "
               "a mask per speaker and connect them to mask_1 / mask_2 of Audio Embeds. two_speaker_mode: 'para' "
               "for two tracks on one timeline, 'add' when speaker 2 answers after speaker 1. The sampler's "
               "continuation 'multitalk' (with motion_frames 25) switches to the official MultiTalk long-video mode."),
-    "infinitetalk_lowvram_fp4": dict(
-        addon="wan2.1_infiniteTalk_single_fp16.safetensors", quantization="fp4_scaled", speakers=1,
-        sampler={"steps": 20}, low_vram=True,
+    "infinitetalk_lowvram_fp4": partial(
+        infinitetalk_workflow, addon="wan2.1_infiniteTalk_single_fp16.safetensors", quantization="fp4_scaled",
+        speakers=1, sampler={"steps": 20}, low_vram=True,
         prompt="A man is talking to the camera, natural head movements and expressions.",
         extra="Low VRAM (12 GB cards): fp4 weights (about 8 GB for the 14B model) loaded to CPU RAM, WanTalk Block "
               "Swap streaming the last blocks to the GPU (blocks_to_swap -1: chosen from the free VRAM and the "
               "video size), text and audio encoders on the CPU, 20 steps, and save_windows on, so a crashed long "
               "run resumes from its last finished window. On a CPU-only machine remove the Block Swap node."),
-    "infinitetalk_distill_lora": dict(
-        addon="wan2.1_infiniteTalk_single_fp16.safetensors", quantization="fp8_e4m3fn_scaled_fast", speakers=1,
-        sampler={"steps": 6, "shift": 2.0, "text_scale": 1.0, "audio_scale": 1.0}, low_vram=False, lora=DISTILL_LORA,
+    "infinitetalk_distill_lora": partial(
+        infinitetalk_workflow, addon="wan2.1_infiniteTalk_single_fp16.safetensors",
+        quantization="fp8_e4m3fn_scaled_fast", speakers=1, low_vram=False, lora=DISTILL_LORA,
+        sampler={"steps": 6, "shift": 2.0, "text_scale": 1.0, "audio_scale": 1.0},
         prompt="A woman is talking to the camera, natural head movements and expressions, soft indoor light.",
         extra="Fast: the lightx2v step-distill LoRA, merged into the weights while loading (lora_mode merge, "
               "before the fp8 quantization: no cost per step), 6 steps, shift 2, text and audio scale 1: one model "
               "pass per step, about 10x faster than 40 steps with three passes. fp8_e4m3fn_scaled_fast needs an "
               "RTX 40xx / H100 or newer; choose fp8_e4m3fn_scaled on older GPUs. For stronger lip sync try "
               "audio_scale 2 (two passes per step)."),
+    "humo_17b": humo_workflow,
 }
 
 
-def build(name: str, spec: dict) -> tuple[dict, dict]:
+def ui_path(name: str) -> str:
+    return os.path.join(HERE, f"{name}.json")
+
+
+def api_path(name: str) -> str:
+    return os.path.join(API_DIR, f"{name}_api.json")
+
+
+def build(name: str) -> tuple[dict, dict]:
     """(UI workflow, API workflow) of one entry of WORKFLOWS."""
-    spec = dict(spec)
-    extra = spec.pop("extra")
-    graph = talking_graph(prefix=f"wantalk_{name}", **spec)
-    sampler = next(n for n in graph.nodes if n["type"] == "WanTalkInfiniteTalkSampler")
-    note = (model_note(spec["addon"], spec.get("lora"), extra), (sampler["pos"][0], sampler["size"][1] + Graph.GAP),
-            (Graph.WIDTH, 420))
-    return graph.ui(notes=[note]), graph.api()
+    graph = WORKFLOWS[name](name)
+    return graph.ui(), graph.api()
 
 
 def main():
-    for name, spec in WORKFLOWS.items():
-        ui, api = build(name, spec)
-        for path, content in ((f"{name}.json", ui), (f"{name}_api.json", api)):
-            with open(os.path.join(HERE, path), "w", encoding="utf-8") as f:
-                json.dump(content, f, indent=1)
+    os.makedirs(API_DIR, exist_ok=True)
+    for name in WORKFLOWS:
+        ui, api = build(name)
+        for path, content in ((ui_path(name), ui), (api_path(name), api)):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=1, ensure_ascii=False)
+                f.write("\n")
         print("wrote", name)
 
 

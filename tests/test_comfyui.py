@@ -28,8 +28,8 @@ TOOLS = os.path.join(SHARED, "tools")
 PACK_NAME = "wantalk"  # the folder name users clone into custom_nodes/, hence the module name
 PACK_MODULE = f"custom_nodes.{PACK_NAME}"
 WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")
-API_WORKFLOWS = sorted(glob.glob(os.path.join(WORKFLOW_DIR, "*_api.json")))
-UI_WORKFLOWS = sorted(p for p in glob.glob(os.path.join(WORKFLOW_DIR, "*.json")) if not p.endswith("_api.json"))
+API_WORKFLOWS = sorted(glob.glob(os.path.join(WORKFLOW_DIR, "api", "*_api.json")))
+UI_WORKFLOWS = sorted(glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
 NO_WORKFLOWS = "no example workflows yet"
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".gif", ".webp")
 # Frontend-only node types: they never reach the server, so /object_info does not list them.

@@ -13,12 +13,10 @@ import torch
 from wantalk.humo.model_addon import HumoConfig, humo_addon
 from wantalk.humo.whisper import WhisperEncoder, WhisperEncoderConfig
 from wantalk.wanvideo.loader import build_model
-from tiny_models import TINY_I2V, random_state_dict, save_state_dict
+from tiny_models import TINY_HUMO_FILES, TINY_I2V, random_state_dict, save_state_dict
 
 TINY_WHISPER = WhisperEncoderConfig(n_mels=16, d_model=64, num_layers=32, num_heads=1, ffn_dim=96, num_positions=10)
 TINY_GRAPH_HUMO = HumoConfig(audio_channels=64, intermediate_dim=32, output_dim=32, context_tokens=4)
-TINY_HUMO_FILES = {"diffusion_models": "tiny_humo_17b.safetensors",
-                   "audio_encoders": "tiny_whisper_large_v3.safetensors"}
 
 
 def tiny_whisper(generator=None) -> tuple[WhisperEncoder, dict]:

@@ -99,6 +99,8 @@ TINY_FILES = {"diffusion_models": "tiny_wan2.1_i2v.safetensors",
               "vae": "tiny_wan_2.1_vae.safetensors",
               "audio_encoders": "tiny_chinese-wav2vec2-base.safetensors",
               "loras": "tiny_lightx2v_i2v_step_distill_rank4.safetensors"}
+TINY_HUMO_FILES = {"diffusion_models": "tiny_humo_17b.safetensors",
+                   "audio_encoders": "tiny_whisper_large_v3.safetensors"}   # written by tiny_humo.py
 ADDON_KEY_MARKERS = ("audio_proj.", "audio_cross_attn.", "norm_x.")
 
 
@@ -108,23 +110,21 @@ REAL_TO_TINY = {"wan2.1_i2v_480p_14B_bf16.safetensors": TINY_FILES["diffusion_mo
                 "wan2.1_infiniteTalk_multi_fp16.safetensors": TINY_FILES["model_patches"],
                 "wan_2.1_vae.safetensors": TINY_FILES["vae"],
                 "wav2vec2-chinese-base_fp16.safetensors": TINY_FILES["audio_encoders"],
-                "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors": TINY_FILES["loras"]}
+                "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors": TINY_FILES["loras"],
+                "humo_17B_fp16.safetensors": TINY_HUMO_FILES["diffusion_models"],
+                "whisper_large_v3_fp16.safetensors": TINY_HUMO_FILES["audio_encoders"]}
 
 
 def make_tiny_models(models_dir: str, seed: int = 0) -> dict:
     """Write the tiny files every example workflow needs into ComfyUI's model folders: Wan I2V, InfiniteTalk
     add-on, VAE, wav2vec2 and a step-distill-style LoRA (real key names, the layouts of the published files: bf16
-    DiT, separate add-on, `wav2vec2.`-prefixed encoder), plus the tiny HuMo files where tests/tiny_humo.py exists.
+    DiT, separate add-on, `wav2vec2.`-prefixed encoder), plus the tiny HuMo and Whisper files (tests/tiny_humo.py).
     Returns REAL_TO_TINY: the real file names of the workflows -> the tiny stand-ins."""
+    from tiny_humo import make_tiny_humo_models
     files = write_tiny_infinitetalk_files(models_dir, seed)
     make_tiny_lora(os.path.join(models_dir, "loras", TINY_FILES["loras"]), load_file(files["diffusion_models"]),
                    torch.Generator().manual_seed(seed))
-    try:
-        from tiny_humo import make_tiny_humo_models
-    except ImportError:
-        pass
-    else:
-        make_tiny_humo_models(models_dir, seed)
+    make_tiny_humo_models(models_dir, seed)
     return dict(REAL_TO_TINY)
 
 
