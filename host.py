@@ -49,16 +49,33 @@ def model_files(kind: str) -> list[str]:
     return sorted(out)
 
 
+class ModelPathError(FileNotFoundError):
+    """A model name that does not name a file inside the model folders (absolute, or leaving the folder)."""
+
+
+def _inside_folder_name(kind: str, name) -> str:
+    """`name` as a relative path that stays inside a model folder, or ModelPathError: a value that passed the
+    combo check only through the API or a `*` link must not open an arbitrary readable file."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelPathError(f"{kind} file name {name!r} is empty; choose a file from the models/{kind} list.")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or os.path.splitdrive(name)[0] or ".." in parts:
+        raise ModelPathError(f"{kind} file name '{name}' points outside the models/{kind} folder (absolute paths "
+                             f"and '..' are refused); put the file in models/{kind} and choose it from the list.")
+    return os.path.normpath(name)
+
+
 def model_path(kind: str, name: str) -> str:
-    """Absolute path of a file chosen from a model folder list (or an absolute path as given)."""
-    if os.path.isabs(name) and os.path.exists(name):
-        return name
+    """Absolute path of a file chosen from a model folder list: resolved only inside ComfyUI's folders of that
+    kind (outside ComfyUI: $WANTALK_MODELS/<kind>)."""
+    relative = _inside_folder_name(kind, name)
     if _folder_paths is not None:
-        path = _folder_paths.get_full_path(kind, name)
+        path = _folder_paths.get_full_path(kind, relative)
         if path:
             return path
-    path = os.path.join(_FALLBACK_ROOT, kind, name)
-    if os.path.exists(path):
+    folder = os.path.abspath(os.path.join(_FALLBACK_ROOT, kind))
+    path = os.path.join(folder, relative)
+    if os.path.commonpath([folder, os.path.abspath(path)]) == folder and os.path.isfile(path):
         return path
     raise FileNotFoundError(f"{kind} file '{name}' was not found; put it in the ComfyUI models/{kind} folder.")
 
@@ -119,3 +136,20 @@ class ProgressBar:
                 self._bar.update_absolute(self.current, self.total, preview)
             else:
                 self._bar.update_absolute(self.current, self.total)
+
+
+def warn_user(message: str) -> None:
+    """A warning the user should see although the run goes on: logged, and shown on the running node in ComfyUI
+    (PromptServer.send_progress_text, the text ComfyUI's own nodes show under a node). Outside ComfyUI, or when
+    the server is not running, only logged."""
+    log.warning(message)
+    if _folder_paths is None:
+        return
+    try:
+        from comfy_execution.utils import get_executing_context  # type: ignore
+        from server import PromptServer  # type: ignore
+        context = get_executing_context()
+        if context is not None and getattr(PromptServer, "instance", None) is not None:
+            PromptServer.instance.send_progress_text(f"warning: {message}", context.node_id)
+    except Exception as exc:  # pragma: no cover - depends on the ComfyUI version; the log line is already out
+        log.debug("wantalk: could not show the warning in ComfyUI: %s", exc)

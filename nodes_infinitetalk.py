@@ -7,7 +7,6 @@ for ComfyUI's Create Video -> Save Video.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 
@@ -15,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import host
+from . import host, validation
 from .multitalk.conditioning import speaker_masks
-from .multitalk.long_video import CONTINUATIONS, LongVideoSettings, fingerprint, generate_long_video, window_starts
-from .nodes_audio import AUDIO_EMBEDS_TYPE, FPS, SAMPLES_PER_FRAME
+from .multitalk.long_video import CONTINUATIONS, LongVideoSettings, generate_long_video, window_starts
+from .nodes_audio import AUDIO_EMBEDS_TYPE, FPS, SAMPLES_PER_FRAME, AudioEmbeds
 from .nodes_common import (CATEGORY, MAX_FRAMES_INPUT, MODEL_TYPE, SAVE_WINDOWS_INPUT, SEED_INPUT, NodeInputError,
                            VideoSamplerNode)
 from .nodes_lowvram import compute_device_for
@@ -85,6 +84,7 @@ def conditioning_from(model, positive, negative, clip_vision_output, device, nod
     cfg = model.cfg
     context, negative_context = first_tensor(positive, node, "positive"), first_tensor(negative, node, "negative")
     for name, tensor in (("positive", context), ("negative", negative_context)):
+        validation.conditioning_tensor(node, name, tensor)
         if tensor.shape[-1] != cfg.text_dim:
             raise NodeInputError(node, name, f"the text embedding has {tensor.shape[-1]} channels but the model "
                                  f"expects {cfg.text_dim} (umT5-XXL): load the text encoder with Load CLIP, "
@@ -96,6 +96,7 @@ def conditioning_from(model, positive, negative, clip_vision_output, device, nod
         except (KeyError, AttributeError, TypeError):
             raise NodeInputError(node, "clip_vision_output", "expected the output of CLIP Vision Encode "
                                  "(clip_vision_h.safetensors).") from None
+        validation.clip_features(node, "clip_vision_output", clip_fea)
         if not cfg.image_branch or clip_fea.shape[-1] != cfg.clip_dim:
             raise NodeInputError(node, "clip_vision_output", f"CLIP features of width {clip_fea.shape[-1]} do not "
                                  f"fit this model (expects {cfg.clip_dim if cfg.image_branch else 'none'}); use "
@@ -175,6 +176,9 @@ class WanTalkSaveEmbeddings:
                    "negative": first_tensor(negative, node, "negative")}
         if clip_vision_output is not None:
             tensors["clip_vision"] = clip_vision_output["penultimate_hidden_states"][:1]
+        inputs = {"positive": "positive", "negative": "negative", "clip_vision": "clip_vision_output"}
+        for key, tensor in tensors.items():
+            validation.finite(node, inputs[key], tensor)
         folder = os.path.join(host.output_directory(), EMBEDDINGS_FOLDER)
         os.makedirs(folder, exist_ok=True)
         save_file({k: v.float().cpu().contiguous() for k, v in tensors.items()}, os.path.join(folder, stem + ".safetensors"))
@@ -210,6 +214,8 @@ class WanTalkLoadEmbeddings:
         if missing:
             raise NodeInputError(node, "embeddings", f"'{path}' lacks {missing}; it was not written by Save "
                                  f"Embeddings (wantalk).")
+        for key, tensor in tensors.items():
+            validation.finite(node, "embeddings", tensor, f"values in '{key}' of '{path}'")
         clip = ClipVisionEmbeds(tensors["clip_vision"]) if "clip_vision" in tensors else None
         return ([[tensors["positive"], {}]], [[tensors["negative"], {}]], clip)
 
@@ -287,6 +293,10 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
                scheduler, text_scale, audio_scale, seed, frame_window, motion_frames, color_correction, max_frames,
                save_windows, clip_vision_output=None, continuation="infinitetalk", clip_vision=None):
         node = "InfiniteTalk Sampler"
+        validation.widgets(node, self.INPUT_TYPES(), locals())
+        validation.wan_model(node, "model", model, "infinitetalk")
+        validation.wan_vae(node, "vae", vae)
+        validation.of_type(node, "audio_embeds", audio_embeds, AudioEmbeds, "Audio Embeds (wantalk)")
         if width % 16 or height % 16:
             raise NodeInputError(node, "width/height", f"{width}x{height} is not a multiple of 16; use e.g. 832x480.")
         settings = LongVideoSettings(frame_window=frame_window, motion_frames=motion_frames, steps=steps,
@@ -313,10 +323,7 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
         def on_window(window, frames):
             bar.update((window + 1) * steps - bar.current, preview=preview_image(frames[-1]))
 
-        resume_dir = None
-        if save_windows:
-            resume_dir = os.path.join(host.output_directory(), WINDOWS_FOLDER, self._run_key(model, vae, settings,
-                                                                                             image, talk, text))
+        resume_dir = os.path.join(host.output_directory(), WINDOWS_FOLDER) if save_windows else None  # + run key
         try:
             frames = generate_long_video(model, vae, image, talk, text, settings, resume_dir=resume_dir,
                                          encode_clip=self._clip_encoder(clip_vision, model, node),
@@ -329,7 +336,7 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
             host.soft_empty_cache()
         waveform = audio_embeds.audio["waveform"][..., :frames.shape[0] * SAMPLES_PER_FRAME]
         audio = {"waveform": waveform, "sample_rate": audio_embeds.audio["sample_rate"]}
-        return (frames.float() / 255, audio, float(FPS))
+        return (frames, audio, float(FPS))
 
     @staticmethod
     def _clip_encoder(clip_vision, model, node: str):
@@ -349,10 +356,8 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
 
     @staticmethod
     def _start_image(start_image: torch.Tensor, height: int, width: int, node: str) -> torch.Tensor:
-        if start_image.dim() != 4 or start_image.shape[-1] < 3:
-            raise NodeInputError(node, "start_image", f"expected an IMAGE [batch, height, width, 3], got shape "
-                                 f"{tuple(start_image.shape)}.")
-        picture = start_image[0, :, :, :3].permute(2, 0, 1).float().cpu()
+        picture = validation.single_image(node, "start_image", start_image)
+        picture = picture[0, :, :, :3].permute(2, 0, 1).float().cpu()
         return resize_center_crop(picture, height, width).clamp(0, 1) * 2 - 1
 
     @staticmethod
@@ -367,15 +372,6 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
                                  f"the start image is {tuple(start_image.shape[1:3])}; draw the masks on the start "
                                  f"image.")
         return resize_center_crop(talk.masks, height, width, mode="nearest")
-
-    @staticmethod
-    def _run_key(model, vae, settings, image, talk, text) -> str:
-        """Folder of a resumable run: the window store's input fingerprint plus the model set-up, so that a
-        different model or quantization never resumes from another run's windows."""
-        setup = f"{model.cfg}|{getattr(model, 'quant_report', None) and model.quant_report.summary()}|{vae.config}"
-        inputs = fingerprint(settings, image, text.context, text.negative_context, text.clip_fea, *talk.features,
-                             talk.masks)
-        return hashlib.blake2b((inputs + setup).encode(), digest_size=12).hexdigest()
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,0 +1,260 @@
+"""Checks of node inputs at the node boundary, so that a bad input is refused before any work, naming the node and
+the input, what was expected and what to do (`NodeInputError`), and a probable mistake is warned about (log and
+ComfyUI) without refusing. A wrong video with no error is the worst outcome: every tensor is checked once here.
+
+Decisions:
+- A uint8 IMAGE is converted (divided by 255) with a warning: its dtype states the 0..255 scale, so the
+  conversion is exact, not a guess. A float IMAGE with values far above 1 is refused: it is not a ComfyUI IMAGE
+  (0..1) and its scale cannot be known. Small overshoots (resampling ringing) are clipped with a warning.
+- Integer PCM audio is normalised by its dtype's full scale (again stated by the dtype); float audio with peaks
+  far above 1 is refused (integer PCM stored as float: the scale is unknown).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import host
+from .nodes_common import SEED_INPUT, NodeInputError
+
+SEED_MAX = SEED_INPUT[1]["max"]
+MAX_VIDEO_SIDE = 4096
+IMAGE_SLACK = 0.02          # overshoot of resampled images that is clipped (with a warning) rather than refused
+IMAGE_SCALE_LIMIT = 2.0     # beyond this a float IMAGE is on another scale (0..255): refused
+SMALL_IMAGE_SIDE = 64       # a start/reference image smaller than this is probably a mistake
+AUDIO_PEAK_LIMIT = 4.0      # float audio beyond this is integer PCM stored as float: refused
+SILENT_RMS = 1e-4           # -80 dBFS: audio this quiet is silence, not speech
+
+
+def warn(node: str, message: str) -> None:
+    """A probable mistake: logged and shown on the node in ComfyUI; the run goes on."""
+    host.warn_user(f"[wantalk {node}] {message}")
+
+
+# ---- widget values ----------------------------------------------------------------------------------------------
+
+def number(node: str, name: str, value, low=None, high=None, *, integer: bool = False):
+    """`value` as int (integer=True) or float, after checking it is a finite number within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise NodeInputError(node, name, f"expected a number, got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(float(value)):
+        raise NodeInputError(node, name, f"is {value}; give a finite number.")
+    if integer:
+        if not float(value).is_integer():
+            raise NodeInputError(node, name, f"expected a whole number, got {value!r}.")
+        value = int(value)
+    else:
+        value = float(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if low is not None and high is not None else (
+            f"at least {low}" if low is not None else f"at most {high}")
+        raise NodeInputError(node, name, f"must be {bounds}, got {value}.")
+    return value
+
+
+def choice(node: str, name: str, value, choices) -> str:
+    if value not in choices:
+        raise NodeInputError(node, name, f"unknown value {value!r}; choose one of {', '.join(map(str, choices))}.")
+    return value
+
+
+def widgets(node: str, input_types: dict, values: dict) -> None:
+    """Check every widget value in `values` (e.g. a node's `locals()`) against the node's own INPUT_TYPES: INT and
+    FLOAT within their min/max and finite, combos among their choices, BOOLEAN a bool. Called first thing by a
+    node, so each bad value is reported against its own input (ComfyUI checks this for the UI, not for API
+    prompts, links from `*` outputs or plain Python calls)."""
+    specs = {**input_types.get("required", {}), **input_types.get("optional", {})}
+    for name, value in values.items():
+        spec = specs.get(name)
+        if spec is None or value is None:
+            continue
+        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+        if isinstance(kind, (list, tuple)):
+            choice(node, name, value, kind)
+        elif kind in ("INT", "FLOAT"):
+            number(node, name, value, options.get("min"), options.get("max"), integer=kind == "INT")
+        elif kind == "BOOLEAN" and not isinstance(value, bool):
+            raise NodeInputError(node, name, f"expected true or false, got {value!r}.")
+
+
+def seed(node: str, value, name: str = "seed") -> int:
+    return number(node, name, value, 0, SEED_MAX, integer=True)
+
+
+def video_size(node: str, width, height) -> tuple[int, int]:
+    """Width and height as positive whole numbers of pixels (the multiple-of-16 rule is the sampler's)."""
+    return (number(node, "width", width, 16, MAX_VIDEO_SIDE, integer=True),
+            number(node, "height", height, 16, MAX_VIDEO_SIDE, integer=True))
+
+
+# ---- tensors ----------------------------------------------------------------------------------------------------
+
+def finite(node: str, name: str, tensor: torch.Tensor, what: str = "values") -> torch.Tensor:
+    """Refuse NaN/inf: they turn the whole video black (or into noise) without any error."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise NodeInputError(node, name, f"contains {bad} NaN/inf {what} of {tensor.numel()}; the node that "
+                                 f"made it produced invalid numbers (re-run or replace it).")
+    return tensor
+
+
+def image(node: str, name: str, picture) -> torch.Tensor:
+    """A ComfyUI IMAGE `[batch, height, width, 3 or 4]` as float in 0..1 (see the module docstring)."""
+    if not isinstance(picture, torch.Tensor):
+        raise NodeInputError(node, name, f"expected an IMAGE tensor [batch, height, width, 3], got "
+                             f"{type(picture).__name__}.")
+    shape = tuple(picture.shape)
+    if picture.dim() != 4:
+        raise NodeInputError(node, name, f"expected an IMAGE [batch, height, width, 3], got shape {shape}.")
+    if shape[-1] not in (3, 4):
+        if shape[1] in (1, 3, 4):
+            raise NodeInputError(node, name, f"has shape {shape}: channels first [batch, channels, height, width]; "
+                                 f"a ComfyUI IMAGE is channels last [batch, height, width, 3] (use "
+                                 f"image.permute(0, 2, 3, 1)).")
+        raise NodeInputError(node, name, f"expected an IMAGE [batch, height, width, 3], got shape {shape}.")
+    if shape[0] == 0 or shape[1] == 0 or shape[2] == 0:
+        raise NodeInputError(node, name, f"is empty (shape {shape}); connect at least one image.")
+    if picture.dtype == torch.uint8:
+        warn(node, f"input '{name}' is uint8 (0..255); converted to a float IMAGE in 0..1.")
+        return picture.float() / 255
+    if not picture.is_floating_point():
+        raise NodeInputError(node, name, f"has dtype {picture.dtype}; a ComfyUI IMAGE is float in 0..1.")
+    finite(node, name, picture, "pixels")
+    low, high = float(picture.min()), float(picture.max())
+    if high > IMAGE_SCALE_LIMIT or low < -IMAGE_SCALE_LIMIT:
+        raise NodeInputError(node, name, f"has values from {low:g} to {high:g}; a ComfyUI IMAGE is in 0..1 (this "
+                             f"looks like 0..255: divide by 255, or load it with Load Image).")
+    if high > 1 + IMAGE_SLACK or low < -IMAGE_SLACK:
+        warn(node, f"input '{name}' has values from {low:.3f} to {high:.3f}, outside 0..1; they are clipped.")
+        return picture.clamp(0, 1)
+    return picture
+
+
+def single_image(node: str, name: str, picture) -> torch.Tensor:
+    """The first image of an IMAGE batch, checked; warns when a batch was given or the picture is tiny."""
+    picture = image(node, name, picture)
+    if picture.shape[0] > 1:
+        warn(node, f"input '{name}' is a batch of {picture.shape[0]} images; only the first is used.")
+    small_picture(node, name, picture)
+    return picture[:1]
+
+
+def small_picture(node: str, name: str, picture: torch.Tensor) -> None:
+    height, width = picture.shape[1:3]
+    if min(height, width) < SMALL_IMAGE_SIDE:
+        warn(node, f"input '{name}' is only {width}x{height} pixels; it is enlarged to the video size and the "
+             f"person will be blurry. Use a picture of at least the video size.")
+
+
+def conditioning_tensor(node: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    return finite(node, name, tensor, "embedding values")
+
+
+def clip_features(node: str, name: str, features) -> torch.Tensor:
+    """CLIP vision penultimate hidden states `[batch, tokens, width]`, finite."""
+    if not isinstance(features, torch.Tensor) or features.dim() != 3:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise NodeInputError(node, name, f"expected CLIP vision features [1, 257, 1280] (CLIP Vision Encode with "
+                             f"clip_vision_h), got {shape}.")
+    return finite(node, name, features, "feature values")
+
+
+# ---- audio ------------------------------------------------------------------------------------------------------
+
+def audio_scale(node: str, name: str, audio):
+    """A ComfyUI AUDIO whose waveform is float in about -1..1: integer PCM normalised by its dtype's full scale,
+    float audio far beyond 1 refused. Other malformed input is left to the audio preparation's own checks."""
+    if not isinstance(audio, dict) or not isinstance(audio.get("waveform"), torch.Tensor):
+        return audio
+    waveform = audio["waveform"]
+    if waveform.dtype == torch.bool:
+        raise NodeInputError(node, name, "the waveform is boolean; expected float samples in -1..1.")
+    if not waveform.is_floating_point():
+        full_scale = float(torch.iinfo(waveform.dtype).max) + 1
+        host.log.info("wantalk %s: input '%s' is %s PCM; normalised by %d", node, name, waveform.dtype, full_scale)
+        return {**audio, "waveform": waveform.float() / full_scale}
+    finite(node, name, waveform, "samples")
+    peak = float(waveform.abs().max()) if waveform.numel() else 0.0
+    if peak > AUDIO_PEAK_LIMIT:
+        raise NodeInputError(node, name, f"has float samples up to {peak:.4g}; ComfyUI AUDIO is float in -1..1. "
+                             f"This looks like integer PCM stored as float: divide by 32768 (16-bit) or 2**31 "
+                             f"(32-bit), or load it with ComfyUI's Load Audio.")
+    return audio
+
+
+def speech_level(node: str, name: str, track: torch.Tensor) -> None:
+    """Warn when the (16 kHz mono) audio is silent: the mouth will not move."""
+    rms = float(track.float().pow(2).mean().sqrt()) if track.numel() else 0.0
+    if rms < SILENT_RMS:
+        warn(node, f"input '{name}' is silent (RMS {rms:.1e}); the video will show no speech. Check the audio "
+             f"file and the volume.")
+
+
+# ---- parts wired together ---------------------------------------------------------------------------------------
+
+def model_kind(model) -> str:
+    """'infinitetalk', 'humo' or 'plain' (a Wan model without audio layers), from the loaded model's config."""
+    audio = getattr(getattr(model, "cfg", None), "audio", None)
+    if audio is None:
+        return "plain"
+    if hasattr(audio, "audio_window"):
+        return "infinitetalk"
+    if hasattr(audio, "bands"):
+        return "humo"
+    return type(audio).__name__
+
+
+_WANTS = {"infinitetalk": "a Wan 2.1 I2V 14B model with InfiniteTalk/MultiTalk weights (Load Wan Model (wantalk) "
+                          "with addon_model, or a combined file)",
+          "humo": "a HuMo model (HuMo-17B or HuMo-1.7B file in Load Wan Model (wantalk))"}
+_OTHER_SAMPLER = {"infinitetalk": "InfiniteTalk Sampler (wantalk)", "humo": "HuMo Sampler (wantalk)"}
+
+
+def wan_model(node: str, name: str, model, kind: str):
+    """Refuse a model of another kind than the sampler drives, saying which sampler the given one belongs to."""
+    if not hasattr(model, "cfg") or not hasattr(model, "blocks"):
+        raise NodeInputError(node, name, f"expected the model from Load Wan Model (wantalk), got "
+                             f"{type(model).__name__}.")
+    found = model_kind(model)
+    if found == kind and (kind != "infinitetalk" or model.cfg.model_type == "i2v"):
+        return model
+    if found == kind:
+        what = "a text-to-video model with InfiniteTalk weights; InfiniteTalk needs the I2V model"
+    elif found in _OTHER_SAMPLER:
+        what = f"a {found} model; use it with {_OTHER_SAMPLER[found]}"
+    else:
+        what = f"a plain Wan {model.cfg.model_type.upper()} model without audio layers"
+    raise NodeInputError(node, name, f"this is {what}. Expected {_WANTS[kind]}.")
+
+
+def wan_vae(node: str, name: str, vae):
+    from .wanvideo.vae import WanVAE
+    if not isinstance(vae, WanVAE):
+        raise NodeInputError(node, name, f"expected the Wan 2.1 VAE from Load Wan VAE (wantalk), got "
+                             f"{type(vae).__name__}.")
+    return vae
+
+
+def audio_encoder(node: str, name: str, encoder, kind: str):
+    """kind 'wav2vec2' (InfiniteTalk) or 'whisper' (HuMo): refuse the other encoder, which would give features
+    of the wrong layout."""
+    from .humo.whisper import WhisperEncoder
+    from .multitalk.wav2vec2 import Wav2Vec2Encoder
+    expected = {"wav2vec2": (Wav2Vec2Encoder, "the wav2vec2 encoder from Load wav2vec2 (wantalk); InfiniteTalk was "
+                                            "trained with chinese-wav2vec2-base"),
+                "whisper": (WhisperEncoder, "the Whisper encoder from Load Whisper (wantalk); HuMo was trained with "
+                                            "Whisper-large-v3")}
+    cls, what = expected[kind]
+    if not isinstance(encoder, cls):
+        raise NodeInputError(node, name, f"got {type(encoder).__name__}; expected {what}.")
+    return encoder
+
+
+def of_type(node: str, name: str, value, cls: type, made_by: str):
+    """Refuse an object of another kind (e.g. HuMo embeds on an InfiniteTalk input), saying where it comes from."""
+    if not isinstance(value, cls):
+        raise NodeInputError(node, name, f"got {type(value).__name__}; expected the output of {made_by}.")
+    return value
