@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .wanvideo.kernels import nvfp4_native
+from .wanvideo.kernels import gguf_dequant, nvfp4_native
 from .wanvideo.kernels import quant_formats as qf
 
 log = logging.getLogger("wantalk")
@@ -208,3 +208,30 @@ class NVFP4Linear(QuantizedLinear):
     def fp8_operands(self):
         # A transient E4M3 copy per call (half the bf16 bytes, freed after the GEMM): one bandwidth-bound launch.
         return _triton().nvfp4_to_fp8(self.weight, self.weight_scale, self.weight_scale_2, self.shape)
+
+
+class GGUFLinear(QuantizedLinear):
+    """A GGUF (ggml) block-quantized weight kept as its file's blocks: `weight` is `uint8 [N, row_bytes]`,
+    `qtype` the block format. Dequantized to the activation dtype on every call (on the GPU by
+    `gguf_dequant`), so memory holds the file's bytes, not a bf16 copy."""
+
+    def __init__(self, in_features, out_features, bias=True, *, qtype="Q8_0", compute_dtype=torch.bfloat16,
+                 device=None):
+        super().__init__(in_features, out_features, bias, compute_dtype=compute_dtype, fast=False, device=device)
+        self.qtype = qtype
+        row = gguf_dequant.packed_row_bytes(qtype, in_features)
+        self.weight = nn.Parameter(torch.empty(out_features, row, device=device, dtype=torch.uint8),
+                                   requires_grad=False)
+
+    @property
+    def format_name(self) -> str:
+        return f"gguf_{self.qtype}"
+
+    def set_codes(self, blocks: torch.Tensor) -> None:
+        self.weight = nn.Parameter(blocks.reshape(self.out_features, -1), requires_grad=False)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return gguf_dequant.dequantize(self.weight, self.qtype, (self.out_features, self.in_features), dtype)
+
+    def fp8_operands(self):
+        return None

@@ -16,6 +16,8 @@ import torch
 
 from . import quantization as policy
 from .checkpoint import CheckpointError, CheckpointReader, describe_foreign, strip_prefix
+from .gguf import GGUFCheckpoint, is_gguf
+from .kernels.gguf_dequant import BLOCK_FORMATS
 from .modules.model import WanConfig, WanModel
 from .modules.attention import ATTENTION_MODES
 
@@ -123,7 +125,7 @@ class _Sources:
     """Merged view over several checkpoint files; later files override earlier ones key by key."""
 
     def __init__(self, paths: list[str]):
-        self.readers = [CheckpointReader(p) for p in paths]
+        self.readers = [GGUFCheckpoint(p) if is_gguf(p) else CheckpointReader(p) for p in paths]
         self.where: dict[str, tuple[CheckpointReader, str]] = {}
         self.aux: dict[str, dict[str, tuple[CheckpointReader, str]]] = {}
         for reader in self.readers:
@@ -146,7 +148,15 @@ class _Sources:
     def get(self, key: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         reader, raw = self.where[key]
         aux = {s: r.get(rk) for s, (r, rk) in self.aux.get(key, {}).items()}
+        if isinstance(reader, GGUFCheckpoint):
+            tensor, marker = reader.stored(raw)
+            return tensor, {**aux, **marker}
         return reader.get(raw), aux
+
+    def gguf_types(self) -> dict[str, str]:
+        """Key -> GGUF block format of every quantized GGUF tensor (read from the headers)."""
+        return {k: r.qtype(raw) for k, (r, raw) in self.where.items()
+                if isinstance(r, GGUFCheckpoint) and r.qtype(raw) in BLOCK_FORMATS}
 
 
 def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quantization: str = "disabled",
@@ -164,8 +174,10 @@ def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quanti
         raise CheckpointError(f"'{path}' is {foreign}.")
     hints = _config_hints(path, sources.readers[0])
     hints.update(config_overrides or {})
+    policy.check_gguf_quantization(sources.gguf_types(), quantization)
     transforms = []
     if loras:
+        _refuse_gguf_loras(loras)
         from .lora import lora_merge_transform
         transforms.append(lora_merge_transform(loras, sources.shapes()))
     model = assemble_model(sources.shapes(), sources.get, device=device, base_dtype=base_dtype,
@@ -216,7 +228,7 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
     device = torch.device(device)
     for key in expected:
         tensor, aux = fetch(key)
-        tensor, aux = _transformed(key, tensor, aux, weight_transforms, device)
+        tensor, aux = _transformed(key, tensor, aux, tuple(expected[key].shape), weight_transforms, device)
         policy.load_param(model, key, tensor, aux=aux, device=device, base_dtype=base_dtype)
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if leftover:
@@ -228,18 +240,26 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
     return model
 
 
-def _transformed(key: str, tensor: torch.Tensor, aux: dict, transforms, device):
-    """Apply the weight transforms that touch `key`, on `device`, in float32."""
+def _transformed(key: str, tensor: torch.Tensor, aux: dict, shape: tuple[int, ...], transforms, device):
+    """Apply the weight transforms that touch `key` (logical `shape`), on `device`, in float32."""
     for transform in transforms:
         targets = getattr(transform, "targets", None)
         if targets is not None and key not in targets:
             continue  # untouched weights stream as stored: no dequantization, no extra time
-        shape = policy.logical_shape(tuple(tensor.shape), aux.keys())
         stored = policy.decode_stored(key, tensor.to(device), {k: v.to(device) for k, v in aux.items()}, shape)
         out = transform(key, stored.dense(shape, torch.float32))
         if out is not None:
-            tensor, aux = out, {}
+            tensor, aux = policy.restored(stored, out)
     return tensor, aux
+
+
+def _refuse_gguf_loras(loras) -> None:
+    from .lora import LoraError
+    for lora_path, _ in loras:
+        if is_gguf(lora_path):
+            raise LoraError(f"'{lora_path}' is a GGUF LoRA; wantalk reads LoRAs as safetensors. Use the LoRA's "
+                            f".safetensors release (GGUF LoRAs are not published for Wan 2.1; a GGUF model takes "
+                            f"safetensors LoRAs, merged while it loads).")
 
 
 def _renamed(shapes: dict, fetch, renames: dict[str, str]):

@@ -21,8 +21,10 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..fp8_optimization import FP8Linear, NVFP4Linear, QuantizedLinear
+from ..fp8_optimization import FP8Linear, GGUFLinear, NVFP4Linear, QuantizedLinear
 from .checkpoint import CheckpointError
+from .gguf import SUPPORTED_TYPES, TYPE_MARKER, marker_qtype
+from .kernels import gguf_dequant
 from .kernels import quant_formats as qf
 
 log = logging.getLogger("wantalk")
@@ -35,6 +37,9 @@ DEFAULT_PARAMS_TO_KEEP = ("norm", "bias", "time_in", "patch_embedding", "time_",
 
 # Checkpoint keys that travel beside a weight and describe how it is stored.
 AUX_SUFFIXES = ("scale_weight", "weight_scale", "weight_scale_2", "comfy_quant", "input_scale", "scale_input")
+# GGUF block formats a `quantization` mode may re-quantize at load (no coarser than the mode's own format);
+# the coarser ones keep their blocks and need `disabled`.
+GGUF_REQUANTIZABLE = ("Q8_0",)
 GLOBAL_MARKERS = ("scaled_fp8",)
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -157,17 +162,21 @@ def apply_policy(model: nn.Module, mode: str, params_to_keep: Iterable[str], *, 
 
 @dataclass
 class Stored:
-    """A checkpoint weight as stored: dense, fp8 codes + per-row scale, or NVFP4 (row-major block scales)."""
-    fmt: str                                   # "dense", "fp8", "nvfp4"
+    """A checkpoint weight as stored: dense, fp8 codes + per-row scale, NVFP4 (row-major block scales) or GGUF
+    blocks."""
+    fmt: str                                   # "dense", "fp8", "nvfp4", "gguf"
     data: torch.Tensor
     scale: torch.Tensor | None = None          # fp8: fp32 [N]; nvfp4: E4M3 [Np, Kp/16]
     global_scale: torch.Tensor | None = None   # nvfp4: fp32 0-d
+    qtype: str | None = None                   # gguf: the block format ("Q4_K", ...)
 
     def to(self, device) -> "Stored":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return Stored(self.fmt, move(self.data), move(self.scale), move(self.global_scale))
+        return Stored(self.fmt, move(self.data), move(self.scale), move(self.global_scale), self.qtype)
 
-    def dense(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    def dense(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.fmt == "gguf":
+            return gguf_dequant.dequantize(self.data, self.qtype, shape, dtype)
         if self.fmt == "fp8":
             return qf.fp8_dequantize(self.data, self.scale, dtype)
         if self.fmt == "nvfp4":
@@ -222,8 +231,24 @@ def _nvfp4(name: str, tensor: torch.Tensor, aux: dict, shape: tuple[int, int]) -
     return Stored("nvfp4", tensor.view(torch.uint8), scales, global_scale.float().reshape(()))
 
 
+def check_gguf_quantization(gguf_types: dict[str, str], mode: str) -> None:
+    """Refuse, before any tensor is read, a mode that would re-quantize GGUF blocks coarser than Q8_0 (a second
+    rounding on top of the first, for no memory gain)."""
+    if mode == "disabled":
+        return
+    coarse = sorted({q for q in gguf_types.values() if q not in GGUF_REQUANTIZABLE})
+    if coarse:
+        raise CheckpointError(f"quantization '{mode}' cannot be applied to GGUF weights stored as "
+                              f"{', '.join(coarse)}: they are already smaller than {mode} and would be rounded "
+                              f"twice. Choose quantization 'disabled' (the GGUF blocks are used as they are); "
+                              f"only {', '.join(GGUF_REQUANTIZABLE)} files can be re-quantized at load.")
+
+
 def decode_stored(name: str, tensor: torch.Tensor, aux: dict[str, torch.Tensor], shape: tuple[int, ...]) -> Stored:
-    """Recognise how checkpoint weight `name` is stored (KJ `scale_weight`, ComfyUI `comfy_quant`, plain)."""
+    """Recognise how checkpoint weight `name` is stored (KJ `scale_weight`, ComfyUI `comfy_quant`, GGUF blocks,
+    plain)."""
+    if TYPE_MARKER in aux:
+        return Stored("gguf", tensor, qtype=marker_qtype(aux))
     if "comfy_quant" in aux:
         fmt = comfy_quant_config(name, aux["comfy_quant"])["format"]
         if fmt in COMFY_FP8_FORMATS:
@@ -241,6 +266,15 @@ def decode_stored(name: str, tensor: torch.Tensor, aux: dict[str, torch.Tensor],
     return Stored("dense", tensor)
 
 
+def restored(original: Stored, changed: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A weight changed at load (a merged LoRA) as it streams on: GGUF-quantized linears go back into blocks
+    (Q8_0: finer than any type they came in, about half the bytes of bf16) so a LoRA does not turn a 4-bit model
+    into a bf16 one; every other weight stays dense (the mode quantizes it next)."""
+    if original.fmt == "gguf" and changed.dim() == 2 and changed.shape[1] % 32 == 0:
+        return gguf_dequant.quantize_q8_0(changed), {TYPE_MARKER: torch.tensor(SUPPORTED_TYPES.index("Q8_0"))}
+    return changed, {}
+
+
 def logical_shape(stored_shape: tuple[int, ...], aux_names) -> tuple[int, ...]:
     """The `[N, K]` shape of a weight as the model sees it. NVFP4 weights (recognised by their per-tensor
     `weight_scale_2`) are stored packed two per byte as `[N, K/2]`; every other shape is unchanged."""
@@ -253,14 +287,16 @@ def logical_shape(stored_shape: tuple[int, ...], aux_names) -> tuple[int, ...]:
 # Materialising parameters
 # ----------------------------------------------------------------------------------------------
 
-_FORMAT_BITS = {"fp8": 8, "nvfp4": 4}
+_FORMAT_BITS = {"fp8": 8, "nvfp4": 4, "gguf": 16}  # a GGUF layer a mode targets is re-quantized from Q8_0
 
 
 def _layer_for_stored(layer: nn.Module, stored: Stored, base_dtype: torch.dtype) -> QuantizedLinear:
     """The quantized layer that holds `stored` as is, carrying over the bias and the fast flag."""
     fast = getattr(layer, "fast", False)
     args = (layer.in_features, layer.out_features, layer.bias is not None)
-    if stored.fmt == "fp8":
+    if stored.fmt == "gguf":
+        new = GGUFLinear(*args, qtype=stored.qtype, compute_dtype=base_dtype, device="meta")
+    elif stored.fmt == "fp8":
         new = FP8Linear(*args, fp8_dtype=stored.data.dtype, scaled=True, compute_dtype=base_dtype, fast=fast,
                         device="meta")
     else:
@@ -271,9 +307,12 @@ def _layer_for_stored(layer: nn.Module, stored: Stored, base_dtype: torch.dtype)
 
 def _load_linear_weight(model, module_name, layer, stored: Stored, device, base_dtype) -> None:
     """Put a weight into a quantized layer: quantize dense weights on `device`, adopt pre-quantized bytes."""
-    target = "fp8" if isinstance(layer, FP8Linear) else "nvfp4"
     shape = (layer.out_features, layer.in_features)
     stored = stored.to(device)
+    if isinstance(layer, GGUFLinear):
+        layer.set_codes(stored.data)
+        return
+    target = "fp8" if isinstance(layer, FP8Linear) else "nvfp4"
     if stored.fmt == "dense" or _FORMAT_BITS[target] < _FORMAT_BITS[stored.fmt]:
         layer.set_from_float(stored.dense(shape, torch.float32) if stored.fmt != "dense" else stored.data)
         return
