@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import host
+from . import host, validation
 from .multitalk import audio_processing
 from .multitalk.audio_processing import TARGET_RATE
 from .multitalk.long_video import TalkAudio
@@ -200,15 +200,19 @@ class WanTalkAudioEmbeds:
     def embed(self, audio_1, normalize_loudness, audio_scale, num_frames, two_speaker_mode, audio_encoder=None,
               audio_2=None, mask_1=None, mask_2=None, encoded_audio_1=None, encoded_audio_2=None):
         node = "Audio Embeds"
+        validation.widgets(node, self.INPUT_TYPES(), locals())
+        if audio_encoder is not None:
+            validation.audio_encoder(node, "audio_encoder", audio_encoder, "wav2vec2")
         clips = {"audio_1": audio_1, "audio_2": audio_2}
         tracks = []
         for name, clip in clips.items():
             if clip is None:
                 continue
             try:
-                track = audio_processing.to_mono_16k(clip, name=name)
+                track = audio_processing.to_mono_16k(validation.audio_scale(node, name, clip), name=name)
             except ValueError as exc:
                 raise NodeInputError(node, name, str(exc)) from None
+            validation.speech_level(node, name, track)
             tracks.append(audio_processing.normalize_loudness(track, TARGET_RATE) if normalize_loudness else track)
         if audio_encoder is not None:
             tracks = arrange_speakers(tracks, two_speaker_mode)

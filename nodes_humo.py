@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import host
+from . import host, validation
 from .humo.audio_features import humo_bands
 from .humo.pipeline import GUIDANCE_MODES, HUMO_DEFAULTS, HumoSettings, generate_humo_video, run_fingerprint
 from .humo.whisper import SAMPLE_RATE, hidden_states_from_comfy, load_whisper_encoder, whisper_hidden_states
@@ -45,9 +45,8 @@ def references_from_image(images) -> list:
     """ComfyUI IMAGE `[N, H, W, 3]` in [0, 1] -> N tensors `[3, H, W]` in [-1, 1] (none for None)."""
     if images is None:
         return []
-    if images.dim() != 4 or images.shape[-1] < 3:
-        raise NodeInputError("HuMo Embeds", "reference_images", f"expected an IMAGE [batch, height, width, 3], got "
-                             f"shape {tuple(images.shape)}.")
+    images = validation.image("HuMo Embeds", "reference_images", images)
+    validation.small_picture("HuMo Embeds", "reference_images", images)
     return [img[:, :, :3].permute(2, 0, 1).float().cpu() * 2 - 1 for img in images]
 
 
@@ -123,11 +122,14 @@ class WanTalkHuMoEmbeds:
 
     def embed(self, audio, num_frames, whisper=None, encoded_audio=None, reference_images=None):
         node = "HuMo Embeds"
+        validation.widgets(node, self.INPUT_TYPES(), {"num_frames": num_frames})
         try:
-            track = audio_processing.to_mono_16k(audio, name="audio")
+            track = audio_processing.to_mono_16k(validation.audio_scale(node, "audio", audio), name="audio")
         except ValueError as exc:
             raise NodeInputError(node, "audio", str(exc)) from None
+        validation.speech_level(node, "audio", track)
         if whisper is not None:
+            validation.audio_encoder(node, "whisper", whisper, "whisper")
             hidden = whisper_hidden_states(whisper, track)
         elif encoded_audio is not None:
             try:
@@ -213,6 +215,10 @@ class WanTalkHuMoSampler(VideoSamplerNode):
                text_scale, audio_scale, seed, frame_window, motion_frames, max_frames, save_windows,
                image_scale=HUMO_DEFAULTS.image_scale):
         node = "HuMo Sampler"
+        validation.widgets(node, self.INPUT_TYPES(), locals())
+        validation.wan_model(node, "model", model, "humo")
+        validation.wan_vae(node, "vae", vae)
+        validation.of_type(node, "humo_embeds", humo_embeds, HumoEmbeds, "HuMo Embeds (wantalk)")
         if width % 16 or height % 16:
             raise NodeInputError(node, "width/height", f"{width}x{height} is not a multiple of 16; use e.g. 832x480.")
         settings = HumoSettings(frames=frame_window, motion_frames=motion_frames, steps=steps, shift=shift,
@@ -222,9 +228,6 @@ class WanTalkHuMoSampler(VideoSamplerNode):
             settings.validate()
         except ValueError as exc:
             raise NodeInputError(node, "frame_window/motion_frames", str(exc)) from None
-        if getattr(model.cfg.audio, "bands", None) is None:
-            raise NodeInputError(node, "model", "this is not a HuMo model; load a HuMo-17B or HuMo-1.7B file with "
-                                 "Load Wan Model (wantalk).")
         device = compute_device_for(model, node)
         text = conditioning_from(model, positive, negative, None, device, node)
         bar = host.ProgressBar(1)

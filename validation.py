@@ -211,6 +211,7 @@ _WANTS = {"infinitetalk": "a Wan 2.1 I2V 14B model with InfiniteTalk/MultiTalk w
                           "with addon_model, or a combined file)",
           "humo": "a HuMo model (HuMo-17B or HuMo-1.7B file in Load Wan Model (wantalk))"}
 _OTHER_SAMPLER = {"infinitetalk": "InfiniteTalk Sampler (wantalk)", "humo": "HuMo Sampler (wantalk)"}
+_KIND_NAMES = {"infinitetalk": "an InfiniteTalk/MultiTalk model", "humo": "a HuMo model"}
 
 
 def wan_model(node: str, name: str, model, kind: str):
@@ -224,7 +225,7 @@ def wan_model(node: str, name: str, model, kind: str):
     if found == kind:
         what = "a text-to-video model with InfiniteTalk weights; InfiniteTalk needs the I2V model"
     elif found in _OTHER_SAMPLER:
-        what = f"a {found} model; use it with {_OTHER_SAMPLER[found]}"
+        what = f"{_KIND_NAMES[found]}; use it with {_OTHER_SAMPLER[found]}"
     else:
         what = f"a plain Wan {model.cfg.model_type.upper()} model without audio layers"
     raise NodeInputError(node, name, f"this is {what}. Expected {_WANTS[kind]}.")

@@ -179,7 +179,7 @@ def test_warn_user_logs_outside_comfyui(caplog):
 def test_humo_model_into_infinitetalk_sampler(parts, rng):
     from tiny_humo import tiny_graph_humo
     humo = tiny_graph_humo(torch.Generator().manual_seed(3))[0]
-    with pytest.raises(NodeInputError, match=rf"{IT}\] input 'model': this is a humo model; use it with HuMo "
+    with pytest.raises(NodeInputError, match=rf"{IT}\] input 'model': this is a HuMo model; use it with HuMo "
                                              r"Sampler \(wantalk\)\. Expected a Wan 2.1 I2V 14B model with "
                                              "InfiniteTalk"):
         sample(parts, graph_inputs(rng), model=humo)
@@ -223,7 +223,7 @@ def test_model_path_resolves_names_inside_the_folder(model_folders):
 def test_model_path_refuses_absolute_paths_and_traversal(model_folders, name):
     name = str(model_folders / "secret.safetensors") if name == "ABSOLUTE" else name
     with pytest.raises(host.ModelPathError, match=r"points outside the models/vae folder \(absolute paths and '..' "
-                                                  "are refused\)"):
+                                                  r"are refused\)"):
         host.model_path("vae", name)
 
 
@@ -231,3 +231,124 @@ def test_loader_node_names_the_input_for_a_path_outside_the_folder(model_folders
     from wantalk.nodes_infinitetalk import WanTalkVAELoader
     with pytest.raises(NodeInputError, match=r"Load Wan VAE\] input 'vae_name': .* points outside the models/vae"):
         WanTalkVAELoader().load(str(model_folders / "secret.safetensors"), "bf16")
+
+
+# ---- audio: integer PCM, silence, the wrong encoder ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wav2vec2():
+    from tiny_models import tiny_wav2vec2
+    return tiny_wav2vec2(torch.Generator().manual_seed(1))[0]
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    from tiny_humo import tiny_whisper
+    return tiny_whisper(torch.Generator().manual_seed(1))[0]
+
+
+def speech_clip(rng, seconds=0.6):
+    from tiny_models import synth_speech
+    wave = synth_speech(seconds, 16000, seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+    return (0.5 * wave / wave.abs().max())[None, None]
+
+
+def embeds(encoder, audio, **extra):
+    from wantalk.nodes_audio import WanTalkAudioEmbeds
+    return WanTalkAudioEmbeds().embed(audio, False, 1.0, 0, "para", audio_encoder=encoder, **extra)
+
+
+def test_int32_pcm_is_normalised_by_its_dtype(wav2vec2, rng):
+    wave = speech_clip(rng)
+    pcm = (wave * 2**31).round().to(torch.int32)
+    reference, _, _ = embeds(wav2vec2, {"waveform": pcm.float() / 2**31, "sample_rate": 16000})
+    from_pcm, _, _ = embeds(wav2vec2, {"waveform": pcm, "sample_rate": 16000})
+    assert torch.allclose(from_pcm.talk.features[0], reference.talk.features[0], atol=1e-5)
+
+
+def test_integer_pcm_stored_as_float_is_refused(wav2vec2, rng):
+    pcm_as_float = (speech_clip(rng) * 2**31).round()
+    with pytest.raises(NodeInputError, match=r"Audio Embeds\] input 'audio_1': has float samples up to .*e\+0?9; "
+                                             "ComfyUI AUDIO is float in -1..1.*divide by 32768"):
+        embeds(wav2vec2, {"waveform": pcm_as_float, "sample_rate": 16000})
+
+
+def test_silence_as_speech_warns(wav2vec2, warnings_seen):
+    embeds(wav2vec2, {"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000})
+    assert any("[wantalk Audio Embeds] input 'audio_1' is silent" in w for w in warnings_seen)
+
+
+def test_speech_does_not_warn(wav2vec2, rng, warnings_seen):
+    embeds(wav2vec2, {"waveform": speech_clip(rng), "sample_rate": 16000})
+    assert not warnings_seen
+
+
+def test_whisper_into_infinitetalk_audio_embeds(whisper, rng):
+    with pytest.raises(NodeInputError, match=r"Audio Embeds\] input 'audio_encoder': got WhisperEncoder; expected "
+                                             "the wav2vec2 encoder"):
+        embeds(whisper, {"waveform": speech_clip(rng), "sample_rate": 16000})
+
+
+def test_wav2vec2_into_humo_embeds(wav2vec2, rng):
+    from wantalk.nodes_humo import WanTalkHuMoEmbeds
+    with pytest.raises(NodeInputError, match=r"HuMo Embeds\] input 'whisper': got Wav2Vec2Encoder; expected the "
+                                             "Whisper encoder"):
+        WanTalkHuMoEmbeds().embed({"waveform": speech_clip(rng), "sample_rate": 16000}, 0, whisper=wav2vec2)
+
+
+def test_humo_embeds_checks_audio_and_reference_images(whisper, rng, warnings_seen):
+    from wantalk.nodes_humo import WanTalkHuMoEmbeds
+    clip = {"waveform": speech_clip(rng), "sample_rate": 16000}
+    with pytest.raises(NodeInputError, match=r"HuMo Embeds\] input 'reference_images': contains 1 NaN/inf pixels"):
+        WanTalkHuMoEmbeds().embed(clip, 0, whisper=whisper, reference_images=with_nan(torch.rand(1, 80, 64, 3)))
+    with pytest.raises(NodeInputError, match="input 'reference_images': has values from .* looks like 0..255"):
+        WanTalkHuMoEmbeds().embed(clip, 0, whisper=whisper, reference_images=torch.rand(1, 80, 64, 3) * 255)
+    with pytest.raises(NodeInputError, match=r"HuMo Embeds\] input 'audio': has float samples up to"):
+        WanTalkHuMoEmbeds().embed({"waveform": clip["waveform"] * 2**15, "sample_rate": 16000}, 0, whisper=whisper)
+    WanTalkHuMoEmbeds().embed({"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000}, 0, whisper=whisper,
+                              reference_images=torch.rand(1, 7, 7, 3))
+    assert any("input 'audio' is silent" in w for w in warnings_seen)
+    assert any("input 'reference_images' is only 7x7 pixels" in w for w in warnings_seen)
+
+
+# ---- HuMo sampler: mismatched parts and widgets ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def humo_parts():
+    from tiny_humo import tiny_graph_humo
+    g = torch.Generator().manual_seed(6)
+    return tiny_graph_humo(g)[0], tiny_vae(g)[0]
+
+
+def humo_sample(parts, rng, **changes):
+    from wantalk.nodes_humo import HumoEmbeds, WanTalkHuMoSampler
+    model, vae = parts
+    audio = {"waveform": torch.randn(1, 1, 5 * 640, generator=rng) * 0.1, "sample_rate": 16000}
+    args = dict(model=model, vae=vae, humo_embeds=HumoEmbeds(torch.randn(5, 5, 64, generator=rng), [], audio),
+                positive=[[torch.randn(1, 6, 64, generator=rng), {}]],
+                negative=[[torch.randn(1, 4, 64, generator=rng), {}]],
+                width=32, height=32, steps=1, shift=5.0, scheduler="unipc", guidance="ta", text_scale=5.0,
+                audio_scale=5.5, seed=3, frame_window=5, motion_frames=1, max_frames=0, save_windows=False)
+    args.update(changes)
+    return WanTalkHuMoSampler().sample(**args)
+
+
+@pytest.mark.parametrize("widget,value,expected", [
+    ("steps", 0, "must be between 1 and 200"), ("seed", 2**64, "must be between 0 and"),
+    ("guidance", "tiax", "unknown value 'tiax'"), ("text_scale", math.nan, "is nan; give a finite number"),
+    ("shift", math.inf, "is inf; give a finite number"), ("image_scale", -1.0, "must be between 0.0 and 30.0"),
+])
+def test_humo_bad_widget_is_reported_against_its_own_input(humo_parts, rng, widget, value, expected):
+    with pytest.raises(NodeInputError, match=rf"HuMo Sampler\] input '{widget}': {expected}"):
+        humo_sample(humo_parts, rng, **{widget: value})
+
+
+def test_infinitetalk_parts_into_humo_sampler(humo_parts, parts, rng):
+    with pytest.raises(NodeInputError, match=r"HuMo Sampler\] input 'model': this is an InfiniteTalk/MultiTalk model; use it "
+                                             r"with InfiniteTalk Sampler \(wantalk\)"):
+        humo_sample(humo_parts, rng, model=parts[0])
+    wav2vec2_embeds = AudioEmbeds(TalkAudio([torch.randn(5, LAYERS, CHANNELS, generator=rng)]),
+                                  {"waveform": torch.zeros(1, 1, 3200), "sample_rate": 16000})
+    with pytest.raises(NodeInputError, match=r"input 'humo_embeds': got AudioEmbeds; expected the output of HuMo "
+                                             r"Embeds \(wantalk\)"):
+        humo_sample(humo_parts, rng, humo_embeds=wav2vec2_embeds)

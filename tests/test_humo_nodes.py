@@ -78,7 +78,7 @@ def test_sampler_end_to_end_on_tiny_files(models_dir, rng):
     assert images.shape == (frames, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
     assert fps == 25.0 and audio["waveform"].shape[-1] == frames * 640
     plain, _ = tiny_wan(TINY_I2V, rng)
-    with pytest.raises(ValueError, match="input 'model': this is not a HuMo model"):
+    with pytest.raises(ValueError, match="input 'model': this is a plain Wan I2V model without audio layers"):
         nodes_humo.WanTalkHuMoSampler().sample(plain, vae, embeds, positive, negative, 32, 32, 2, 5.0, "unipc",
                                                "tia", 5.0, 5.5, 3, 9, 5, 0, False)
     with pytest.raises(ValueError, match="input 'width/height'"):
