@@ -7,9 +7,10 @@ frames zero windows. TIA guidance runs 3 passes per step; UniPC 50 steps, shift 
 
 HuMo-1.7B (16 input channels) takes the reference latents inside the noisy latents instead (`latent_reference`).
 
-Audio longer than one window is generated in windows like InfiniteTalk's long video (same window arithmetic,
-resumable window store): each later window pins the VAE latents of the last `motion_frames` finished frames into
-its first latent frames. That continuation is this pack's extension; the official HuMo makes one window only.
+Audio longer than one window runs through the shared window engine (`wanvideo.windows`: window arithmetic,
+resumable store, VRAM release, out-of-memory advice): each later window pins the VAE latents of the last
+`motion_frames` finished frames into its first latent frames, the reference latents staying at the end. That
+continuation is this pack's extension; the official HuMo makes one window only.
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..multitalk.long_video import WindowStore, fingerprint, model_identity, video_to_unit, to_uint8, window_starts
 from ..wanvideo import memory_plan
-from ..wanvideo.sampling import Conditioning, Guidance, denoise
+from ..wanvideo.resume import WindowStore, model_identity, run_key, vae_identity
+from ..wanvideo.sampling import Conditioning, Guidance
 from ..wanvideo.schedulers import make_scheduler
+from ..wanvideo.windows import Continuation, SeededNoise, VaeCalls, Window, WindowGeometry, run_windows, video_to_unit
 from .audio_features import humo_audio_windows
 from .conditioning import humo_conditioning, zero_humo_conditioning
 from .latent_reference import (LatentReferenceConditioning, LatentReferenceGuidance, ReferenceInLatents,
@@ -150,22 +152,41 @@ def window_frames(total: int, frames: int) -> int:
     return min(frames, 4 * math.ceil(max(total - 1, 1) / 4) + 1)
 
 
-def run_fingerprint(settings: HumoSettings, height: int, width: int, bands: torch.Tensor, text: Conditioning,
-                    references=None) -> str:
-    """Identity of a run's inputs: stored windows are reused only by a run with the same fingerprint."""
-    return fingerprint(settings, torch.tensor([height, width]), bands, text.context, text.negative_context,
-                        *(references or []))
+class HumoContinuation(Continuation):
+    """HuMo windows: the reference latents stay at the end of every window (in `y`, or in the latents for
+    HuMo-1.7B); a later window pins its motion latents into its first latent frames."""
+
+    def __init__(self, model, vae: VaeCalls, bands: torch.Tensor, settings: HumoSettings, n_lat: int, n_ref: int,
+                 make_cond, runner, height: int, width: int):
+        self.model, self.vae, self.bands, self.settings = model, vae, bands.float(), settings
+        self.n_lat, self.n_ref, self.make_cond, self.runner = n_lat, n_ref, make_cond, runner
+        self.plan = settings.plan(latent_reference=takes_reference_in_latents(model))
+        self.device = next(model.parameters()).device
+        self.shape = (1, 16, n_lat + n_ref, height // 8, width // 8)
+
+    def prepare(self, index: int, start: int, motion, draw) -> Window:
+        pinned = None if motion is None else self.vae.encode(motion[None]).to(self.device).float()
+        windows = humo_audio_windows(self.bands, self.n_lat, self.n_ref, start=start)
+        cond = self.make_cond(humo_conditioning(self.model, windows.to(self.device)))
+        scheduler = make_scheduler(self.settings.scheduler, self.settings.steps, self.settings.shift)
+        return Window(self.runner, draw(self.shape).to(self.device), scheduler, cond, self.plan, pinned)
+
+    def finish(self, latent: torch.Tensor) -> torch.Tensor:
+        return video_to_unit(self.vae.decode(latent[:, :, :self.n_lat]))
 
 
 def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, references=None, *, height: int,
                         width: int, settings: HumoSettings = HUMO_DEFAULTS, resume_dir: str | None = None,
+                        run_identity: str = "",
                         on_step: Callable[[int, int, int, int], None] | None = None) -> torch.Tensor:
-    """Video for the whole audio: uint8 frames `[N, height, width, 3]`, N = audio frames at 25 fps (or max_frames).
+    """Video for the whole audio: float32 frames `[N, height, width, 3]` in [0, 1] (ComfyUI's IMAGE), N = audio
+    frames at 25 fps (or max_frames).
 
     text: `context` / `negative_context` (its other fields are filled here). bands: HuMo Whisper bands
     `[T25, 5, C]` (`humo.audio_features.humo_bands`). references: reference images `[3, H, W]` in [-1, 1] (any
-    size, fitted on white), or None. on_step(window, windows, step, steps) runs after every step (raise there to
-    stop; finished windows stay saved in resume_dir)."""
+    size, fitted on white), or None. resume_dir: root folder of saved windows (a sub-folder per run key);
+    run_identity: text folded into that key (model file identities). on_step(window, windows, step, steps) runs
+    after every step (raise there to stop; finished windows stay saved)."""
     settings.validate()
     if height % 16 or width % 16:
         raise ValueError(f"the video size must be a multiple of 16 in both directions, got {width}x{height}")
@@ -177,11 +198,13 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
     if total < 1:
         raise ValueError("the audio is shorter than one video frame (1/25 s)")
     frames = window_frames(total, settings.frames)
-    starts = window_starts(total, frames, settings.motion_frames) if frames < total else [0]
-    small = takes_reference_in_latents(model)
-    plan = settings.plan(latent_reference=small)
-    store = WindowStore(resume_dir, run_fingerprint(settings, height, width, bands, text, references)
-                        + (model_identity(model) if resume_dir else ""))
+    geometry = WindowGeometry(frames, settings.motion_frames, total)
+    key = ""
+    if resume_dir:
+        key = run_key(settings, bands, text.context, text.negative_context, *(references or []),
+                      text=f"{height}x{width}|references={len(references or [])}|{model_identity(model)}|"
+                           f"{vae_identity(vae)}|{run_identity}")
+    store = WindowStore(resume_dir, key, lambda i: (geometry.new_frames(i), height, width, 3))
     lat_frames = (frames - 1) // 4 + 1 + (1 if references is not None else 0)
     memory_plan.check_before_sampling(model, memory_plan.RunSettings(lat_frames * (height // 16) * (width // 16)),
                                       memory_plan.DecodeSettings(frames, height, width, dtype_bytes=vae.dtype.itemsize))
@@ -189,7 +212,7 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
         reference = encode_references(vae, references, height, width)
         n_lat, n_ref = (frames - 1) // 4 + 1, reference.shape[2]
         null_audio = zero_humo_conditioning(model, n_lat + n_ref)
-        if small:
+        if takes_reference_in_latents(model):
             runner = ReferenceInLatents(model)
             make_cond = lambda audio: LatentReferenceConditioning(text.context, text.negative_context,
                                                                   reference.to(device).float(), audio, null_audio)
@@ -199,25 +222,7 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
             runner = model
             make_cond = lambda audio: Conditioning(text.context, text.negative_context, None, y, y_null, audio=audio,
                                                    audio_null=null_audio)
-        done: list[torch.Tensor] = []
-        for w, start in enumerate(starts):
-            stored = store.load(w)
-            if stored is None:
-                pinned = None
-                if w > 0:
-                    previous = torch.cat(done)[-settings.motion_frames:].float() / 255 * 2 - 1
-                    pinned = vae.encode(previous.permute(3, 0, 1, 2)[None].to(vae.device, vae.dtype)).to(device).float()
-                windows = humo_audio_windows(bands.float(), n_lat, n_ref, start=start)
-                cond = make_cond(humo_conditioning(model, windows.to(device)))
-                generator = torch.Generator().manual_seed(settings.seed + w)
-                noise = torch.randn(1, 16, n_lat + n_ref, height // 8, width // 8, generator=generator).to(device)
-                scheduler = make_scheduler(settings.scheduler, settings.steps, settings.shift)
-                step_cb = None if on_step is None else (lambda i, _lat, w=w: on_step(w, len(starts), i + 1, len(scheduler)))
-                latent = denoise(runner, noise, scheduler, cond, plan, pinned=pinned, on_step=step_cb)
-                decoded = video_to_unit(vae.decode(latent[:, :, :n_lat].to(vae.dtype)))
-                del latent, cond
-                stored = to_uint8(decoded if w == 0 else decoded[settings.motion_frames:])
-                store.save(w, stored)
-            done.append(stored)
-            log.info("wantalk: HuMo window %d/%d done (%d frames so far)", w + 1, len(starts), sum(map(len, done)))
-    return torch.cat(done)[:total]
+        strategy = HumoContinuation(model, VaeCalls(vae, model), bands, settings, n_lat, n_ref, make_cond, runner,
+                                    height, width)
+        return run_windows(strategy, geometry, height=height, width=width, noise=SeededNoise(settings.seed),
+                           store=store, label="HuMo window", on_step=on_step)

@@ -9,7 +9,7 @@ from wantalk.humo.conditioning import humo_conditioning
 from wantalk.humo.latent_reference import LatentReferenceConditioning, LatentReferenceGuidance, ReferenceInLatents
 from wantalk.humo.pipeline import (HUMO_1_7B_DEFAULTS, HUMO_DEFAULTS, HUMO_DISTILLED, HumoSettings, encode_references, fit_reference,
                                    generate_humo_video, humo_y, window_frames, zero_video_latent)
-from wantalk.multitalk.long_video import window_starts
+from wantalk.wanvideo.windows import window_starts
 from wantalk.wanvideo import guidance
 from wantalk.wanvideo.sampling import Conditioning, denoise
 from wantalk.wanvideo.schedulers import make_scheduler
@@ -172,7 +172,8 @@ def test_tiny_end_to_end_long_audio_windows(parts, rng, monkeypatch):
     steps = []
     out = generate_humo_video(model, vae, _text(rng), bands, refs, height=32, width=32, settings=SETTINGS,
                               on_step=lambda *s: steps.append(s))
-    assert out.dtype == torch.uint8 and out.shape == (15, 32, 32, 3)
+    assert out.dtype == torch.float32 and out.shape == (15, 32, 32, 3)
+    assert torch.equal((out * 255).round() / 255, out)   # uint8 levels: the IMAGE is filled from uint8 windows
     assert len(steps) == 3 * SETTINGS.steps and steps[-1] == (2, 3, 2, 2)
     per_window = 3 * SETTINGS.steps  # 3 TIA passes per step
     assert len(seen) == 3 * per_window
@@ -263,4 +264,4 @@ def test_1_7b_end_to_end(rng):
     out = generate_humo_video(small, vae, text, bands, [torch.rand(3, 32, 32, generator=rng) * 2 - 1], height=32,
                               width=32, settings=HumoSettings(frames=9, motion_frames=5, steps=2, text_scale=7.5,
                                                                  audio_scale=7.5))
-    assert out.shape == (9, 32, 32, 3) and out.dtype == torch.uint8
+    assert out.shape == (9, 32, 32, 3) and out.dtype == torch.float32

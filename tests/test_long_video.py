@@ -59,8 +59,9 @@ def test_three_windows_match_the_audio_length_and_overlap(parts, rng):
     image, audio, text = _inputs(17, rng)  # windows at 0, 4, 8 (9 frames each, 5 motion frames)
     windows = []
     out = generate_long_video(model, vae, image, audio, text, SETTINGS, on_window=lambda i, f: windows.append(f))
-    assert out.dtype == torch.uint8 and out.shape == (17, 32, 32, 3)
-    assert [len(w) for w in windows] == [9, 4, 4]
+    assert out.dtype == torch.float32 and out.shape == (17, 32, 32, 3)
+    assert [len(w) for w in windows] == [9, 4, 4] and all(w.dtype == torch.uint8 for w in windows)
+    assert torch.equal(out, torch.cat(windows).float() / 255)   # the IMAGE is the uint8 windows, filled in place
 
 
 def test_memory_does_not_grow_with_windows(parts, rng):
@@ -94,7 +95,8 @@ def test_resume_after_interrupt_gives_the_same_frames(parts, rng, tmp_path, cont
 
     with pytest.raises(Stop):
         generate_long_video(model, vae, image, audio, text, settings, resume_dir=str(tmp_path), on_step=interrupt)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["window_0000.safetensors", "window_0001.safetensors"]
+    (folder,) = tmp_path.iterdir()   # one folder per run key
+    assert sorted(p.name for p in folder.glob("window_*")) == ["window_0000.safetensors", "window_0001.safetensors"]
     steps_run = []
     resumed = generate_long_video(model, vae, image, audio, text, settings, resume_dir=str(tmp_path),
                                   on_step=lambda w, *_: steps_run.append(w))
@@ -138,7 +140,8 @@ def test_noised_motion_writes_the_motion_latents_at_each_sigma(rng):
     scheduler = make_scheduler("infinitetalk_euler", 4, 7.0)
     motion = torch.randn(1, 16, 2, 3, 4, generator=rng)
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
-    wrapped = NoisedMotion(scheduler, motion, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    wrapped = NoisedMotion(scheduler, motion, lambda shape: torch.randn(shape, generator=generator))
     replay = torch.Generator().manual_seed(seed)
     latent = wrapped.inject(torch.randn(1, 16, 5, 3, 4, generator=rng), 0)
     eps = torch.randn(motion.shape, generator=replay)
@@ -202,18 +205,19 @@ def test_multitalk_continuation_conditions_on_noised_motion_frames(parts, rng, m
 
 
 def test_out_of_memory_becomes_a_clear_error(parts, rng, tmp_path, monkeypatch):
-    from wantalk.multitalk import long_video
+    from wantalk.wanvideo import windows as engine
     from wantalk.wanvideo.memory_plan import MemoryPlanError
     model, vae = parts
     image, audio, text = _inputs(17, rng)
-    real_denoise, calls = long_video.denoise, []
+    real_denoise, calls = engine.denoise, []
 
     def denoise_then_fail(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real_denoise(*args, **kwargs)
-    monkeypatch.setattr(long_video, "denoise", denoise_then_fail)
+    monkeypatch.setattr(engine, "denoise", denoise_then_fail)
     with pytest.raises(MemoryPlanError, match="window 2 of 3.*resumes.*block swap"):
         generate_long_video(model, vae, image, audio, text, SETTINGS, resume_dir=str(tmp_path))
-    assert [p.name for p in tmp_path.iterdir()] == ["window_0000.safetensors"]  # the finished window is kept
+    (folder,) = tmp_path.iterdir()
+    assert [p.name for p in folder.glob("window_*")] == ["window_0000.safetensors"]  # the finished window is kept
