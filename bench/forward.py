@@ -4,6 +4,7 @@ The model is assembled from the official key listing (real shapes) through the p
 (meta build, quantization policy, per-tensor materialisation), with random tensors instead of a file.
 
     python bench/forward.py --listing keys_i2v14b.txt --frames 81 --height 480 --width 832
+    python bench/forward.py --listing keys_infinitetalk.txt --gguf Q4_K   # city96-layout GGUF blocks
 """
 import argparse
 import time
@@ -34,6 +35,7 @@ def main():
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--quantization", default="disabled")
+    p.add_argument("--gguf", default=None, help="GGUF block type of the tensors city96's tools quantize (Q8_0, Q4_K...)")
     p.add_argument("--attention", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--speakers", type=int, default=1, help="InfiniteTalk: 1 or 2 speakers")
@@ -48,7 +50,11 @@ def main():
     shapes = reference_shapes(args.listing)
     gen = torch.Generator(device=device).manual_seed(0)
     t0 = time.perf_counter()
-    model = assemble_model(shapes, random_fetch(shapes, device, torch.bfloat16, gen), device=device,
+    fetch = random_fetch(shapes, device, torch.bfloat16, gen)
+    if args.gguf:
+        from gguf_weights import gguf_fetch
+        fetch = gguf_fetch(shapes, args.gguf, fetch, gen)
+    model = assemble_model(shapes, fetch, device=device,
                            base_dtype=torch.bfloat16, quantization=args.quantization, attention_mode=args.attention,
                            files=(args.listing,))
     torch.cuda.synchronize()
@@ -88,6 +94,7 @@ def main():
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
     write_result("forward", {
         "bench": "forward", "listing": args.listing, "addon": model.addon_name, "quantization": args.quantization,
+        "gguf": args.gguf,
         "attention": args.attention, "speakers": args.speakers, "frames": args.frames, "size": f"{args.height}x{args.width}", "tokens": tokens,
         "seconds_per_forward": sorted(times)[len(times) // 2], "all_seconds": times,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "weights_gib": weights_gib, "build_s": build_s,

@@ -11,6 +11,11 @@ dequantization and the GEMM (bench/nvfp4_dequant.py times the dequantization ker
 
     python bench/linear.py            # full shapes
     python bench/linear.py --quick    # M = 8190, fewer repeats
+    python bench/linear.py --modes none --gguf Q8_0,Q4_K   # GGUF layers (blocks dequantized per call)
+
+GGUF rows: Q8_0 blocks quantize the bf16 weights (rel. err against their float64 product, as the modes); other
+types hold random blocks (bench/gguf_weights.py), so their rel. err is against the float64 product of the layer's
+own dequantized weights; weight bytes are the blocks, exactly what the GGUF file holds for that tensor.
 """
 import argparse
 import statistics
@@ -30,6 +35,15 @@ def build(q, mode, w, b):
     q.load_param(model, "0.weight", w, device="cuda", base_dtype=torch.bfloat16)
     q.load_param(model, "0.bias", b, device="cuda", base_dtype=torch.bfloat16)
     return model[0]
+
+
+def build_gguf(qtype, w, b, gen):
+    from gguf_weights import blocks_for
+    from wantalk.fp8_optimization import GGUFLinear
+    layer = GGUFLinear(w.shape[1], w.shape[0], qtype=qtype, device="cuda")
+    layer.set_codes(blocks_for(w, qtype, gen))
+    layer.bias = nn.Parameter(b.clone(), requires_grad=False)
+    return layer
 
 
 def back_to_back(fn, calls):
@@ -74,7 +88,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--m", type=int, default=None)
-    p.add_argument("--modes", default=None, help="comma-separated subset of quantization modes")
+    p.add_argument("--modes", default=None, help="comma-separated subset of quantization modes ('none': no mode)")
+    p.add_argument("--gguf", default="", help="comma-separated GGUF block types to time as well (e.g. Q8_0,Q4_K)")
     p.add_argument("--calls", type=int, default=4, help="back-to-back layer calls per timed sample")
     p.add_argument("--exact-accum", action="store_true", help="FP8 GEMMs without Hopper's fast accumulation")
     args = p.parse_args()
@@ -86,6 +101,7 @@ def main():
     m = args.m or (8190 if args.quick else 32760)
     rounds, repeats = (3, 2) if args.quick else (7, 3)
     modes = args.modes.split(",") if args.modes else [x for x in q.QUANTIZATION_MODES if x != "disabled"]
+    modes = [x for x in modes if x != "none"] + [f"gguf_{t}" for t in args.gguf.split(",") if t]
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {m}, "
           f"fast accumulation {fp8_optimization.USE_FAST_ACCUM}, {args.calls} back-to-back calls per sample")
@@ -108,13 +124,15 @@ def main():
         print(f"| {shape_name} {k}x{n} | bf16 | {1000 * base_s:.3f} | {flops / base_s / 1e12:.0f} | 1.00 | "
               f"{dense_bytes / 2**20:.1f} | 1.00 | - |")
         for mode in modes:
-            layer = build(q, mode, w, b)
+            layer = build_gguf(mode[5:], w, b, gen) if mode.startswith("gguf_") else build(q, mode, w, b)
+            own = mode.startswith("gguf_") and mode != "gguf_Q8_0"  # random blocks: exactness of the path
+            mode_ref = x[rows].double() @ layer.dequantize(torch.float32).double().T + b.double() if own else ref
             with torch.no_grad():
                 pair_base_s, s = (t / args.calls for t in paired(back_to_back(lambda: dense(x), args.calls),
                                                                   back_to_back(lambda: layer(x), args.calls),
                                                                   rounds, repeats))
                 out = layer(x[rows])
-            err = ((out.double() - ref).norm() / ref.norm()).item()
+            err = ((out.double() - mode_ref).norm() / mode_ref.norm()).item()
             wb = layer.weight_bytes()
             result = {"bench": "linear", "shape": shape_name, "m": m, "k": k, "n": n, "mode": mode,
                       "ms": 1000 * s, "tflops": flops / s / 1e12, "speedup": pair_base_s / s, "weight_bytes": wb,

@@ -21,13 +21,6 @@ from tiny_models import TINY_I2V, make_tiny_lora, tiny_infinitetalk, tiny_wan  #
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
-# Byte offsets of each block format's fp16 fields, and the largest |code x sub-scale| product, so random blocks
-# get finite scales that give weights of a chosen size.
-FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
-               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-CODE_RANGE = {"Q4_0": 8, "Q4_1": 15, "Q5_0": 16, "Q5_1": 31, "Q8_0": 127, "Q2_K": 45, "Q3_K": 128, "Q4_K": 945,
-              "Q5_K": 1953, "Q6_K": 4096}
-
 # city96 convert.py / llama.cpp quantize patch: what stays unquantized in a Wan file.
 KEEP_F32 = (".modulation",)
 NOT_QUANTIZED = ("modulation", "patch_embedding.", "text_embedding.", "time_projection.", "time_embedding.",
@@ -36,13 +29,8 @@ M_VARIANT_HIGHER = {"Q4_K": "Q6_K", "Q5_K": "Q6_K"}  # `_M` files: attention v a
 
 
 def random_blocks(qtype: str, n: int, amp: float, rng: np.random.Generator) -> np.ndarray:
-    """`n` random blocks of `qtype` (random codes and sub-scales) whose weights are about `amp` in size."""
-    _, size = gd.BLOCK_FORMATS[qtype]
-    blocks = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
-    for offset in FP16_FIELDS[qtype]:
-        scale = (amp / CODE_RANGE[qtype] * rng.uniform(0.5, 1.5, size=n)).astype(np.float16)
-        blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(n, 2)
-    return blocks
+    g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    return gd.random_blocks(qtype, n, amp, g).numpy()
 
 
 def reference(blocks: np.ndarray, qtype: str) -> np.ndarray:

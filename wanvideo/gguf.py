@@ -130,7 +130,7 @@ class GGUFCheckpoint:
         t, qtype, shape = self._tensors[key], self._types[key], self._shapes[key]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            raw = torch.from_numpy(t.data.reshape(-1).view("uint8"))
+            raw = torch.from_numpy(t.data.reshape(-1).view("uint8")).clone()  # own memory, as safetensors gives
         if qtype in PLAIN_FORMATS:
             return raw.view(PLAIN_FORMATS[qtype]).reshape(shape)
         rows = shape[0] if len(shape) > 1 else 1

@@ -21,6 +21,11 @@ BLOCK_FORMATS = {
     "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
     "Q2_K": (QK_K, 84), "Q3_K": (QK_K, 110), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210),
 }
+# Byte offsets of each block format's fp16 scale fields, and the largest |code x sub-scale| of its codes.
+FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+CODE_RANGE = {"Q4_0": 8, "Q4_1": 15, "Q5_0": 16, "Q5_1": 31, "Q8_0": 127, "Q2_K": 45, "Q3_K": 128, "Q4_K": 945,
+              "Q5_K": 1953, "Q6_K": 4096}
 # Unquantized GGUF tensor types and the torch dtype their bytes are.
 PLAIN_FORMATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -173,6 +178,18 @@ def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
     q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)
     blocks = torch.cat([d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)], dim=1)
     return blocks.reshape(n, -1)
+
+
+def random_blocks(qtype: str, n: int, amp: float, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """`n` blocks of random codes and sub-scales whose weights are about `amp` in size (finite fp16 scales):
+    stand-ins for quantized weights in tests and benches (llama.cpp's K-quant search has no Python port)."""
+    _, size = BLOCK_FORMATS[qtype]
+    blocks = torch.randint(0, 256, (n, size), dtype=torch.uint8, device=device, generator=generator)
+    for offset in FP16_FIELDS[qtype]:
+        jitter = 0.5 + torch.rand(n, 1, device=device, generator=generator)
+        scale = (amp / CODE_RANGE[qtype] * jitter).to(torch.float16)
+        blocks[:, offset:offset + 2] = scale.view(torch.uint8)
+    return blocks
 
 
 def stored_bytes(qtype: str, shape: tuple[int, ...]) -> int:

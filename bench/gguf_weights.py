@@ -1,0 +1,45 @@
+"""GGUF stand-ins of full-size weights for the benches: which tensors city96's tools quantize, and their blocks.
+
+Q8_0 blocks are the real quantization of the given weights (`gguf_dequant.quantize_q8_0`, ggml's rounding);
+other types get random codes and sub-scales of the weights' size (llama.cpp's K-quant search has no Python port).
+Speed and memory depend only on the format, not on the code values.
+"""
+import torch
+
+from _common import import_pack
+
+# city96's llama.cpp patch leaves these Wan tensors unquantized (convert.py keeps 1-D, small and modulation in F32)
+CITY96_UNQUANTIZED = ("modulation", "patch_embedding.", "text_embedding.", "time_projection.", "time_embedding.",
+                      "img_emb.", "head.")
+
+
+def quantized_by_city96(key: str, shape: tuple, qtype: str) -> bool:
+    import_pack()
+    from wantalk.wanvideo.kernels.gguf_dequant import BLOCK_FORMATS
+    numel = 1
+    for d in shape:
+        numel *= d
+    return (len(shape) == 2 and numel > 1024 and not any(k in key for k in CITY96_UNQUANTIZED)
+            and shape[1] % BLOCK_FORMATS[qtype][0] == 0)
+
+
+def blocks_for(weight: torch.Tensor, qtype: str, generator: torch.Generator) -> torch.Tensor:
+    """`[N, K]` weight -> `uint8 [N, row_bytes]` blocks of `qtype` (see the module docstring)."""
+    from wantalk.wanvideo.kernels import gguf_dequant as gd
+    if qtype == "Q8_0":
+        return gd.quantize_q8_0(weight)
+    block, _ = gd.BLOCK_FORMATS[qtype]
+    amp = 2 * weight.float().std().item()
+    return gd.random_blocks(qtype, weight.numel() // block, amp, generator, weight.device).reshape(weight.shape[0], -1)
+
+
+def gguf_fetch(shapes: dict, qtype: str, fetch, generator: torch.Generator):
+    """Wrap a bench `fetch(key) -> (tensor, aux)` so the tensors city96 quantizes come as `qtype` GGUF blocks."""
+    from wantalk.wanvideo.gguf import SUPPORTED_TYPES, TYPE_MARKER
+
+    def wrapped(key):
+        tensor, aux = fetch(key)
+        if not quantized_by_city96(key, shapes[key], qtype):
+            return tensor, aux
+        return blocks_for(tensor, qtype, generator), {TYPE_MARKER: torch.tensor(SUPPORTED_TYPES.index(qtype))}
+    return wrapped
