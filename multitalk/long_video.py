@@ -61,6 +61,9 @@ class LongVideoSettings:
     audio_scale_embeds: float = 1.0
     vae_tile: int = 0              # spatial VAE tile size in pixels (0: untiled); bounds decode memory at 720p
     continuation: str = "infinitetalk"   # how a window continues the previous one: one of CONTINUATIONS
+    apg: bool = False              # adaptive projected guidance (official --use_apg), fresh momentum per window
+    apg_momentum: float = -0.75
+    apg_norm_threshold: float = 55.0
 
     def validate(self):
         if self.continuation not in CONTINUATIONS:
@@ -84,9 +87,12 @@ class TalkAudio:
 
 
 def extend_audio(features: torch.Tensor, end: int) -> torch.Tensor:
-    """Make `features` reach `end` frames: the official end-of-audio padding appends a time-flipped copy of the
-    last `end - len + 3` frames (repeated for audio shorter than that)."""
-    while features.shape[0] < end:
+    """Features for windows that end at frame `end`: the official end-of-audio padding, when the last window
+    reaches the audio's end (`end >= len`), appends a time-flipped copy of the last `end - len + 3` frames, so the
+    last frames' +-2 context is mirrored audio (repeated for audio shorter than that)."""
+    if features.shape[0] > end:
+        return features
+    while features.shape[0] < end + 3:
         miss = min(end - features.shape[0] + 3, features.shape[0])
         features = torch.cat([features, features[-miss:].flip(0)], dim=0)
     return features
@@ -173,9 +179,9 @@ class TalkContinuation(Continuation):
     """InfiniteTalk / MultiTalk windows, with a per-window reference frame for dubbing."""
 
     def __init__(self, model, vae: VaeCalls, frames, fps: float, text: Conditioning, features: list,
-                 masks, settings: LongVideoSettings, encode_clip, plan: Guidance):
+                 masks, settings: LongVideoSettings, encode_clip):
         self.model, self.vae, self.frames, self.fps, self.text = model, vae, frames, fps, text
-        self.features, self.masks, self.settings, self.encode_clip, self.plan = features, masks, settings, encode_clip, plan
+        self.features, self.masks, self.settings, self.encode_clip = features, masks, settings, encode_clip
         self.device = next(model.parameters()).device
         self.count, self.height, self.width = len(frames), frames[0].shape[1], frames[0].shape[2]
         self.lat_shape = (1, 16, (settings.frame_window - 1) // 4 + 1, self.height // 8, self.width // 8)
@@ -227,7 +233,15 @@ class TalkContinuation(Continuation):
         cond = Conditioning(self.text.context, self.text.negative_context, clip_fea, y,
                             audio=audio_conditioning(self.model, windows.to(self.device), self.masks),
                             audio_null=self.null_audio)
-        return Window(self.model, noise, scheduler, cond, self.plan, pinned)
+        return Window(self.model, noise, scheduler, cond, self.guidance(), pinned)
+
+    def guidance(self):
+        """The window's guidance; APG's momentum lives for one window, as in the official loop."""
+        s = self.settings
+        if not s.apg:
+            return Guidance("infinitetalk", text_scale=s.text_scale, audio_scale=s.audio_scale)
+        from ..wanvideo.guidance import AdaptiveProjectedGuidance
+        return AdaptiveProjectedGuidance(s.text_scale, s.audio_scale, s.apg_momentum, s.apg_norm_threshold)
 
     def finish(self, latent: torch.Tensor) -> torch.Tensor:
         decoded = video_to_unit(self.vae.decode(latent))
@@ -292,10 +306,9 @@ def generate_long_video(model, vae, frames, audio: TalkAudio, text: Conditioning
         model, memory_plan.RunSettings(lat_f * (lat_h // 2) * (lat_w // 2), two_speakers=len(audio.features) == 2),
         memory_plan.DecodeSettings(settings.frame_window, height, width, settings.vae_tile or None,
                                    dtype_bytes=vae.dtype.itemsize))
-    plan = Guidance("infinitetalk", text_scale=settings.text_scale, audio_scale=settings.audio_scale)
     with torch.no_grad():
         strategy = TalkContinuation(model, VaeCalls(vae, model, settings.vae_tile), frames, fps, text, features,
-                                    audio.masks, settings, encode_clip, plan)
+                                    audio.masks, settings, encode_clip)
         return run_windows(strategy, geometry, height=height, width=width, noise=noise, store=store,
                            previous_tail=tail, extra_host_bytes=sum(f.numel() * 4 for f in features),
                            on_step=on_step, on_window=on_window)
@@ -318,5 +331,5 @@ def _noise_and_store(model, vae, frames, count, fps, audio, text, settings, geom
                       audio.masks, *(frames[i] for i in used),
                       text=f"{geometry}|fps={fps}|frames={count}|used={used}|clip={encode_clip is not None}|"
                            f"noise={noise_key}|{model_identity(model)}|{vae_identity(vae)}|{run_identity}")
-    store = WindowStore(resume_dir, key, lambda i: (geometry.new_frames(i), height, width, 3))
+    store = WindowStore(resume_dir, key, lambda i: geometry.stored_shape(height, width))
     return noise, store

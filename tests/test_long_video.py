@@ -162,8 +162,8 @@ def test_multitalk_continuation_conditions_on_noised_motion_frames(parts, rng, m
     latents noised at sigma_i in the first latent frames at step i; the decoded latent has them clean; CLIP
     features come from the last motion frame. Window 0 is plain I2V."""
     model, vae = parts
-    image, audio, text = _inputs(17, rng)   # windows at 0, 4, 8: 9 frames, 5 motion frames = 2 latent frames
-    settings = LongVideoSettings(**{**SETTINGS.__dict__, "continuation": "multitalk"})
+    image, audio, text = _inputs(29, rng)   # windows at 0, 8, 16: 13 frames, 5 motion frames = 2 latent frames
+    settings = LongVideoSettings(**{**SETTINGS.__dict__, "continuation": "multitalk", "frame_window": 13})
     seen, decoded, clip_inputs, windows = [], [], [], []
     forward, decode = model.forward_batched, vae.decode
     monkeypatch.setattr(model, "forward_batched", lambda latent, t, context, clip_fea, y, **kw: (
@@ -177,7 +177,7 @@ def test_multitalk_continuation_conditions_on_noised_motion_frames(parts, rng, m
 
     out = generate_long_video(model, vae, image, audio, text, settings, encode_clip=encode_clip,
                               on_window=lambda i, f: windows.append(f))
-    assert out.shape == (17, 32, 32, 3) and [len(w) for w in windows] == [9, 4, 4]
+    assert out.shape == (29, 32, 32, 3) and [len(w) for w in windows] == [13, 8, 8]
     passes = 3 * settings.steps    # text and audio scales != 1: three passes per step
     sigmas = make_scheduler(settings.scheduler, settings.steps, settings.shift).sigmas
     generator = torch.Generator().manual_seed(settings.seed)
@@ -186,8 +186,8 @@ def test_multitalk_continuation_conditions_on_noised_motion_frames(parts, rng, m
     assert seen[0][1] is text.clip_fea
     video = torch.cat(windows)
     for w in (1, 2):
-        previous = video[4 * w:4 * w + 5].float().permute(3, 0, 1, 2) / 255 * 2 - 1
-        encoded = vae.encode(torch.cat([previous, torch.zeros(3, 4, 32, 32)], 1)[None])
+        previous = video[8 * w:8 * w + 5].float().permute(3, 0, 1, 2) / 255 * 2 - 1
+        encoded = vae.encode(torch.cat([previous, torch.zeros(3, 8, 32, 32)], 1)[None])
         motion = encoded[:, :, :2]
         generator = torch.Generator().manual_seed(settings.seed + w)
         noise = torch.randn(seen[0][0].shape, generator=generator)

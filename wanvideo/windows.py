@@ -4,9 +4,10 @@ frames, the resume store, VRAM release around the VAE, out-of-memory advice, pro
 A model brings a small continuation strategy (`Continuation`): what one window's noise, conditioning, scheduler
 and pinned latents are, given its start on the timeline and the motion frames it continues from, and how its
 latent becomes frames. The engine runs the windows in order: each window's first `motion_frames` frames are the
-last frames of the video so far, taken from the stored uint8 frames (so a run resumed from saved windows, or a
-video continued from an earlier sampler's output, gives exactly the frames of an uninterrupted run). Finished
-frames go straight into the one preallocated float32 output; only the last motion frames are kept between windows.
+last frames of the window before, as decoded (the official loops' `videos[:, :, -motion_frames:]`), kept as the
+stored uint8 frames (so a run resumed from saved windows, or a video continued from an earlier sampler's output,
+gives exactly the frames of an uninterrupted run). A stored window holds all its decoded frames; its new ones go
+straight into the one preallocated float32 output; only the last motion frames are kept between windows.
 """
 from __future__ import annotations
 
@@ -59,9 +60,9 @@ class WindowGeometry:
     def output_frames(self) -> int:
         return self.total - self.previous
 
-    def new_frames(self, index: int) -> int:
-        """Frames window `index` adds (all of them for the first window of a new video)."""
-        return self.frame_window if index == 0 and not self.continuing else self.frame_window - self.motion_frames
+    def stored_shape(self, height: int, width: int) -> tuple:
+        """A stored window: every frame it decoded, uint8."""
+        return (self.frame_window, height, width, 3)
 
     def noise_index(self, index: int) -> int:
         """The window's index on the timeline (its start over the window stride): a continuation's windows draw
@@ -154,24 +155,25 @@ def run_windows(strategy: Continuation, geometry: WindowGeometry, *, height: int
     previous_tail: the last `motion_frames` frames (uint8) of the video being continued. on_step(window, windows,
     step, steps) runs after every step (raise there to stop: finished windows stay saved); on_window(index, uint8
     new frames) after each window."""
-    starts = geometry.starts
+    starts, m = geometry.starts, geometry.motion_frames
     host_memory.check_host_memory(host_memory.HostPlan(geometry.output_frames, height, width,
                                                        geometry.frame_window, extra_host_bytes))
     out = torch.empty(geometry.output_frames, height, width, 3)
     tail, filled = previous_tail, 0
     with torch.no_grad():
         for w, start in enumerate(starts):
-            frames = store.load(w)
-            if frames is None:
+            window = store.load(w)
+            if window is None:
                 with store.turn():
-                    frames = store.load(w)   # another run sharing the folder may have written it meanwhile
-                    if frames is None:
-                        frames = _compute(strategy, geometry, w, start, tail, noise, store, on_step, len(starts))
-                        store.save(w, frames)
+                    window = store.load(w)   # another run sharing the folder may have written it meanwhile
+                    if window is None:
+                        window = _compute(strategy, geometry, w, start, tail, noise, store, on_step, len(starts))
+                        store.save(w, window)
+            frames = window[m:] if w > 0 or geometry.continuing else window
             count = min(len(frames), geometry.output_frames - filled)
             out[filled:filled + count].copy_(frames[:count]).div_(255)
             filled += count
-            tail = (frames if tail is None else torch.cat([tail, frames]))[-geometry.motion_frames:]
+            tail = window[-m:]
             if on_window is not None:
                 on_window(w, frames)
             log.info("wantalk: %s %d/%d done (%d frames so far)", label, w + 1, len(starts), filled)
@@ -179,7 +181,7 @@ def run_windows(strategy: Continuation, geometry: WindowGeometry, *, height: int
 
 
 def _compute(strategy, geometry, w, start, tail, noise, store, on_step, windows) -> torch.Tensor:
-    """One window's new frames, uint8."""
+    """One window's decoded frames, uint8."""
     index = geometry.noise_index(w)
     motion = None if tail is None else motion_input(tail)
     try:
@@ -192,5 +194,4 @@ def _compute(strategy, geometry, w, start, tail, noise, store, on_step, windows)
         decoded = strategy.finish(latent)
     except torch.cuda.OutOfMemoryError:
         raise MemoryPlanError(out_of_memory_advice(w, windows, store.folder is not None)) from None
-    frames = to_uint8(decoded)
-    return frames if motion is None else frames[geometry.motion_frames:]
+    return to_uint8(decoded)
