@@ -2,7 +2,7 @@
 applies the chain (merged before quantization, or at run time)."""
 from __future__ import annotations
 
-from . import host
+from . import host, validation
 from .nodes_common import CATEGORY, NodeInputError
 from .wanvideo.lora import check_lora_file
 
@@ -38,6 +38,7 @@ class WanTalkLoraSelect:
     CATEGORY = CATEGORY
 
     def select(self, lora, strength, prev_lora=None):
+        validation.widgets("WanTalk LoRA", self.INPUT_TYPES(), {"strength": strength})
         try:
             path = host.model_path("loras", lora)
             check_lora_file(path)

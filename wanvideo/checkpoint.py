@@ -6,10 +6,14 @@ files are opened with `weights_only=True` (and mmap) only.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import struct
 
 import torch
+
+log = logging.getLogger("wantalk")
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
@@ -32,11 +36,41 @@ def _safetensors_header(path: str) -> dict:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"'{path}' has a corrupt safetensors header ({exc}); download the file again.") from None
+    _check_header_layout(path, header)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"'{path}' is truncated: its header describes {8 + n + end} bytes but the file has "
                               f"{size}. The download or copy is incomplete; fetch the file again.")
     return header
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_header_layout(path: str, header) -> None:
+    """The header must be what the safetensors format says (a JSON object of tensor entries with a dtype, a shape
+    and two data offsets, and an optional string-to-string `__metadata__`), so a crafted or damaged header is
+    refused here with the file's name instead of failing deep inside with a KeyError."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"'{path}' has a safetensors header that is a JSON {type(header).__name__}, not an "
+                              f"object of tensors; the file is damaged or not a checkpoint.")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"'{path}': the safetensors '__metadata__' must map names to strings; the header is "
+                              f"damaged.")
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                and isinstance(shape, list) and all(_is_count(d) for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"'{path}': the header entry of tensor '{key}' is not a safetensors entry "
+                                  f"(expected dtype, shape and two increasing data_offsets, got {str(entry)[:120]}); "
+                                  f"the file is damaged or crafted. Download it again.")
 
 
 class CheckpointReader:
@@ -130,3 +164,108 @@ def describe_foreign(keys: list[str]) -> str | None:
     if has("lora_A") or has("lora_down") or has("lora_up"):
         return "a LoRA; load it with the LoRA loader (models/loras)"
     return None
+
+
+# ---- finiteness of the weights, checked as they stream in ----------------------------------------------------------
+
+_FP8_NAN_BITS = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}  # exponent (and mantissa) bits of NaN/inf
+
+
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    """How many NaN/inf values `tensor` holds. The common case costs one reduction on the tensor's device (NaN
+    and inf propagate through a sum); only a suspicious tensor is counted element by element."""
+    if tensor.dtype in _FP8_NAN_BITS:
+        bits = _FP8_NAN_BITS[tensor.dtype]
+        return int(((tensor.view(torch.uint8) & bits) == bits).sum())
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return 0
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    if torch.isfinite(total):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())  # 0 when only the sum overflowed (huge but finite values)
+
+
+def checked_tensor(tensor: torch.Tensor, key: str, source: str, device=None, error=CheckpointError) -> torch.Tensor:
+    """`tensor` (moved to `device` when it holds floats, so the check runs where the weights load), refused with
+    its name and file when it holds NaN/inf: such weights turn every video black without any error."""
+    if device is not None and tensor.is_floating_point():
+        tensor = tensor.to(device)
+    bad = nonfinite_count(tensor)
+    if bad:
+        raise error(f"{source}: tensor '{key}' holds {bad} non-finite (NaN/inf) values of "
+                    f"{tensor.numel()}; the file is damaged (or saved from a diverged training run). Download it "
+                    f"again or use another file.")
+    return tensor
+
+
+# ---- config hints that belong to a checkpoint ----------------------------------------------------------------------
+
+# key -> (type, lowest, highest): a crafted num_heads 0 divides by zero, a text_len of 1e12 allocates terabytes.
+CONFIG_HINT_BOUNDS = {"num_heads": (int, 1, 1024), "text_len": (int, 1, 4096), "eps": (float, 1e-12, 1e-2)}
+CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def validated_hints(hints: dict, source: str) -> dict:
+    """The known config keys of `hints`, each checked against its bounds."""
+    out = {}
+    for key, (kind, low, high) in CONFIG_HINT_BOUNDS.items():
+        if key not in hints:
+            continue
+        value = hints[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (number and (kind is float or float(value).is_integer()) and low <= value <= high):
+            raise CheckpointError(f"{source}: config value {key}={value!r} is out of bounds (expected "
+                                  f"{'a whole number' if kind is int else 'a number'} from {low:g} to {high:g}); "
+                                  f"fix or remove it.")
+        out[key] = kind(value)
+    return out
+
+
+def _own_config_file(path: str) -> str | None:
+    """A config beside `path` that belongs to it: `<name>.config.json`, or `config.json` in a folder that holds no
+    other checkpoint (the Hugging Face layout). A config.json shared by a folder of models belongs to none."""
+    folder, name = os.path.split(os.path.abspath(path))
+    named = os.path.join(folder, os.path.splitext(name)[0] + ".config.json")
+    if os.path.isfile(named):
+        return named
+    shared = os.path.join(folder, "config.json")
+    if not os.path.isfile(shared):
+        return None
+    others = [f for f in os.listdir(folder) if f != name and f.lower().endswith(CHECKPOINT_SUFFIXES)]
+    if others:
+        log.warning("wantalk: '%s' is ignored for '%s': the folder holds other checkpoints too ('%s'), so it does "
+                    "not belong to this file. Rename it to '%s' to use it for this file.", shared, name, others[0],
+                    os.path.basename(named))
+        return None
+    return shared
+
+
+def config_hints(path: str, metadata: dict | None) -> dict:
+    """num_heads / text_len / eps that belong to the checkpoint at `path`: its own safetensors metadata 'config',
+    then a config beside it that belongs to it (`_own_config_file`); validated, and logged when used."""
+    hints = {}
+    raw = (metadata or {}).get("config")
+    if raw:
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            hints.update(validated_hints(parsed, f"'{path}' (metadata 'config')"))
+        else:  # another tool's notion of 'config' (e.g. a training YAML): nothing wantalk reads
+            log.warning("wantalk: '%s': metadata 'config' is not a JSON object; ignored.", path)
+    side = _own_config_file(path)
+    if side:
+        try:
+            with open(side, encoding="utf-8") as f:
+                parsed = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"'{side}', the config of '{path}', cannot be read ({exc}); fix or remove "
+                                  f"it.") from None
+        if not isinstance(parsed, dict):
+            raise CheckpointError(f"'{side}', the config of '{path}', is not a JSON object; fix or remove it.")
+        hints.update(validated_hints(parsed, f"'{side}'"))
+    if hints:
+        log.info("wantalk: '%s': config values from the file's own metadata/config: %s", os.path.basename(path),
+                 hints)
+    return hints

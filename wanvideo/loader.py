@@ -5,7 +5,6 @@ applied once, then tensors stream from disk one at a time onto the load device (
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import quantization as policy
-from .checkpoint import CheckpointError, CheckpointReader, describe_foreign, strip_prefix
+from .checkpoint import CheckpointError, CheckpointReader, checked_tensor, config_hints, describe_foreign, strip_prefix
 from .gguf import GGUFCheckpoint, is_gguf
 from .kernels.gguf_dequant import BLOCK_FORMATS
 from .modules.model import WanConfig, WanModel
@@ -53,7 +52,11 @@ def addon_detectors():
 
 def _head_count(dim: int, hints: dict) -> int:
     if "num_heads" in hints:
-        return int(hints["num_heads"])
+        heads = int(hints["num_heads"])
+        if heads < 1 or dim % heads:
+            raise CheckpointError(f"num_heads {heads} (from the file's config) does not divide the model dim {dim}; "
+                                  f"fix or remove the config value.")
+        return heads
     if dim % 128 == 0:
         return dim // 128  # every published Wan 2.1 model uses head_dim 128
     raise CheckpointError(f"cannot infer the number of attention heads for model dim {dim} (not a multiple of 128); "
@@ -91,25 +94,6 @@ def infer_config(shapes: dict[str, tuple], hints: dict | None = None, source: st
             raise CheckpointError(f"{source}: '{key}' has shape {tuple(shapes[key])}, expected {expect} for a Wan "
                                   f"model of dim {dim}; the file fits no known Wan 2.1 layout.")
     return cfg
-
-
-def _config_hints(path: str, reader: CheckpointReader) -> dict:
-    """num_heads etc. from safetensors metadata or a config.json beside the file, when present."""
-    hints = {}
-    meta = reader.metadata.get("config") if reader.metadata else None
-    if meta:
-        try:
-            hints.update(json.loads(meta))
-        except json.JSONDecodeError:
-            pass
-    side = os.path.join(os.path.dirname(path), "config.json")
-    if os.path.isfile(side):
-        try:
-            with open(side) as f:
-                hints.update({k: v for k, v in json.load(f).items() if k in ("num_heads", "text_len", "eps")})
-        except (OSError, json.JSONDecodeError):
-            pass
-    return hints
 
 
 def build_model(cfg: WanConfig, addon: AddOn | None, *, device, dtype) -> WanModel:
@@ -172,7 +156,7 @@ def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quanti
     foreign = describe_foreign(sources.readers[0].keys())
     if foreign:
         raise CheckpointError(f"'{path}' is {foreign}.")
-    hints = _config_hints(path, sources.readers[0])
+    hints = config_hints(path, sources.readers[0].metadata)
     hints.update(config_overrides or {})
     policy.check_gguf_quantization(sources.gguf_types(), quantization)
     transforms = []
@@ -226,8 +210,11 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
                                   f"(e.g. a 14B add-on on a 1.3B model)?")
     report = policy.apply_policy(model, quantization, policy.parse_params_to_keep(params_to_keep), base_dtype=base_dtype)
     device = torch.device(device)
+    source = ", ".join(f"'{f}'" for f in files)
     for key in expected:
         tensor, aux = fetch(key)
+        tensor = checked_tensor(tensor, key, source, device)  # on the load device: one reduction per tensor
+        aux = {name: checked_tensor(value, f"{key} ({name})", source) for name, value in aux.items()}
         tensor, aux = _transformed(key, tensor, aux, tuple(expected[key].shape), weight_transforms, device)
         policy.load_param(model, key, tensor, aux=aux, device=device, base_dtype=base_dtype)
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]

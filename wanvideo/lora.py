@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fp8_optimization import QuantizedLinear
-from .checkpoint import CheckpointError, CheckpointReader
+from .checkpoint import CheckpointError, CheckpointReader, checked_tensor
 
 log = logging.getLogger("wantalk")
 
@@ -138,14 +138,19 @@ class Patch:
 
     def factors(self, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(up `[out, r]`, down `[r, in]`) as matrices."""
-        up = self.reader.get(self.up).to(device=device, dtype=dtype)
-        down = self.reader.get(self.down).to(device=device, dtype=dtype)
+        up = self._read(self.up, device, dtype)
+        down = self._read(self.down, device, dtype)
         return up.flatten(1), down.flatten(1)
+
+    def _read(self, key: str, device, dtype) -> torch.Tensor:
+        """One tensor of the LoRA file on `device`, refused (naming key and file) when it holds NaN/inf."""
+        return checked_tensor(self.reader.get(key).to(device=device, dtype=dtype), key, f"LoRA '{self.reader.path}'",
+                              error=LoraError)
 
     def delta(self, shape: tuple, device) -> torch.Tensor:
         """The unscaled-by-strength update (alpha/rank applied) in float32, in the parameter's shape."""
         if self.full is not None:
-            return self.reader.get(self.full).to(device=device, dtype=torch.float32).reshape(shape)
+            return self._read(self.full, device, torch.float32).reshape(shape)
         up, down = self.factors(device)
         return (up @ down).reshape(shape) * self.scale
 
@@ -199,6 +204,8 @@ def _requests(roles: dict[str, str]) -> tuple[list[tuple[str, dict]], list[str]]
 
 def read_lora(path: str, strength: float, names: LayerNames, index: int = 0) -> LoraFile:
     """Parse one LoRA file against the model's layer names; shapes are checked, tensors stay on disk."""
+    if not math.isfinite(float(strength)):
+        raise LoraError(f"LoRA '{path}': strength {strength} is not a finite number; give e.g. 1.0.")
     reader = CheckpointReader(path)
     keys = reader.keys()
     unsupported = [k for k in keys if k.endswith(UNSUPPORTED_SUFFIXES)]
@@ -231,6 +238,9 @@ def read_lora(path: str, strength: float, names: LayerNames, index: int = 0) -> 
             if low_rank:
                 rank = reader.shape(patch.down)[0]
                 alpha = float(reader.get(roles["alpha"]).float().reshape(-1)[0]) if "alpha" in roles else rank
+                if not math.isfinite(alpha):
+                    raise LoraError(f"LoRA '{path}': '{roles['alpha']}' is {alpha}; the file is damaged (alpha must "
+                                    f"be a finite number, usually the rank {rank}).")
                 patch.scale = alpha / rank
             patches.append(patch)
     if not patches:
