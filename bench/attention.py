@@ -89,12 +89,12 @@ def main():
         print("| mode | served by | TFLOP/s | x sdpa_flash | rel. err |")
         print("|---|---|---|---|---|")
         for mode in ATTENTION_MODES:
-            kernel = select_kernel(q, k, v, mode=mode)
+            kernel = select_kernel(q, k, v, policy=mode)
             if kernel == "sdpa_math" and b * h * lq * lk * 4 > 16e9:
                 continue
-            out = attention(q, k, v, mode=mode)
+            out = attention(q, k, v, policy=mode)
             err = ((out[:, rows].float() - ref).norm() / ref.norm()).item()
-            tflops = flops / seconds_per_call(lambda: attention(q, k, v, mode=mode), repeats) / 1e12
+            tflops = flops / seconds_per_call(lambda: attention(q, k, v, policy=mode), repeats) / 1e12
             results[mode] = (kernel, tflops, err)
         flash = results.get("sdpa_flash", (None, float("nan")))[1]
         for mode, (kernel, tflops, err) in results.items():

@@ -17,10 +17,10 @@ def instant(q, k, v, *, scale, mask):
 
 def per_call_us(q, k, v, calls: int, **kwargs) -> float:
     for _ in range(50):
-        attention(q, k, v, mode="sdpa_cudnn", **kwargs)
+        attention(q, k, v, policy="sdpa_cudnn", **kwargs)
     start = time.perf_counter()
     for _ in range(calls):
-        attention(q, k, v, mode="sdpa_cudnn", **kwargs)
+        attention(q, k, v, policy="sdpa_cudnn", **kwargs)
     return (time.perf_counter() - start) / calls * 1e6
 
 

@@ -27,7 +27,7 @@ class HumoAudioCrossAttention(QKNormAttention):
         q = per_frame(self.norm_q(linear_in(self.q, x)), h * w)
         k = per_frame(self.norm_k(linear_in(self.k, audio_tokens)), n_a)
         v = per_frame(linear_in(self.v, audio_tokens), n_a)
-        out = attention(q, k.to(q.dtype), v.to(q.dtype), mode=self.attention_mode)
+        out = attention(q, k.to(q.dtype), v.to(q.dtype))
         return linear_in(self.o, out.reshape(b, f * h * w, self.dim))
 
 

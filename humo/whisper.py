@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..wanvideo.checkpoint import CheckpointReader
-from ..wanvideo.modules.attention import attention
+from ..wanvideo.modules.attention import attention, attention_policy
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -120,12 +120,11 @@ def _mono_1d(audio: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 class WhisperSelfAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, *, device, dtype, operations, attention_mode: str):
+    def __init__(self, d_model: int, num_heads: int, *, device, dtype, operations):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.attention_mode = attention_mode
         self.q_proj = operations.Linear(d_model, d_model, device=device, dtype=dtype)
         self.k_proj = operations.Linear(d_model, d_model, bias=False, device=device, dtype=dtype)
         self.v_proj = operations.Linear(d_model, d_model, device=device, dtype=dtype)
@@ -134,16 +133,17 @@ class WhisperSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = (proj(x).view(b, n, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(attention(q, k, v, mode=self.attention_mode).reshape(b, n, -1))
+        # exact whatever the running forward's policy: the audio features feed every later block
+        return self.out_proj(attention(q, k, v, policy=attention_policy().exact()).reshape(b, n, -1))
 
 
 class WhisperEncoderLayer(nn.Module):
     """Pre-LN block: x + attn(LN(x)), then x + fc2(gelu(fc1(LN(x))))."""
 
-    def __init__(self, cfg: WhisperEncoderConfig, *, device, dtype, operations, attention_mode: str):
+    def __init__(self, cfg: WhisperEncoderConfig, *, device, dtype, operations):
         super().__init__()
         self.self_attn = WhisperSelfAttention(cfg.d_model, cfg.num_heads, device=device, dtype=dtype,
-                                              operations=operations, attention_mode=attention_mode)
+                                              operations=operations)
         self.self_attn_layer_norm = operations.LayerNorm(cfg.d_model, eps=cfg.eps, device=device, dtype=dtype)
         self.fc1 = operations.Linear(cfg.d_model, cfg.ffn_dim, device=device, dtype=dtype)
         self.fc2 = operations.Linear(cfg.ffn_dim, cfg.d_model, device=device, dtype=dtype)
@@ -158,7 +158,7 @@ class WhisperEncoder(nn.Module):
     """Whisper audio encoder; `state_dict()` keys are HF's without the `encoder.` prefix."""
 
     def __init__(self, cfg: WhisperEncoderConfig = WHISPER_LARGE_V3, *, device=None, dtype=torch.float32,
-                 operations=nn, attention_mode: str = "sdpa"):
+                 operations=nn):
         super().__init__()
         self.config = cfg
         self.conv1 = operations.Conv1d(cfg.n_mels, cfg.d_model, kernel_size=3, padding=1, device=device, dtype=dtype)
@@ -166,7 +166,7 @@ class WhisperEncoder(nn.Module):
                                        device=device, dtype=dtype)
         self.embed_positions = nn.Embedding(cfg.num_positions, cfg.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
-            WhisperEncoderLayer(cfg, device=device, dtype=dtype, operations=operations, attention_mode=attention_mode)
+            WhisperEncoderLayer(cfg, device=device, dtype=dtype, operations=operations)
             for _ in range(cfg.num_layers))
         self.layer_norm = operations.LayerNorm(cfg.d_model, eps=cfg.eps, device=device, dtype=dtype)
 
@@ -265,14 +265,14 @@ def whisper_encoder_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.T
                      f"or 'encoder.conv1.weight' (e.g. openai/whisper-large-v3 model.safetensors).{hint}")
 
 
-def load_whisper_encoder(path: str, *, device="cpu", dtype=torch.float32, num_heads: int | None = None,
-                         attention_mode: str = "sdpa") -> WhisperEncoder:
+def load_whisper_encoder(path: str, *, device="cpu", dtype=torch.float32,
+                         num_heads: int | None = None) -> WhisperEncoder:
     """Whisper encoder from an HF-layout `.safetensors` / `.bin` file, in `dtype` on `device`, eval mode."""
     reader = CheckpointReader(path)  # the pack's one reader: safetensors, or .bin/.pt with weights_only
     sd = whisper_encoder_state_dict({k: reader.get(k) for k in reader.keys()})
     cfg = whisper_config_from_state_dict(sd, num_heads)
     with torch.device("meta"):
-        encoder = WhisperEncoder(cfg, dtype=dtype, attention_mode=attention_mode)
+        encoder = WhisperEncoder(cfg, dtype=dtype)
     expected = set(encoder.state_dict())
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..wanvideo.modules.attention import attention
+from ..wanvideo.modules.attention import attention, attention_policy
 from ..wanvideo.modules.fused_ops import layer_norm_modulate, rope_reference
 from ..wanvideo.modules.model import compute_dtype_of, linear_in
 
@@ -53,7 +53,8 @@ def reference_attention_map(q: torch.Tensor, k: torch.Tensor, frame_tokens: int,
         raise ValueError(f"at most {d} class masks are supported, got {classes}")
     values = torch.zeros(b, frame_tokens, heads, d, device=q.device, dtype=dtype)
     values[..., :classes] = masks.t().to(device=q.device, dtype=dtype)[None, :, None, :]
-    out = attention(q.to(dtype), k[:, :frame_tokens].to(dtype), values, mode="sdpa")[..., :classes].float()
+    out = attention(q.to(dtype), k[:, :frame_tokens].to(dtype), values,
+                    policy=attention_policy().exact())[..., :classes].float()
     per_group = heads // head_groups
     groups = out[:, :, :per_group * head_groups].unflatten(2, (head_groups, per_group))
     mean = groups.mean(dim=3).mean(dim=2)  # [B, L, classes]
@@ -95,7 +96,6 @@ class AudioCrossAttention(nn.Module):
         self.q_linear = operations.Linear(dim, dim, device=device, dtype=dtype)
         self.kv_linear = operations.Linear(audio_dim, 2 * dim, device=device, dtype=dtype)
         self.proj = operations.Linear(dim, dim, device=device, dtype=dtype)
-        self.attention_mode = "auto"
 
     def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, grid, q_positions=None, k_positions=None):
         """x `[B, F*h*w, dim]`, audio_tokens `[B, F, N_a, audio_dim]`, positions `[B, F*h*w]` / `[B, F*N_a]`
@@ -110,7 +110,7 @@ class AudioCrossAttention(nn.Module):
             k = rope_1d(k, k_positions, k.dtype)
         out = attention(q.reshape(b * f, h * w, self.num_heads, self.head_dim),
                         k.reshape(b * f, n_a, self.num_heads, self.head_dim),
-                        v.reshape(b * f, n_a, self.num_heads, self.head_dim), mode=self.attention_mode)
+                        v.reshape(b * f, n_a, self.num_heads, self.head_dim))
         return linear_in(self.proj, out.reshape(b, f * h * w, self.dim))
 
 

@@ -196,7 +196,7 @@ def test_kernel_sees_only_what_its_contract_allows(kname, lname, lk, dtype, d, b
     snap = snapshot(q, k, v)
     fake, calls = stand_in(kname, contract)
     with stand_in_kernels(fake), count_copies() as copies:
-        out = attention(q, k, v, mode=ROLES[kname][1])
+        out = attention(q, k, v, policy=ROLES[kname][1])
     served = expect_served(contract, dtype, d, lk)
     assert bool(calls) == served
     if served:
@@ -220,7 +220,7 @@ def test_sageattention_legacy_never_touches_caller_k(lname, rng):
     snap = snapshot(q, k, v)
     fake, calls = stand_in("sageattn_legacy", contract)
     with stand_in_kernels(fake), count_copies() as copies:
-        out = attention(q, k, v, mode="sageattn")
+        out = attention(q, k, v, policy="sageattn")
     assert len(calls) == 1 and calls[0]["ptrs"][1] != k.data_ptr()
     compliant = meets(lname, contract, 40, 2)
     assert copies.count == 1 + 2 * (not compliant)
@@ -236,7 +236,7 @@ def test_fused_qkv_views_pass_without_copies(rng):
     for kname in ("sdpa_cudnn", "flash_attn", "sageattn"):
         fake, calls = stand_in(kname, CONTRACTS[kname])
         with stand_in_kernels(fake), count_copies() as copies:
-            out = attention(q, k, v, mode=ROLES[kname][1])
+            out = attention(q, k, v, policy=ROLES[kname][1])
         assert len(calls) == 1 and copies.count == 0, kname
         assert rel_err(out, reference(q, k, v)) < TOL[torch.bfloat16]
 
@@ -247,7 +247,7 @@ def test_head_dim_padding_is_exact_and_one_copy_each(rng):
         q, k, v = (torch.randn(1, n, 2, d, generator=rng).half() for n in (30, 64, 64))
         fake, calls = stand_in("sageattn_legacy", CONTRACTS["sageattn_legacy"])
         with stand_in_kernels(fake), count_copies() as copies:
-            out = attention(q, k, v, mode="sageattn")
+            out = attention(q, k, v, policy="sageattn")
         assert calls[0]["head_dim"] == fed and copies.count == 3 and out.shape == q.shape
         assert rel_err(out, reference(q, k, v)) < TOL[torch.float16]
 
@@ -264,7 +264,7 @@ def test_k_lens_sliced_into_runs_for_unmasked_kernels(kname, rng):
     k, v = (torch.randn(4, 128, 2, 64, generator=rng).half() for _ in range(2))
     fake, calls = stand_in(kname, contract)
     with stand_in_kernels(fake), count_copies() as copies:
-        out = attention(q, k, v, mode=ROLES[kname][1], k_lens=torch.tensor(lens))
+        out = attention(q, k, v, policy=ROLES[kname][1], k_lens=torch.tensor(lens))
     assert [(c["batch"], c["kv_len"]) for c in calls] == [(1, 128), (2, 64), (1, 128)]
     assert all(c["mask"] is None for c in calls)
     assert copies.count == (3 if contract.clobbers_k else 0)
@@ -276,7 +276,7 @@ def test_k_lens_with_a_buggy_length_is_routed_elsewhere(rng):
     k, v = (torch.randn(2, 128, 2, 64, generator=rng).half() for _ in range(2))
     fake, calls = stand_in("sageattn_legacy", CONTRACTS["sageattn_legacy"])
     with stand_in_kernels(fake):
-        out = attention(q, k, v, mode="sageattn", k_lens=[128, 65])
+        out = attention(q, k, v, policy="sageattn", k_lens=[128, 65])
     assert calls == []
     assert rel_err(out, reference(q, k, v, k_lens=[128, 65])) < TOL[torch.float16]
 
@@ -287,10 +287,10 @@ def test_key_length_one_is_routed_away_from_cudnn(rng):
     k, v = (torch.randn(2, 8, 2, 64, generator=rng).half() for _ in range(2))
     fake, calls = stand_in("sdpa_cudnn", CONTRACTS["sdpa_cudnn"])
     with stand_in_kernels(fake):
-        whole = attention(q, k[:, :1], v[:, :1], mode="sdpa_cudnn")
-        runs = attention(q, k, v, mode="sdpa_cudnn", k_lens=[8, 1])
-        assert calls == [] and select_kernel(q, k[:, :1], v[:, :1], mode="sdpa_cudnn") == "sdpa_native"
-        attention(q, k[:, :2], v[:, :2], mode="sdpa_cudnn")
+        whole = attention(q, k[:, :1], v[:, :1], policy="sdpa_cudnn")
+        runs = attention(q, k, v, policy="sdpa_cudnn", k_lens=[8, 1])
+        assert calls == [] and select_kernel(q, k[:, :1], v[:, :1], policy="sdpa_cudnn") == "sdpa_native"
+        attention(q, k[:, :2], v[:, :2], policy="sdpa_cudnn")
     assert [c["kv_len"] for c in calls] == [2]
     assert rel_err(whole, reference(q, k[:, :1], v[:, :1])) < TOL[torch.float16]
     assert rel_err(runs, reference(q, k, v, k_lens=[8, 1])) < TOL[torch.float16]
@@ -305,10 +305,10 @@ def test_approximate_kernel_is_passed_over_where_an_exact_one_is_faster(rng, cap
     long_kv = [torch.randn(1, contract.faster_from_kv_len, 2, 64, generator=rng).half() for _ in range(2)]
     fake, calls = stand_in("int8_triton", contract)
     with stand_in_kernels(fake), caplog.at_level(logging.INFO, logger="wantalk"):
-        short = attention(q, long_kv[0][:, :512], long_kv[1][:, :512], mode="int8_triton")
-        assert calls == [] and select_kernel(q, long_kv[0][:, :512], long_kv[1][:, :512], mode="int8_triton") \
+        short = attention(q, long_kv[0][:, :512], long_kv[1][:, :512], policy="int8_triton")
+        assert calls == [] and select_kernel(q, long_kv[0][:, :512], long_kv[1][:, :512], policy="int8_triton") \
             != "int8_triton"
-        attention(q, *long_kv, mode="int8_triton")
+        attention(q, *long_kv, policy="int8_triton")
     assert [c["kv_len"] for c in calls] == [contract.faster_from_kv_len]
     assert rel_err(short, reference(q, long_kv[0][:, :512], long_kv[1][:, :512])) < TOL[torch.float16]
     assert any("an exact kernel is faster" in r.getMessage() for r in caplog.records)
@@ -322,8 +322,8 @@ def test_many_distinct_key_lengths_become_a_mask(rng):
     cudnn, cudnn_calls = stand_in("sdpa_cudnn", CONTRACTS["sdpa_cudnn"])
     efficient, efficient_calls = stand_in("sdpa_efficient", CONTRACTS["sdpa_efficient"])
     with stand_in_kernels(cudnn, efficient):
-        out = attention(q, k, v, mode="sdpa_cudnn", k_lens=torch.tensor(lens))
-        out_eff = attention(q, k, v, mode="sdpa_efficient", k_lens=torch.tensor(lens))
+        out = attention(q, k, v, policy="sdpa_cudnn", k_lens=torch.tensor(lens))
+        out_eff = attention(q, k, v, policy="sdpa_efficient", k_lens=torch.tensor(lens))
     assert cudnn_calls == [] and len(efficient_calls) == 1 and efficient_calls[0]["mask"].dtype == torch.bool
     for o in (out, out_eff):
         assert rel_err(o, reference(q, k, v, k_lens=lens)) < TOL[torch.float16]
@@ -346,7 +346,7 @@ def test_masks_reach_only_mask_capable_kernels(mask_kind, with_k_lens, rng):
     for kname in ("sdpa_cudnn", "flash_attn", "sageattn", "sdpa_efficient"):
         fake, calls = stand_in(kname, CONTRACTS[kname])
         with stand_in_kernels(fake):
-            out = attention(q, k, v, mode=ROLES[kname][1], attn_mask=mask, k_lens=lens)
+            out = attention(q, k, v, policy=ROLES[kname][1], attn_mask=mask, k_lens=lens)
         assert bool(calls) == CONTRACTS[kname].masks, kname
         if calls:
             assert calls[0]["mask"].dtype in (torch.bool, torch.bfloat16)   # never a mask of another float dtype
@@ -360,7 +360,7 @@ def test_gqa_goes_only_to_kernels_that_support_it(rng):
     for kname, served in (("sdpa_cudnn", False), ("flash_attn", True), ("sageattn", True)):
         fake, calls = stand_in(kname, CONTRACTS[kname])
         with stand_in_kernels(fake):
-            out = attention(q, k, v, mode=ROLES[kname][1])
+            out = attention(q, k, v, policy=ROLES[kname][1])
         assert bool(calls) == served and all(c["kv_heads"] == 2 for c in calls)
         assert rel_err(out, reference(q, k, v)) < TOL[torch.float16]
 
@@ -369,10 +369,10 @@ def test_custom_scale_skips_fixed_scale_kernels(rng):
     q, k, v = (torch.randn(1, n, 2, 64, generator=rng).half() for n in (40, 128, 128))
     fake, calls = stand_in("sageattn_3", CONTRACTS["sageattn_3"])
     with stand_in_kernels(fake):
-        out = attention(q, k, v, mode="sageattn_3", scale=0.3)
+        out = attention(q, k, v, policy="sageattn_3", scale=0.3)
         assert calls == []
         assert rel_err(out, reference(q, k, v, scale=0.3)) < TOL[torch.float16]
-        attention(q, k, v, mode="sageattn_3")
+        attention(q, k, v, policy="sageattn_3")
         assert len(calls) == 1
 
 
@@ -381,7 +381,7 @@ def test_non_float_q_and_mixed_dtypes_are_converted_once(rng):
     k, v = (torch.randn(1, 64, 2, 64, generator=rng).float() for _ in range(2))
     fake, calls = stand_in("sdpa_flash", CONTRACTS["sdpa_flash"])
     with stand_in_kernels(fake), count_copies() as copies:
-        out = attention(q, k, v, mode="sdpa_flash")
+        out = attention(q, k, v, policy="sdpa_flash")
     assert len(calls) == 1 and copies.count == 2 and out.dtype == torch.float16
     assert rel_err(out, reference(q, k, v)) < TOL[torch.float16]
 
@@ -396,19 +396,48 @@ def test_fallback_logs_once_per_mode_and_reason(rng, caplog):
     fake, _ = stand_in("sageattn_legacy", CONTRACTS["sageattn_legacy"])
     with stand_in_kernels(fake), caplog.at_level(logging.INFO, logger="wantalk"):
         for _ in range(3):
-            attention(q, k, v, mode="sageattn")
+            attention(q, k, v, policy="sageattn")
     lines = [r.getMessage() for r in caplog.records if "key length % 64" in r.getMessage()]
     assert len(lines) == 1 and "sageattn" in lines[0]
 
 
-def test_kernel_failing_at_run_time_falls_back(rng, caplog):
+def test_kernel_declining_at_run_time_falls_back_once(rng, caplog):
+    """AttentionUnsupported from an adapter: logged once, the next kernel serves, and the declined kernel is not
+    asked again for that call signature."""
     dispatch._noted.clear()
     q, k, v = (torch.randn(1, n, 2, 64, generator=rng).half() for n in (9, 64, 64))
-    fake, _ = stand_in("sdpa_flash", CONTRACTS["sdpa_flash"], fail=True)
+    tries = []
+
+    def declines(q, k, v, *, scale, mask):
+        tries.append(1)
+        raise kernels.AttentionUnsupported("stand-in declines")
+    fake = Kernel("sdpa_flash", on_cpu(CONTRACTS["sdpa_flash"]), declines)
     with stand_in_kernels(fake), caplog.at_level(logging.WARNING, logger="wantalk"):
-        out = attention(q, k, v, mode="sdpa_flash")
-    assert rel_err(out, reference(q, k, v)) < TOL[torch.float16]
-    assert any("stand-in kernel failure" in r.getMessage() for r in caplog.records)
+        outs = [attention(q, k, v, policy="sdpa_flash") for _ in range(3)]
+    assert len(tries) == 1
+    assert all(rel_err(out, reference(q, k, v)) < TOL[torch.float16] for out in outs)
+    assert sum("stand-in declines" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("error", [RuntimeError("adapter bug"), ValueError("adapter bug"),
+                                   NotImplementedError("adapter bug"), TypeError("adapter bug")])
+def test_other_kernel_errors_surface(error, rng):
+    """Only AttentionUnsupported means "use the next kernel": any other exception is a bug and reaches the
+    caller (it used to be swallowed into a once-logged warning)."""
+    q, k, v = (torch.randn(1, n, 2, 64, generator=rng).half() for n in (9, 64, 64))
+
+    def broken(q, k, v, *, scale, mask):
+        raise error
+    with stand_in_kernels(Kernel("sdpa_flash", on_cpu(CONTRACTS["sdpa_flash"]), broken)):
+        with pytest.raises(type(error), match="adapter bug"):
+            attention(q, k, v, policy="sdpa_flash")
+
+
+def test_sdpa_refusal_phrases_become_unsupported():
+    """A pinned SDPA backend answering "No available kernel" is a refusal; other RuntimeErrors are not."""
+    assert isinstance(kernels._refusal(RuntimeError("No available kernel. Aborting execution.")),
+                      kernels.AttentionUnsupported)
+    assert kernels._refusal(RuntimeError("CUDA error: an illegal memory access was encountered")) is None
 
 
 def test_mode_names_and_chains():
@@ -422,7 +451,8 @@ def test_mode_names_and_chains():
             if mode.startswith("sdpa"):
                 assert all(n.startswith("sdpa") for n in chain)
         assert {"sdpa_native", "sdpa_math"} <= set(kernel_chain(mode, "cpu", None))
-    assert kernel_chain("auto", "cuda", (9, 0))[0] == "sdpa_cudnn"
+    assert kernel_chain("auto", "cuda", (9, 0))[:2] == ("flash_attn_4", "sdpa_cudnn")
+    assert kernel_chain("sdpa", "cuda", (9, 0))[0] == "sdpa_cudnn"
     assert kernel_chain("auto", "cuda", (8, 6))[0] == "flash_attn"
     assert kernel_chain("sageattn_3_fp4", "cuda", (9, 0))[:2] == ("sageattn_3_fp4", "sageattn")
 
@@ -450,15 +480,15 @@ def test_select_kernel_reports_the_route(rng):
     assert select_kernel(q, k, v) == "sdpa_native"
     fake, _ = stand_in("sdpa_cudnn", CONTRACTS["sdpa_cudnn"])
     with stand_in_kernels(fake):
-        assert select_kernel(q, k, v, mode="sdpa_cudnn") == "sdpa_cudnn"
-        assert select_kernel(q, k, v, mode="sdpa_cudnn", attn_mask=torch.ones(9, 64, dtype=torch.bool)) \
+        assert select_kernel(q, k, v, policy="sdpa_cudnn") == "sdpa_cudnn"
+        assert select_kernel(q, k, v, policy="sdpa_cudnn", attn_mask=torch.ones(9, 64, dtype=torch.bool)) \
             == "sdpa_native"
 
 
 def test_bad_input_gets_clear_errors(rng):
     q, k, v = (torch.randn(1, n, 2, 64, generator=rng) for n in (9, 16, 16))
     with pytest.raises(ValueError, match="unknown attention mode"):
-        attention(q, k, v, mode="xformers")
+        attention(q, k, v, policy="xformers")
     with pytest.raises(ValueError, match="k_lens"):
         attention(q, k, v, k_lens=[0])
     with pytest.raises(ValueError, match="attn_mask"):
@@ -480,16 +510,16 @@ def test_cached_routes_never_go_stale(rng, caplog):
         for inputs, copies_per_call in (((q, k, v), 0), ((misaligned_q, k, v), 1), ((q, k, v), 0)):
             with count_copies() as copies:
                 for _ in range(3):
-                    out = attention(*inputs, mode="sdpa_cudnn")
+                    out = attention(*inputs, policy="sdpa_cudnn")
             assert copies.count == 3 * copies_per_call
             assert rel_err(out, reference(*inputs)) < TOL[torch.float16]
         assert len(calls) == 9
-        assert select_kernel(q.float(), k.float(), v.float(), mode="sdpa_cudnn") == "sdpa_native"   # dtype
-        assert select_kernel(q, k, v, mode="sdpa_math") == "sdpa_math"                              # mode
-        assert select_kernel(q, k, v, mode="sdpa_cudnn") == "sdpa_cudnn"
-        attention(q, k[:, :1], v[:, :1], mode="sdpa_cudnn")   # cuDNN passed over (key length 1): route cached
+        assert select_kernel(q.float(), k.float(), v.float(), policy="sdpa_cudnn") == "sdpa_native"   # dtype
+        assert select_kernel(q, k, v, policy="sdpa_math") == "sdpa_math"                              # mode
+        assert select_kernel(q, k, v, policy="sdpa_cudnn") == "sdpa_cudnn"
+        attention(q, k[:, :1], v[:, :1], policy="sdpa_cudnn")   # cuDNN passed over (key length 1): route cached
         dispatch._noted.clear()
         with caplog.at_level(logging.INFO, logger="wantalk"):
-            attention(q, k[:, :1], v[:, :1], mode="sdpa_cudnn")   # the cached route still logs what is new
-    assert select_kernel(q, k, v, mode="sdpa_cudnn") != "sdpa_cudnn"   # stand-in gone: the table changed
+            attention(q, k[:, :1], v[:, :1], policy="sdpa_cudnn")   # the cached route still logs what is new
+    assert select_kernel(q, k, v, policy="sdpa_cudnn") != "sdpa_cudnn"   # stand-in gone: the table changed
     assert any("key length < 2" in r.getMessage() for r in caplog.records)

@@ -31,7 +31,7 @@ WAN_SHAPES = {
 
 
 def served_by(mode, q, k, v, **kw):
-    return select_kernel(q, k, v, mode=mode, **kw)
+    return select_kernel(q, k, v, policy=mode, **kw)
 
 
 def tolerance(kernel_name):
@@ -92,7 +92,7 @@ def test_wan_shapes_against_fp32_sdpa(mode, shape):
     if kernel == "sdpa_math" and not math_fits(b, lq, lk, h):
         pytest.skip("math backend would need the full score matrix")
     k_before = k.clone()
-    out = attention(q, k, v, mode=mode)
+    out = attention(q, k, v, policy=mode)
     rows = torch.randperm(lq, device="cuda")[:256]
     err = rel_err(out[:, rows], fp32_reference(q, k, v, rows))
     print(f"{mode:15s} {shape:18s} served by {kernel:15s} rel err {err:.4f}")
@@ -105,7 +105,7 @@ def test_wan_shapes_against_fp32_sdpa(mode, shape):
 def test_self_attention_with_key_lengths(mode):
     q, k, v = projections(2, 4099, 4099, 40, 128, torch.bfloat16, seed=1)
     k_lens = torch.tensor([4099, 3001], device="cuda")
-    out = attention(q, k, v, mode=mode, k_lens=k_lens)
+    out = attention(q, k, v, policy=mode, k_lens=k_lens)
     rows = torch.randperm(4099, device="cuda")[:256]
     kernel = served_by(mode, q, k, v, k_lens=k_lens)
     assert rel_err(out[:, rows], fp32_reference(q, k, v, rows, k_lens=k_lens)) < tolerance(kernel)
@@ -162,7 +162,7 @@ def test_small_layouts(mode, layout):
         q, k, v = _small_inputs(layout, dtype, lk=lk)
         before = [t.clone() for t in (q, k, v)]
         with count_copies() as copies:
-            out = attention(q, k, v, mode=mode)
+            out = attention(q, k, v, policy=mode)
         kernel = served_by(mode, q, k, v)
         err = rel_err(out, fp32_reference(q, k, v, torch.arange(q.shape[1], device="cuda")))
         assert err < tolerance(kernel), (kernel, dtype, lk, err)
@@ -179,7 +179,7 @@ def test_small_masks_and_key_lengths(mode):
     k_lens = torch.tensor([100, 37], device="cuda")
     rows = torch.arange(50, device="cuda")
     for kwargs in ({"k_lens": k_lens}, {"attn_mask": keep}, {"attn_mask": keep, "k_lens": k_lens}):
-        out = attention(q, k, v, mode=mode, **kwargs)
+        out = attention(q, k, v, policy=mode, **kwargs)
         kernel = served_by(mode, q, k, v, **kwargs)
         ref = fp32_reference(q, k, v, rows, **kwargs)
         assert rel_err(out, ref) < tolerance(kernel), (kernel, list(kwargs))

@@ -9,6 +9,7 @@ import torch
 from wantalk.humo.audio_attention import HumoBlockAdapter
 from wantalk.humo.conditioning import HumoAudioConditioning
 from wantalk.humo.model_addon import HumoConfig
+from wantalk.wanvideo.modules.attention import use_attention_policy
 from wantalk.wanvideo.modules.model import WAN_I2V_14B
 
 pytestmark = pytest.mark.gpu
@@ -35,14 +36,14 @@ def test_full_size_audio_block_bf16_memory_and_closeness(mode):
     tokens = torch.randn(1, f, 16, 1536, device="cuda", generator=gen)
     inp = SimpleNamespace(grid=GRID, audio=HumoAudioConditioning(tokens))
     with torch.no_grad():
-        adapter.audio_cross_attn_wrapper.audio_cross_attn.attention_mode = "sdpa"
-        ref = adapter.forward_in_block(adapter, x, inp)
+        with use_attention_policy("sdpa"):
+            ref = adapter.forward_in_block(adapter, x, inp)
         adapter.to(torch.bfloat16)
-        adapter.audio_cross_attn_wrapper.audio_cross_attn.attention_mode = mode
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        out = adapter.forward_in_block(adapter, x, inp)
+        with use_attention_policy(mode):
+            out = adapter.forward_in_block(adapter, x, inp)
         extra = (torch.cuda.max_memory_allocated() - base) / GIB
     assert out.isfinite().all()
     assert rel(out, ref) < 2e-2

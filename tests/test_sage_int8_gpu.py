@@ -175,19 +175,19 @@ def test_small_dispatch_mode():
     needs_kernel()
     n = CONTRACTS["int8_triton"].faster_from_kv_len
     q, k, v = wan_like(2, 100, n + 300, 4, 128)
-    assert select_kernel(q, k, v, mode="int8_triton") == "int8_triton"
+    assert select_kernel(q, k, v, policy="int8_triton") == "int8_triton"
     assert select_kernel(q, k, v) != "int8_triton"                      # auto stays exact
-    out = attention(q, k, v, mode="int8_triton", k_lens=torch.tensor([n + 300, n + 33], device="cuda"))
+    out = attention(q, k, v, policy="int8_triton", k_lens=torch.tensor([n + 300, n + 33], device="cuda"))
     rows = torch.arange(100, device="cuda")
     ref = torch.cat([fp32_reference(q[:1], k[:1], v[:1], rows),
                      fp32_reference(q[1:], k[1:, :n + 33], v[1:, :n + 33], rows)])
     assert rel_err(out, ref) < TOL[True, False]
     q32 = wan_like(1, 50, n, 4, 32)                                     # head dim 32: padded to 64 by dispatch
-    assert select_kernel(*q32, mode="int8_triton") == "int8_triton"
-    assert rel_err(attention(*q32, mode="int8_triton"), fp32_reference(*q32, torch.arange(50, device="cuda"))) \
+    assert select_kernel(*q32, policy="int8_triton") == "int8_triton"
+    assert rel_err(attention(*q32, policy="int8_triton"), fp32_reference(*q32, torch.arange(50, device="cuda"))) \
         < TOL[True, False]
     short = wan_like(1, 64, 512, 4, 128)                                # text cross-attention: cuDNN is faster
-    assert select_kernel(*short, mode="int8_triton") != "int8_triton"
+    assert select_kernel(*short, policy="int8_triton") != "int8_triton"
 
 
 def test_small_bad_inputs_are_refused():

@@ -1,36 +1,44 @@
 """The single attention entry point of the pack, and the dispatch to the kernels of `attention_kernels.py`.
 
-Every attention site calls `attention(q, k, v, ...)` with `[B, L, H, D]` tensors. The mode names a preferred
-kernel; the dispatcher walks that kernel's fallback chain and runs the first kernel whose contract covers the
-call, so a kernel never sees an input it mishandles (wrong layout, misaligned pointer, key length it gets wrong,
-a mask it would drop) and the caller never gets an error or a wrong result because of a kernel's limits.
+Every attention site calls `attention(q, k, v, ...)` with `[B, L, H, D]` tensors. Which kernels may serve it is
+one value, an `AttentionPolicy` (a mode name): the model carries it with each forward (`use_attention_policy`
+around the blocks), so no module holds a mode of its own, and a site that must stay exact (the two-speaker
+reference map, Whisper) asks for `attention_policy().exact()`. The policy names a preferred kernel; the
+dispatcher walks that kernel's fallback chain and runs the first kernel whose contract covers the call, so a
+kernel never sees an input it mishandles (wrong layout, misaligned pointer, key length it gets wrong, a mask it
+would drop) and the caller never gets an error or a wrong result because of a kernel's limits.
 The route (kernel, copies, log lines) depends only on the call's signature (mode, dtypes, shapes, strides,
 pointer alignment class, device, key lengths, mask metadata, scale), so it is worked out once per signature and
-cached: a repeated call costs a dict lookup, not the contract walk.
+cached: a repeated call costs a dict lookup and the kernel launch, not the contract walk.
+A kernel that declines a call at run time raises `AttentionUnsupported`: logged once, remembered for that call
+signature, and the next kernel serves. Any other exception is a bug and reaches the caller.
 
 Policy (why `auto` is what it is):
 - `auto` and `sdpa` use exact kernels only. Quantized kernels (`sageattn*`, the pack's own `int8_triton`) are
   an explicit choice: their error (1-4% relative) is a quality trade the user makes, not a dispatch detail.
-- On sm90+ cuDNN SDPA comes first (H100, Wan shapes: 590 TFLOP/s against 353 for SDPA-flash), but only for
-  calls without masks and without GQA, where it has no known wrong-result reports; key lengths (`k_lens`) are
-  applied by slicing the batch into runs of equal length, so those calls stay unmasked. Masked calls go to
-  flash-free backends that honour masks (memory-efficient, then math).
+- On sm90/sm100 FlashAttention-4, when installed, serves long key lengths (H200: 1.13-1.18x cuDNN from 8,190
+  keys; slower than cuDNN for <= 512 keys, so `auto` hands those on: `auto_from_kv_len` of its contract).
+- Then cuDNN SDPA (H100, Wan shapes: 590 TFLOP/s against 353 for SDPA-flash), but only for calls without masks
+  and without GQA, where it has no known wrong-result reports; key lengths (`k_lens`) are applied by slicing
+  the batch into runs of equal length, so those calls stay unmasked. Masked calls go to flash-free backends
+  that honour masks (memory-efficient, then math).
 - Below sm90 flash kernels come first (cuDNN is not the fastest there).
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from .attention_kernels import KERNELS, Call, Kernel
+from .attention_kernels import KERNELS, AttentionUnsupported, Call, Kernel, TableVersion
 
 log = logging.getLogger("wantalk")
 
 ATTENTION_MODES = ("auto", "sdpa", "flash_attn", "sageattn", "sageattn_3", "sageattn_3_fp4", "sageattn_3_fp8",
-                   "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "int8_triton")
+                   "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "int8_triton", "flash_attn_4")
 
 # Kernels tried first for each mode; the device's exact chain follows.
 _MODE_HEADS = {
@@ -38,8 +46,56 @@ _MODE_HEADS = {
     "sageattn_3": ("sageattn_3", "sageattn"), "sageattn_3_fp4": ("sageattn_3_fp4", "sageattn"),
     "sageattn_3_fp8": ("sageattn_3_fp8", "sageattn"),
     "sdpa_cudnn": ("sdpa_cudnn",), "sdpa_flash": ("sdpa_flash",), "sdpa_efficient": ("sdpa_efficient",),
-    "sdpa_math": ("sdpa_math",), "int8_triton": ("int8_triton",),
+    "sdpa_math": ("sdpa_math",), "int8_triton": ("int8_triton",), "flash_attn_4": ("flash_attn_4",),
 }
+QUANTIZED_MODES = frozenset(("sageattn", "sageattn_3", "sageattn_3_fp4", "sageattn_3_fp8", "int8_triton"))
+
+
+@dataclass(frozen=True)
+class AttentionPolicy:
+    """Which attention kernels a forward may use: a mode of ATTENTION_MODES (validated here, once)."""
+    mode: str = "auto"
+
+    def __post_init__(self):
+        if self.mode not in _MODE_HEADS:
+            raise ValueError(f"unknown attention mode {self.mode!r}; expected one of {', '.join(ATTENTION_MODES)}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.mode in QUANTIZED_MODES
+
+    def exact(self) -> AttentionPolicy:
+        """This policy where it is exact, else `auto`: for sites whose result must not carry 8-bit error."""
+        return AUTO if self.quantized else self
+
+
+AUTO = AttentionPolicy()
+_POLICIES = {mode: AttentionPolicy(mode) for mode in ATTENTION_MODES}
+_current_policy: contextvars.ContextVar[AttentionPolicy] = contextvars.ContextVar("attention_policy", default=AUTO)
+
+
+def policy_of(value: AttentionPolicy | str) -> AttentionPolicy:
+    """An AttentionPolicy from itself or a mode name (ValueError naming the modes for an unknown one)."""
+    if isinstance(value, AttentionPolicy):
+        return value
+    policy = _POLICIES.get(value)
+    return policy if policy is not None else AttentionPolicy(value)
+
+
+def attention_policy() -> AttentionPolicy:
+    """The policy of the forward now running (`auto` outside one)."""
+    return _current_policy.get()
+
+
+@contextmanager
+def use_attention_policy(policy: AttentionPolicy | str):
+    """Every `attention` call inside the block without an explicit policy uses this one."""
+    token = _current_policy.set(policy_of(policy))
+    try:
+        yield
+    finally:
+        _current_policy.reset(token)
+
 
 # Beyond this many runs of equal key length, k_lens becomes a mask instead of one launch per run.
 MAX_KEY_LENGTH_RUNS = 8
@@ -50,7 +106,7 @@ def exact_chain(device_type: str, capability: tuple[int, int] | None) -> tuple[s
     if device_type != "cuda":
         return ("sdpa_native", "sdpa_math")
     if capability is not None and capability >= (9, 0):
-        return ("sdpa_cudnn", "flash_attn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
+        return ("flash_attn_4", "sdpa_cudnn", "flash_attn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
     return ("flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
 
 
@@ -73,6 +129,7 @@ class CopyCount:
 _copy_counters: list[CopyCount] = []
 _noted: set[tuple[str, str]] = set()
 _unavailable: dict[Kernel, str | None] = {}
+_refused: dict[tuple[str, Call], str] = {}     # (kernel, call) -> why it declined at run time (AttentionUnsupported)
 
 
 @contextmanager
@@ -124,12 +181,10 @@ class _Route:
 
 
 _routes: dict[tuple, _Route] = {}
-_routes_kernels: tuple[Kernel, ...] = ()        # the kernel table the cached routes were made with
+_routes_version = -1        # the TableVersion the cached routes were made with
 
 
-def _validate(q, k, v, mode):
-    if mode not in _MODE_HEADS:
-        raise ValueError(f"unknown attention mode {mode!r}; expected one of {', '.join(ATTENTION_MODES)}")
+def _validate(q, k, v):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects [B, L, H, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
@@ -214,11 +269,16 @@ def _signature(q, k, v, mode, lens, attn_mask, scale) -> tuple:
 
 def _candidates(mode: str, call: Call):
     """(kernel, passed over) for each kernel able to serve `call`, in chain order; the kernels passed over on the
-    way, as (name, reason, chosen), are logged once."""
+    way, as (name, reason, chosen), are logged once. A kernel the mode does not name is also passed over below
+    its `auto_from_kv_len` (the next kernel is faster there)."""
     passed = []
+    named = _MODE_HEADS[mode]
     for position, name in enumerate(kernel_chain(mode, call.device_type, call.capability)):
         kernel = KERNELS[name]
-        reason = _unavailable_reason(kernel) or kernel.contract.rejection(call)
+        reason = (_unavailable_reason(kernel) or kernel.contract.rejection(call)
+                  or _refused.get((name, call)))
+        if reason is None and name not in named and min(call.kv_lens) < kernel.contract.auto_from_kv_len:
+            reason = f"key length < {kernel.contract.auto_from_kv_len}: the next kernel is faster there"
         if reason is None:
             yield kernel, tuple(passed)
             passed = []
@@ -230,7 +290,7 @@ def _candidates(mode: str, call: Call):
 
 def _make_route(q, k, v, mode, lens, attn_mask, scale) -> tuple[_Route, bool]:
     """The route of a call, and whether it may be cached (its kernel's alignment rule fits ALIGNMENT_CLASS)."""
-    _validate(q, k, v, mode)
+    _validate(q, k, v)
     b, lq, hq, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
     dtype = q.dtype if q.dtype.is_floating_point and q.dtype.itemsize >= 2 else torch.bfloat16
@@ -253,23 +313,25 @@ def _make_route(q, k, v, mode, lens, attn_mask, scale) -> tuple[_Route, bool]:
 def _route(q, k, v, mode, k_lens, attn_mask, scale) -> tuple[_Route, tuple[int, ...] | None]:
     """The call's route (cached per signature; its log lines replayed, so they still come once per reason) and
     its key lengths. Without k_lens this reads no tensor values: no host sync."""
-    global _routes_kernels
-    scale = None if scale is None else float(scale)
+    global _routes_version
+    if scale is not None:
+        scale = float(scale)
     lens = None
     if k_lens is not None:
-        _validate(q, k, v, mode)
+        _validate(q, k, v)
         lens = _key_lengths(k_lens, q.shape[0], k.shape[1])
     key = _signature(q, k, v, mode, lens, attn_mask, scale)
-    kernels_now = tuple(KERNELS.values())
-    if kernels_now != _routes_kernels or len(_routes) >= MAX_ROUTES:
+    if TableVersion.value != _routes_version or len(_routes) >= MAX_ROUTES:
+        if TableVersion.value != _routes_version:
+            _refused.clear()   # refusals belong to the kernels that made them
         _routes.clear()
-        _routes_kernels = kernels_now
+        _routes_version = TableVersion.value
     route = _routes.get(key)
     if route is None:
         route, cacheable = _make_route(q, k, v, mode, lens, attn_mask, scale)
         if cacheable:
             _routes[key] = route
-    else:
+    elif route.passed_over:
         for note in route.passed_over:
             _note(mode, *note)
     return route, lens
@@ -320,58 +382,72 @@ def _run(kernel: Kernel, q, k, v, route: _Route, copies, mask) -> torch.Tensor:
     d = q.shape[-1]
     fed = kernel.contract.feed_head_dim(d)
     dtype = route.call.dtype
+    hnd = kernel.contract.layout == "HND"
+    if len(route.segments) == 1 and copies[0] == (False, False, False) and route.segments[0] == (0, q.shape[0],
+                                                                                                k.shape[1]):
+        # the hot path: views straight to the kernel (fed == d here: padding the head dim is a copy)
+        if hnd:
+            return kernel.run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=route.scale,
+                              mask=mask).transpose(1, 2)
+        return kernel.run(q, k, v, scale=route.scale, mask=mask)
     whole = (0, q.shape[0], k.shape[1])
     outs = []
     for segment, (copy_q, copy_k, copy_v) in zip(route.segments, copies):
         qs, ks, vs = _segment(q, k, v, segment, whole)
         out = kernel.run(_fed(qs, kernel, dtype, fed, copy_q), _fed(ks, kernel, dtype, fed, copy_k),
                          _fed(vs, kernel, dtype, fed, copy_v), scale=route.scale, mask=mask)
-        out = out.transpose(1, 2) if kernel.contract.layout == "HND" else out
+        out = out.transpose(1, 2) if hnd else out
         outs.append(out if fed == d else out[..., :d])
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
-def _attempts(mode: str, q, k, v, route: _Route):
-    """(kernel, copies) to try in turn: the route's kernel, then, if it fails at run time, the rest of the chain."""
-    yield route.kernel, route.copies
-    for kernel, _ in _candidates(mode, route.call):
-        if kernel is not route.kernel:
-            yield kernel, _copy_plan(kernel, q, k, v, route.call, route.segments)
+def _fall_back(mode: str, q, k, v, route: _Route, mask, declined: Kernel, err: AttentionUnsupported):
+    """After `declined` raised AttentionUnsupported: remember it for this call signature (so the cached route
+    is re-made without it), log once, and run the next kernel of the chain that serves the call."""
+    while True:
+        _refused[(declined.name, route.call)] = f"declined at run time: {err}"
+        _note(mode, declined.name, f"declined at run time: {err}", chosen=True)
+        _routes.clear()
+        kernel = next((kernel for kernel, _ in _candidates(mode, route.call)), None)
+        if kernel is None:
+            raise RuntimeError(f"every attention kernel of mode {mode!r} declined the call; the last: {err}")
+        try:
+            return _run(kernel, q, k, v, route, _copy_plan(kernel, q, k, v, route.call, route.segments), mask)
+        except AttentionUnsupported as again:
+            declined, err = kernel, again
 
 
-def select_kernel(q, k, v, *, mode: str = "auto", k_lens=None, attn_mask=None, scale: float | None = None) -> str:
-    """Name of the kernel `attention` would run for these inputs (before any runtime failure)."""
-    return _route(q, k, v, mode, k_lens, attn_mask, scale)[0].kernel.name
+def _resolve(policy) -> str:
+    return (_current_policy.get() if policy is None else policy_of(policy)).mode
+
+
+def select_kernel(q, k, v, *, policy: AttentionPolicy | str | None = None, k_lens=None, attn_mask=None,
+                  scale: float | None = None) -> str:
+    """Name of the kernel `attention` would run for these inputs (before any run-time refusal)."""
+    return _route(q, k, v, _resolve(policy), k_lens, attn_mask, scale)[0].kernel.name
 
 
 @torch.compiler.disable   # the dispatch reads pointers, strides and k_lens values: one eager graph break
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str = "auto",
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, policy: AttentionPolicy | str | None = None,
               k_lens: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
               scale: float | None = None) -> torch.Tensor:
     """Attention over `[B, L, H, D]` inputs; returns `[B, Lq, H, D]` in q's dtype. Inputs are never modified.
 
+    policy: an AttentionPolicy or mode name; None = the running forward's (`use_attention_policy`), else `auto`.
     k_lens: `[B]` number of valid keys per batch item (the rest are padding).
     attn_mask: bool (True = attend) or additive float, broadcastable to `[B, H, Lq, Lk]`.
     scale: softmax scale, default head_dim ** -0.5.
     """
+    mode = _resolve(policy)
     route, lens = _route(q, k, v, mode, k_lens, attn_mask, scale)
-    call = route.call
     mask = None
     if route.masked:
         b, lq, hq, _ = q.shape
-        mask = _mask(attn_mask, lens, (b, hq, lq, k.shape[1]), call.dtype, q.device)
+        mask = _mask(attn_mask, lens, (b, hq, lq, k.shape[1]), route.call.dtype, q.device)
     if q.shape[1] == 0:
         return q.new_empty(q.shape)
-    for kernel, copies in _attempts(mode, q, k, v, route):
-        try:
-            out = _run(kernel, q, k, v, route, copies, mask)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except (RuntimeError, ValueError, NotImplementedError) as err:
-            first_line = (str(err).splitlines() or [""])[0][:160]
-            _note(mode, kernel.name, f"failed: {type(err).__name__}: {first_line}", chosen=True)
-            continue
-        return out if out.dtype == q.dtype else out.to(q.dtype)
-    raise RuntimeError(f"no attention kernel could serve mode {mode!r} on {q.device} (the last kernel of every "
-                       "chain accepts all inputs, so this is a bug in the kernel table)")
-
+    try:
+        out = _run(route.kernel, q, k, v, route, route.copies, mask)
+    except AttentionUnsupported as err:
+        out = _fall_back(mode, q, k, v, route, mask, route.kernel, err)
+    return out if out.dtype == q.dtype else out.to(q.dtype)

@@ -6,8 +6,14 @@ dtypes, head dims, key-length rules, masks, GQA, scale, side effects and GPU cap
 routes any call the kernel cannot serve correctly to the next kernel. The adapters below are thin: they
 receive q, k, v already in their contract's layout and dtype and return the output in that same layout.
 
+An adapter that cannot serve a call it was handed (a refusal the contract could not foresee: a pinned SDPA backend
+answering "No available kernel", FlashAttention-4 refusing or failing to compile a shape family) raises
+`AttentionUnsupported`; the dispatcher then logs it once and uses the next kernel. Every other exception is a bug
+and surfaces to the caller.
+
 Facts behind the table: `/work/shared/docs/KERNELS.md` (sageattention 1.0.6 key-length bug and in-place
-`k -= km`, SageAttention3 sm120/121 only, 16-byte vector loads) and the PyTorch issue tracker (cuDNN SDPA:
+`k -= km`, SageAttention3 sm120/121 only, 16-byte vector loads; FlashAttention-4 in section 9.1) and the PyTorch
+issue tracker (cuDNN SDPA:
 silently wrong with float masks of another dtype, pytorch#191612; wrong with GQA on sm100, pytorch#193893;
 mask-dependent failures, pytorch#134001, #196678; memory-efficient SDPA wrong on stride-0 k/v, #191937).
 """
@@ -16,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -23,9 +31,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger("wantalk")
+
 HALF = (torch.float16, torch.bfloat16)
 FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 ANY_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class AttentionUnsupported(Exception):
+    """A kernel declines a call at run time (not a bug): the dispatcher falls back to the next kernel."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,8 @@ class Contract:
     min_kv_len: int = 1                           # shorter key lengths are refused by the kernel
     faster_from_kv_len: int = 1                   # approximate kernels: below this key length an exact kernel is
                                                   # faster (measured), so even a pinned mode passes the call on
+    auto_from_kv_len: int = 1                     # exact kernels early in a chain: below this key length the next
+                                                  # kernel is faster (measured); only a mode naming it runs it there
     masks: bool = False                           # additive/bool attn_mask honoured
     gqa: bool = False                             # fewer k/v heads than q heads
     custom_scale: bool = True
@@ -181,6 +197,15 @@ def sageattention_is_buggy(version: tuple[int, ...] | None) -> bool:
 # Adapters
 # ------------------------------------------------------------------------------------------------------------
 
+# Phrases of PyTorch/cuDNN errors that mean "this backend does not take these inputs" (a refusal, not a bug).
+_SDPA_REFUSALS = ("No available kernel", "No valid execution plans", "CUDNN_STATUS_NOT_SUPPORTED")
+
+
+def _refusal(err: RuntimeError) -> AttentionUnsupported | None:
+    text = str(err)
+    return AttentionUnsupported(text.splitlines()[0][:200]) if any(p in text for p in _SDPA_REFUSALS) else None
+
+
 def _sdpa(backend_name: str | None):
     """SDPA pinned to one backend (None: PyTorch's own choice, used on CPU only)."""
     def run(q, k, v, *, scale, mask):
@@ -188,8 +213,34 @@ def _sdpa(backend_name: str | None):
         if backend_name is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(getattr(SDPBackend, backend_name)):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+        try:
+            with sdpa_kernel(getattr(SDPBackend, backend_name)):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+        except RuntimeError as err:
+            refusal = _refusal(err)
+            if refusal is None:
+                raise
+            raise refusal from err
+    return run
+
+
+def _sdpa_direct(op_name: str, with_bias: bool):
+    """cuDNN / flash SDPA called through its ATen op: no per-call `sdpa_kernel` context and no backend choice
+    (the contract already decided), for the calls that need no mask and no GQA; others take `_sdpa`."""
+    general = _sdpa("CUDNN_ATTENTION" if "cudnn" in op_name else "FLASH_ATTENTION")
+
+    def run(q, k, v, *, scale, mask):
+        if mask is not None or q.shape[1] != k.shape[1]:
+            return general(q, k, v, scale=scale, mask=mask)
+        op = getattr(torch.ops.aten, op_name)
+        try:
+            out = op(q, k, v, None, False, scale=scale) if with_bias else op(q, k, v, scale=scale)
+        except RuntimeError as err:
+            refusal = _refusal(err)
+            if refusal is None:
+                raise
+            raise refusal from err
+        return out[0]
     return run
 
 
@@ -225,6 +276,42 @@ def _int8_triton_unavailable():
     return unavailable()
 
 
+def _fa4_module():
+    return _import("flash_attn.cute")
+
+
+def _fa4_unavailable():
+    if _fa4_module() is None:
+        return "flash-attn-4 not installed (optional extra `fa4`: pip install 'wantalk[fa4]')"
+    return None
+
+
+# FlashAttention-4 JIT-compiles one kernel per family (dtype, head dim, q heads per k/v head, device) on its first
+# call in a process (H200: about 2 s); later calls of the family, any sequence length, run at once.
+_fa4_compiled: set[tuple] = set()
+
+
+def _flash_attn_4(q, k, v, *, scale, mask):
+    fa4 = _fa4_module()
+    family = (q.dtype, q.shape[-1], q.shape[2] // k.shape[2], q.device)
+    if family in _fa4_compiled:
+        out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+    else:
+        start = time.perf_counter()
+        try:
+            out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:   # first call of a family = its compile: a refusal (assert) or a failed build
+            first_line = (str(err).splitlines() or [""])[0][:200]
+            raise AttentionUnsupported(f"refused or failed to compile {type(err).__name__}: {first_line}") from err
+        _fa4_compiled.add(family)
+        log.info("FlashAttention-4: first call of %s, head dim %d, %d q heads per k/v head took %.1f s (JIT "
+                 "compile, once per process)", q.dtype, q.shape[-1], q.shape[2] // k.shape[2],
+                 time.perf_counter() - start)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _sageattn3(per_block_mean: bool):
     def run(q, k, v, *, scale, mask):
         return _import("sageattn3").sageattn3_blackwell(q, k, v, per_block_mean=per_block_mean)
@@ -241,7 +328,9 @@ def _needs(module: str, attr: str | None = None, what: str | None = None):
 
 
 def _flash_unavailable():
-    return None if _flash_module() is not None else "flash_attn not installed"
+    # FlashAttention-4 installs `flash_attn.cute` into a `flash_attn` namespace package without flash_attn_func
+    module = _flash_module()
+    return None if module is not None and hasattr(module, "flash_attn_func") else "flash_attn not installed"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -268,6 +357,13 @@ CONTRACTS: dict[str, Contract] = {
                             masks=True, gqa=True, devices=("cpu",)),
     "flash_attn": Contract(layout="NHD", dtypes=HALF, max_head_dim=256, head_dim_multiple=8, gqa=True,
                            min_capability=(8, 0)),
+    # FlashAttention-4 (`flash-attn-4` 4.0.0b36, CuTe DSL, KERNELS.md 9.1): q, k, v [B, L, H, D] fp16/bf16, last
+    # dim contiguous, base pointer and strides 16-byte aligned (else it copies them itself: we copy once instead),
+    # GQA, any scale, no masks here (its mask_mod is not used). Head dims 8..256 on sm90 but 8..128 on sm100: 128
+    # is the common limit. FP8 inputs only on sm100, never fed. H200 (KERNELS.md 9): 1.13-1.18x cuDNN for self-
+    # attention from 8,190 tokens, 0.56-0.86x for <= 512 keys, hence `auto` keeps cuDNN below `auto_from_kv_len`.
+    "flash_attn_4": Contract(layout="NHD", dtypes=HALF, max_head_dim=128, head_dim_multiple=8, gqa=True,
+                             max_numel=2 ** 31, capabilities=((9, 0), (10, 0), (10, 3)), auto_from_kv_len=2048),
     # PyPI sageattention <= 1.0.6 (Triton): wrong unless Lk % 64 == 0; `k -= km` in place; D in {64, 96, 128};
     # GQA not claimed by that release.
     "sageattn_legacy": Contract(**{**_SAGE_COMMON, "gqa": False}, head_dims=(64, 96, 128), pads_head_dim=True,
@@ -298,12 +394,15 @@ def _sage_kernel() -> Kernel:
 
 
 KERNELS: dict[str, Kernel] = {
-    "sdpa_cudnn": Kernel("sdpa_cudnn", CONTRACTS["sdpa_cudnn"], _sdpa("CUDNN_ATTENTION")),
-    "sdpa_flash": Kernel("sdpa_flash", CONTRACTS["sdpa_flash"], _sdpa("FLASH_ATTENTION")),
+    "sdpa_cudnn": Kernel("sdpa_cudnn", CONTRACTS["sdpa_cudnn"],
+                         _sdpa_direct("_scaled_dot_product_cudnn_attention", with_bias=True)),
+    "sdpa_flash": Kernel("sdpa_flash", CONTRACTS["sdpa_flash"],
+                         _sdpa_direct("_scaled_dot_product_flash_attention", with_bias=False)),
     "sdpa_efficient": Kernel("sdpa_efficient", CONTRACTS["sdpa_efficient"], _sdpa("EFFICIENT_ATTENTION")),
     "sdpa_math": Kernel("sdpa_math", CONTRACTS["sdpa_math"], _sdpa("MATH")),
     "sdpa_native": Kernel("sdpa_native", CONTRACTS["sdpa_native"], _sdpa(None)),
     "flash_attn": Kernel("flash_attn", CONTRACTS["flash_attn"], _flash_attn, _flash_unavailable),
+    "flash_attn_4": Kernel("flash_attn_4", CONTRACTS["flash_attn_4"], _flash_attn_4, _fa4_unavailable),
     "sageattn": _sage_kernel(),
     "sageattn_3_fp8": Kernel("sageattn_3_fp8", CONTRACTS["sageattn_3_fp8"], _sageattn_fp8,
                              _needs("sageattention", "sageattn_qk_int8_pv_fp8_cuda", "sageattention>=2")),
@@ -314,11 +413,17 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
+class TableVersion:
+    """Bumped whenever `stand_in_kernels` changes KERNELS: the dispatcher's cached routes are dropped then."""
+    value = 0
+
+
 @contextmanager
 def stand_in_kernels(*kernels: Kernel):
     """Temporarily replace (or add) kernels by name: tests plug in recording fakes with real contracts."""
     saved = {k.name: KERNELS.get(k.name) for k in kernels}
     KERNELS.update({k.name: k for k in kernels})
+    TableVersion.value += 1
     try:
         yield
     finally:
@@ -327,6 +432,7 @@ def stand_in_kernels(*kernels: Kernel):
                 KERNELS.pop(name, None)
             else:
                 KERNELS[name] = old
+        TableVersion.value += 1
 
 
 def on_cpu(contract: Contract) -> Contract:

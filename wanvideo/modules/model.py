@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import AUTO, AttentionPolicy, attention, policy_of, use_attention_policy
 from .fused_ops import layer_norm_modulate, residual_add, rms_norm_reference, rms_norm_rope
 
 
@@ -160,7 +160,6 @@ class QKNormAttention(nn.Module):
         self.o = operations.Linear(dim, dim, device=device, dtype=dtype)
         self.norm_q = RMSNorm(dim, eps, device=device, dtype=dtype)
         self.norm_k = RMSNorm(dim, eps, device=device, dtype=dtype)
-        self.attention_mode = "auto"
 
 
 class WanSelfAttention(QKNormAttention):
@@ -176,7 +175,7 @@ class WanSelfAttention(QKNormAttention):
         q, k, v = self.qkv(x, rope)
         if keep_qk is not None:
             keep_qk.extend([q, k])
-        out = attention(q, k.to(q.dtype), v.to(q.dtype), mode=self.attention_mode, k_lens=k_lens)
+        out = attention(q, k.to(q.dtype), v.to(q.dtype), k_lens=k_lens)
         return linear_in(self.o, out.flatten(2))
 
 
@@ -198,12 +197,12 @@ class WanCrossAttention(QKNormAttention):
         txt = context[:, -text_len:]
         k = self.norm_k.heads(linear_in(self.k, txt), self.num_heads)
         v = heads(linear_in(self.v, txt))
-        out = attention(q, k.to(q.dtype), v.to(q.dtype), mode=self.attention_mode)
+        out = attention(q, k.to(q.dtype), v.to(q.dtype))
         if self.image_branch and context.shape[1] > text_len:
             img = context[:, :-text_len]
             k_img = self.norm_k_img.heads(linear_in(self.k_img, img), self.num_heads)
             v_img = heads(linear_in(self.v_img, img))
-            out = out + attention(q, k_img.to(q.dtype), v_img.to(q.dtype), mode=self.attention_mode)
+            out = out + attention(q, k_img.to(q.dtype), v_img.to(q.dtype))
         return linear_in(self.o, out.flatten(2))
 
 
@@ -319,15 +318,16 @@ class WanModel(nn.Module):
         self.head = Head(cfg.dim, cfg.out_dim, cfg.patch_size, cfg.eps, device=device, dtype=dtype, operations=operations)
         if cfg.image_branch:
             self.img_emb = MLPProj(cfg.clip_dim, cfg.dim, device=device, dtype=dtype, operations=operations)
-        self.attention_mode = "auto"
+        self.attention_policy = AUTO   # every attention call of a forward follows it (no module holds a mode)
         self.block_runner = None  # optional callable(block_index, block, x, inputs) -> x, e.g. block swap
 
     # -- configuration -------------------------------------------------------------------------
-    def set_attention_mode(self, mode: str) -> None:
-        self.attention_mode = mode
-        for m in self.modules():
-            if hasattr(m, "attention_mode") and m is not self:
-                m.attention_mode = mode
+    def set_attention_mode(self, mode: AttentionPolicy | str) -> None:
+        self.attention_policy = policy_of(mode)
+
+    @property
+    def attention_mode(self) -> str:
+        return self.attention_policy.mode
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -368,9 +368,15 @@ class WanModel(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward_batched(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                         clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None,
-                        audio: Any = None, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+                        audio: Any = None, seq_lens: torch.Tensor | None = None,
+                        attention_policy: AttentionPolicy | str | None = None) -> torch.Tensor:
         """x `[B, C, F, H, W]`, t `[B]`, context `[B, Lt, text_dim]`, clip_fea `[B, 257, 1280]`,
-        y `[B, in_dim - C, F, H, W]` -> float32 `[B, out_dim, F, H, W]`."""
+        y `[B, in_dim - C, F, H, W]` -> float32 `[B, out_dim, F, H, W]`. Every attention call of the forward
+        follows `attention_policy` (default: the model's `attention_policy`)."""
+        with use_attention_policy(self.attention_policy if attention_policy is None else attention_policy):
+            return self._forward_batched(x, t, context, clip_fea, y, audio, seq_lens)
+
+    def _forward_batched(self, x, t, context, clip_fea, y, audio, seq_lens) -> torch.Tensor:
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         if x.shape[1] != self.cfg.in_dim:
