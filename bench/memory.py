@@ -15,9 +15,11 @@ The cap does not see the CUDA context (~0.5 GB on a real card), so a real card h
 
     python bench/memory.py            # fp4 in 12 GB, fp8 in 16 GB, fp8 in 24 GB, and a 4 GB cap (must refuse)
     python bench/memory.py --quick    # 33 frames, no VAE, fewer repeats: a smoke run
+    python bench/memory.py --sweep    # frames 5..161, 480p/720p, 1-2 speakers, fp8/fp4, 8-24 GB (memory_sweep.py)
 """
 import argparse
 import gc
+import sys
 import time
 
 import torch
@@ -45,9 +47,9 @@ def build(shapes, mode: str, listing: str):
     return model, time.perf_counter() - t0
 
 
-def forward_inputs(model, frames: int, height: int, width: int, speakers: int = 1):
+def forward_inputs(model, frames: int, height: int, width: int, speakers: int = 1, device="cuda"):
     cfg = model.cfg
-    device = torch.device("cuda")
+    device = torch.device(device)
     lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(1, 16, lat_f, lat_h, lat_w, device=device, generator=g)
@@ -155,6 +157,9 @@ def run_mode(shapes, args, total, mode, caps, passes, extra=()):
 
 
 def main():
+    if "--sweep" in sys.argv[1:]:
+        import memory_sweep
+        return memory_sweep.main(sys.argv[1:])
     p = argparse.ArgumentParser()
     p.add_argument("--listing", default="keys_infinitetalk.txt")
     p.add_argument("--frames", type=int, default=81)

@@ -288,6 +288,7 @@ class BlockSwapper:
         self.plan: memory_plan.MemoryPlan | None = None
         self.offloaded = False
         self.arranged = False
+        self.allocator()  # before the slots and resident blocks are allocated
         self._move_rest(model)
         if self.requested != AUTO:
             self._arrange(model, self.requested)
@@ -413,19 +414,27 @@ class BlockSwapper:
                                           run.two_speakers or self.planned_run.two_speakers, run.fused)
         sizes = memory_plan.ModelBytes.of(model)
         cfg = model.cfg
+        how = {"prefetch": self.prefetch, "allocator": self.allocator()}
         if self.make_room is not None:
             wish = 0 if self.requested == AUTO else self.requested
-            need = memory_plan.plan_memory(cfg, sizes, run, blocks_to_swap=wish, prefetch=self.prefetch).peak
+            need = memory_plan.plan_memory(cfg, sizes, run, blocks_to_swap=wish, **how).peak
             self.make_room(max(0, need - self._held()))
         available = self.available_bytes()
-        fits = memory_plan.fitting_swap(cfg, sizes, run, available, prefetch=self.prefetch)
+        fits = memory_plan.fitting_swap(cfg, sizes, run, available, **how)
         n = (fits if fits is not None else self.num_blocks) if self.requested == AUTO else self.requested
-        plan = memory_plan.plan_memory(cfg, sizes, run, blocks_to_swap=n, prefetch=self.prefetch)
+        plan = memory_plan.plan_memory(cfg, sizes, run, blocks_to_swap=n, **how)
         plan.check(available, fits_with_swap=fits)
         if not self.arranged or n != len(self.streamed):
             self._arrange(model, n)
         log.info("wantalk: block swap streams %d of %d blocks; %s", n, self.num_blocks, plan.summary())
         self.plan, self.plan_key, self.planned_run = plan, key, run
+
+    def allocator(self) -> memory_plan.Allocator:
+        """The CUDA allocator the plan assumes (expandable segments turned on where possible, before the first
+        slot or block is allocated); the CPU has none to plan for."""
+        if self.device.type != "cuda":
+            return memory_plan.Allocator()
+        return memory_plan.use_expandable_segments()
 
     def _held(self) -> int:
         """Device bytes the plan counts that are allocated already: the non-block weights, promoted blocks and

@@ -3,9 +3,19 @@
 A CUDA out-of-memory error mid-run loses the work done and names nothing useful; the plan is checked before the
 first block runs instead. The activation estimate follows the block code (model.py, fused_ops.py) phase by phase, in
 units of one `[tokens, dim]` tensor; `bench/memory.py` prints it beside the GPU's measured peak.
+
+The plan bounds what torch's CUDA allocator RESERVES, not only what tensors occupy: a cap (a small card, or
+`set_per_process_memory_fraction`) is hit by reserved bytes, and the caching allocator can keep more than a GiB of
+split, unusable segments at the peak (issue 15: an accepted 33-frame run died with 1.12 GiB "reserved but
+unallocated"). So the pack turns on expandable segments where the native allocator has them (fragments are then
+unmapped and re-mapped instead of stranded), and the plan adds what the allocator in use may hold beyond the
+tensors (`Allocator.overhead`).
 """
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +29,14 @@ BASE_MARGIN = 384 * MIB          # allocator rounding and fragmentation, cuBLAS/
 MARGIN_FRACTION = 0.08           # of the activations
 VAE_BASE_CHANNELS = 96           # Wan 2.1 VAE decoder width at full resolution
 VAE_WORKSET = 10                 # live `[96, 4 frames, h, w]` tensors in the decoder's last stage (conservative)
+
+
+log = logging.getLogger("wantalk")
+
+EXPANDABLE_PAGE = 20 * MIB       # expandable segments map the large pool in 20 MiB pages
+EXPANDABLE_GAPS = 16             # live tensors at a block's peak; each may strand a partly used page at its ends
+ASYNC_SLACK = 64 * MIB           # cudaMallocAsync: the cap counts bytes in use; the driver pool rounds small blocks
+FRAGMENT_FACTOR = 4              # native segments without expandable: largest transient tensors stranded as splits
 
 
 class MemoryPlanError(RuntimeError):
@@ -50,6 +68,80 @@ class ModelBytes:
     @property
     def total(self) -> int:
         return self.other + sum(self.blocks)
+
+
+@dataclass(frozen=True)
+class Allocator:
+    """Torch's CUDA allocator as the plan sees it: what it may reserve beyond the tensors at the peak."""
+    backend: str = "native"        # torch.cuda.get_allocator_backend(): "native" or "cudaMallocAsync"
+    expandable: bool = True        # native only: expandable segments on
+
+    def overhead(self, largest_transient: int) -> int:
+        """Reserved-but-unallocated bytes at the peak, at most.
+
+        cudaMallocAsync: the memory fraction is checked against bytes in use and the driver's pool maps pages, so
+        only rounding (ASYNC_SLACK). Native with expandable segments: free pages are unmapped on demand; what
+        stays is a partly used page next to each live tensor. Native without: freed blocks stay in their segments
+        and are split for smaller tensors, so a few of the largest transient tensors can be stranded (measured
+        1.12 GiB beside a 372 MiB request, issue 15); FRAGMENT_FACTOR of them are planned."""
+        if self.backend == "cudaMallocAsync":
+            return ASYNC_SLACK
+        if self.expandable:
+            return EXPANDABLE_GAPS * EXPANDABLE_PAGE
+        return FRAGMENT_FACTOR * largest_transient
+
+    def describe(self) -> str:
+        if self.backend != "native":
+            return self.backend
+        return "native, expandable segments" if self.expandable else "native, fixed segments"
+
+
+_ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+_expandable_turned_on = False
+
+
+def _alloc_conf() -> dict[str, str]:
+    """The user's allocator settings (`key:value,key:value`) from the environment."""
+    out = {}
+    for var in _ALLOC_CONF_VARS:
+        for item in os.environ.get(var, "").split(","):
+            key, _, value = item.partition(":")
+            if key.strip():
+                out[key.strip()] = value.strip()
+    return out
+
+
+def use_expandable_segments() -> Allocator:
+    """Turn on expandable segments for new allocations unless the user chose otherwise, and say which allocator
+    the plan must assume.
+
+    `PYTORCH_CUDA_ALLOC_CONF` is read once, at CUDA start, but the native allocator reads this one setting at each
+    new segment, so it can be switched on after ComfyUI started CUDA. ComfyUI usually selects cudaMallocAsync
+    (its default on torch 2 with CUDA), which needs nothing; an explicit `expandable_segments:False` is
+    respected; platforms without the feature (not Linux) keep fixed segments, and the plan reserves for them."""
+    global _expandable_turned_on
+    if not torch.cuda.is_available():
+        return Allocator()
+    backend = torch.cuda.get_allocator_backend()
+    if backend != "native":
+        return Allocator(backend, expandable=False)
+    choice = _alloc_conf().get("expandable_segments")
+    if choice is not None:
+        return Allocator(backend, expandable=choice.lower() == "true" and sys.platform.startswith("linux"))
+    if not sys.platform.startswith("linux"):
+        return Allocator(backend, expandable=False)
+    if not _expandable_turned_on:
+        try:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        except (AttributeError, RuntimeError) as exc:  # a torch without the runtime switch
+            log.warning("wantalk: could not turn on expandable CUDA segments (%s); the memory plan reserves room "
+                        "for fragmentation instead. Setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                        "before starting gives longer windows on small cards.", exc)
+            return Allocator(backend, expandable=False)
+        _expandable_turned_on = True
+        log.info("wantalk: turned on expandable CUDA segments (less fragmentation on small cards); set "
+                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False to keep fixed segments")
+    return Allocator(backend, expandable=True)
 
 
 @dataclass(frozen=True)
@@ -107,6 +199,13 @@ def activation_bytes(cfg, run: RunSettings, compute_bytes: int = 2, dequant_temp
     return peak + small
 
 
+def largest_transient(cfg, run: RunSettings, compute_bytes: int = 2, dequant_temp: int = 0) -> int:
+    """The largest tensor a block allocates and frees: an FFN activation, a float32 residual or a dequantized
+    weight (what a fragmented allocator must find in one piece)."""
+    tokens = run.tokens * run.batch
+    return max(compute_bytes * tokens * cfg.ffn_dim, 4 * tokens * cfg.dim, dequant_temp)
+
+
 def vae_decode_bytes(d: DecodeSettings) -> int:
     """Decoder working set for one latent frame (4 output frames) of one tile, plus the output video and the
     blending buffers. Calibrated conservatively; bench/memory.py reports the measured value beside it."""
@@ -133,10 +232,12 @@ class MemoryPlan:
     decode_settings: DecodeSettings | None = None
     tokens: int = 0
     notes: tuple[str, ...] = field(default=())
+    reserve: int = 0               # what the allocator may hold beyond the tensors (Allocator.overhead)
+    allocator: Allocator = Allocator()
 
     @property
     def sampling_peak(self) -> int:
-        return self.weights + self.slots + self.activations + self.margin
+        return self.weights + self.slots + self.activations + self.margin + self.reserve
 
     @property
     def decode_peak(self) -> int:
@@ -152,7 +253,8 @@ class MemoryPlan:
     def summary(self) -> str:
         text = (f"peak {self.sampling_peak / GIB:.2f} GiB while sampling: weights {self.weights / GIB:.2f}, "
                 f"swap slots {self.slots / GIB:.2f}, activations {self.activations / GIB:.2f} at {self.tokens} "
-                f"tokens, margin {self.margin / GIB:.2f}")
+                f"tokens, margin {self.margin / GIB:.2f}, allocator reserve {self.reserve / GIB:.2f} "
+                f"({self.allocator.describe()})")
         if self.decode:
             text += f"; VAE decode {self.decode_peak / GIB:.2f} GiB"
         return text
@@ -178,6 +280,10 @@ class MemoryPlan:
                 lines.append(f"- prefetch 0 saves one swap slot ({self.block_bytes / GIB:.2f} GiB) at some speed")
             lines.append(f"- a smaller window or resolution: activations grow with the {self.tokens} tokens "
                          f"(frames/4+1 x height/16 x width/16); e.g. frame_window 49 instead of 81")
+            if self.allocator.backend == "native" and not self.allocator.expandable:
+                lines.append(f"- expandable CUDA segments (start with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:"
+                             f"True, Linux): the {self.reserve / GIB:.2f} GiB reserved for fragmentation shrinks "
+                             f"to {Allocator().overhead(0) / GIB:.2f}")
         if self.decode_peak > available:
             d = self.decode_settings
             if d.tile_size is None or d.tile_size > 256:
@@ -188,8 +294,9 @@ class MemoryPlan:
 
 
 def plan_memory(cfg, sizes: ModelBytes, run: RunSettings, *, blocks_to_swap: int, prefetch: int = 1,
-                decode: DecodeSettings | None = None) -> MemoryPlan:
-    """The plan for streaming the last `blocks_to_swap` blocks with `prefetch` blocks copied ahead."""
+                decode: DecodeSettings | None = None, allocator: Allocator = Allocator()) -> MemoryPlan:
+    """The plan for streaming the last `blocks_to_swap` blocks with `prefetch` blocks copied ahead, under
+    `allocator` (what reserves the memory)."""
     n = len(sizes.blocks)
     if not 0 <= blocks_to_swap <= n:
         raise ValueError(f"blocks_to_swap must be 0..{n} here, got {blocks_to_swap}")
@@ -200,44 +307,66 @@ def plan_memory(cfg, sizes: ModelBytes, run: RunSettings, *, blocks_to_swap: int
     return MemoryPlan(num_blocks=n, blocks_to_swap=blocks_to_swap, prefetch=prefetch,
                       weights=sizes.other + sum(sizes.blocks[:keep]), slots=slots, activations=acts,
                       margin=BASE_MARGIN + int(MARGIN_FRACTION * acts), block_bytes=max(sizes.blocks, default=0),
-                      decode=vae_decode_bytes(decode) if decode else 0, decode_settings=decode, tokens=run.tokens)
+                      decode=vae_decode_bytes(decode) if decode else 0, decode_settings=decode, tokens=run.tokens,
+                      reserve=allocator.overhead(largest_transient(cfg, run, sizes.compute_bytes, sizes.dequant_temp)),
+                      allocator=allocator)
 
 
 def choose_blocks_to_swap(cfg, sizes: ModelBytes, run: RunSettings, available: int, *, prefetch: int = 1,
-                          decode: DecodeSettings | None = None) -> int:
+                          decode: DecodeSettings | None = None, allocator: Allocator = Allocator()) -> int:
     """The fewest swapped blocks whose plan fits in `available` bytes; MemoryPlanError when none does."""
     n = len(sizes.blocks)
+    plan = {"prefetch": prefetch, "decode": decode, "allocator": allocator}
     for k in range(n + 1):
-        if plan_memory(cfg, sizes, run, blocks_to_swap=k, prefetch=prefetch, decode=decode).peak <= available:
+        if plan_memory(cfg, sizes, run, blocks_to_swap=k, **plan).peak <= available:
             return k
-    plan_memory(cfg, sizes, run, blocks_to_swap=n, prefetch=prefetch, decode=decode).check(available)
+    plan_memory(cfg, sizes, run, blocks_to_swap=n, **plan).check(available)
     raise AssertionError("unreachable: check() raises when nothing fits")
 
 
 def fitting_swap(cfg, sizes: ModelBytes, run: RunSettings, available: int, *, prefetch: int = 1,
-                 decode: DecodeSettings | None = None) -> int | None:
+                 decode: DecodeSettings | None = None, allocator: Allocator = Allocator()) -> int | None:
     """Like choose_blocks_to_swap, but None instead of an error (for advice)."""
     try:
-        return choose_blocks_to_swap(cfg, sizes, run, available, prefetch=prefetch, decode=decode)
+        return choose_blocks_to_swap(cfg, sizes, run, available, prefetch=prefetch, decode=decode,
+                                     allocator=allocator)
     except MemoryPlanError:
         return None
 
 
+def memory_fraction(device) -> float:
+    """The per-process fraction set with `torch.cuda.set_per_process_memory_fraction` (1.0 where this torch or
+    allocator cannot tell)."""
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    try:
+        return getter(device) if getter is not None else 1.0
+    except RuntimeError:  # cudaMallocAsync in some torch versions
+        return 1.0
+
+
 def available_vram(device) -> int:
-    """Bytes this process can still allocate on `device`: free device memory plus torch's cached blocks, capped
-    by `torch.cuda.set_per_process_memory_fraction` (which `mem_get_info` does not see)."""
+    """Bytes this process can still have reserved on `device`, capped by `set_per_process_memory_fraction`
+    (which `mem_get_info` does not see).
+
+    Unused cached segments are released first (empty_cache). With the native allocator, what stays reserved but
+    unallocated is fragments of segments in use, which a large tensor cannot use: it counts as used, since the
+    native cap is checked against reserved bytes. cudaMallocAsync checks the cap against bytes in use and reuses
+    its pool, so there the cached bytes count as free."""
     device = torch.device(device)
     if device.type != "cuda":
         return 1 << 62
     if device.index is None:  # some torch.cuda queries need an explicit index
         device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
-    available = free + torch.cuda.memory_reserved(device) - allocated
-    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    fraction = getter(device) if getter is not None else 1.0
+    reserved = torch.cuda.memory_reserved(device)
+    pooled = torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+    held = allocated if pooled else reserved
+    available = free + (reserved - allocated if pooled else 0)
+    fraction = memory_fraction(device)
     if fraction < 1.0:
-        available = min(available, int(fraction * total) - allocated)
+        available = min(available, int(fraction * total) - held)
     return max(0, available)
 
 
@@ -255,7 +384,9 @@ def check_before_sampling(model: nn.Module, run: RunSettings, decode: DecodeSett
     if device.type != "cuda" or getattr(model, "block_runner", None) is not None:
         return
     sizes = ModelBytes.of(model)
-    plan = plan_memory(model.cfg, sizes, run, blocks_to_swap=0, decode=decode)
+    allocator = use_expandable_segments()
+    plan = plan_memory(model.cfg, sizes, run, blocks_to_swap=0, decode=decode, allocator=allocator)
     budget = available_vram(device) + plan.weights  # the resident weights are already allocated
     if plan.peak > budget:
-        raise MemoryPlanError(plan.advice(budget, fitting_swap(model.cfg, sizes, run, budget, decode=decode)))
+        raise MemoryPlanError(plan.advice(budget, fitting_swap(model.cfg, sizes, run, budget, decode=decode,
+                                                               allocator=allocator)))
