@@ -132,6 +132,7 @@ class WanTalkAudioEncoderLoader:
 
     def load(self, model, precision, device):
         node = "Load wav2vec2"
+        validation.widgets(node, self.INPUT_TYPES(), {"precision": precision, "device": device})
         try:
             path = host.model_path("audio_encoders", model)
             target = host.torch_device() if device == "main_device" else torch.device("cpu")

@@ -77,6 +77,7 @@ class WanTalkWhisperLoader:
     CATEGORY = CATEGORY
 
     def load(self, model, precision, device):
+        validation.widgets("Load Whisper", self.INPUT_TYPES(), {"precision": precision, "device": device})
         try:
             path = host.model_path("audio_encoders", model)
             target = host.torch_device() if device == "main_device" else torch.device("cpu")

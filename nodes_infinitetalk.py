@@ -129,6 +129,7 @@ class WanTalkVAELoader:
     CATEGORY = CATEGORY
 
     def load(self, vae_name, precision):
+        validation.widgets("Load Wan VAE", self.INPUT_TYPES(), {"precision": precision})
         try:
             path = host.model_path("vae", vae_name)
             return (load_wan_vae(path, device=host.torch_device(), dtype=VAE_PRECISIONS[precision]),)

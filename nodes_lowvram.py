@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from . import host
+from . import host, validation
 from .nodes_common import CATEGORY, MODEL_TYPE, NodeInputError
 from .wanvideo import block_swap, memory_plan
 
@@ -44,6 +44,7 @@ class WanTalkBlockSwap:
 
     def configure(self, model, blocks_to_swap, prefetch):
         node = "Block Swap"
+        validation.widgets(node, self.INPUT_TYPES(), {"blocks_to_swap": blocks_to_swap, "prefetch": prefetch})
         device = host.torch_device()
         if device.type != "cuda":
             raise NodeInputError(node, "model", f"block swap streams weights to a CUDA GPU; the compute device "

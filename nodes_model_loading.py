@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-from . import host
+from . import host, validation
 from .nodes_common import CATEGORY, MODEL_TYPE, NodeInputError
 from .wanvideo.loader import BASE_DTYPES, load_wan_model
 from .wanvideo.lora import LoraError, LoraModeError, attach_unmerged_loras
@@ -112,6 +112,9 @@ class WanTalkModelLoader:
     def load(self, model, base_precision, quantization, attention_mode, load_device,
              addon_model="none", params_to_keep=None, lora=None, lora_mode="merge"):
         node = "Load Wan Model"
+        validation.widgets(node, self.INPUT_TYPES(), {"base_precision": base_precision, "quantization": quantization,
+                                                      "attention_mode": attention_mode, "load_device": load_device,
+                                                      "lora_mode": lora_mode})
         try:
             path = host.model_path("diffusion_models", model)
         except FileNotFoundError as exc:

@@ -33,7 +33,9 @@ def _projector(model):
     proj = getattr(model, "audio_proj", None)
     acfg = getattr(model.cfg, "audio", None)
     if proj is None or not hasattr(acfg, "bands"):
-        raise ValueError("this model has no HuMo audio layers; load a HuMo checkpoint (HuMo-17B or HuMo-1.7B).")
+        other = " (it is an InfiniteTalk/MultiTalk model: use that sampler)" if hasattr(acfg, "audio_window") else ""
+        raise ValueError(f"this model has no HuMo audio layers{other}; load a HuMo checkpoint (HuMo-17B or "
+                         f"HuMo-1.7B).")
     return proj, acfg
 
 

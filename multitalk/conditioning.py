@@ -94,9 +94,10 @@ class AudioConditioning:
 def _projector(model):
     proj = getattr(model, "audio_proj", None)
     acfg = getattr(model.cfg, "audio", None)
-    if proj is None or not hasattr(acfg, "features_per_frame"):
-        raise ValueError("this model has no InfiniteTalk/MultiTalk audio layers; load the InfiniteTalk weights "
-                         "with the model (extra_weights) or use a combined checkpoint.")
+    if proj is None or not hasattr(acfg, "audio_window"):  # HuMo's config has audio layers of another layout
+        other = " (it is a HuMo model: use the HuMo sampler)" if hasattr(acfg, "bands") else ""
+        raise ValueError(f"this model has no InfiniteTalk/MultiTalk audio layers{other}; load the InfiniteTalk "
+                         f"weights with the model (extra_weights) or use a combined checkpoint.")
     return proj, acfg
 
 

@@ -344,11 +344,37 @@ def test_humo_bad_widget_is_reported_against_its_own_input(humo_parts, rng, widg
 
 
 def test_infinitetalk_parts_into_humo_sampler(humo_parts, parts, rng):
-    with pytest.raises(NodeInputError, match=r"HuMo Sampler\] input 'model': this is an InfiniteTalk/MultiTalk model; use it "
-                                             r"with InfiniteTalk Sampler \(wantalk\)"):
+    with pytest.raises(NodeInputError, match=r"HuMo Sampler\] input 'model': this is an InfiniteTalk/MultiTalk "
+                                             r"model; use it with InfiniteTalk Sampler \(wantalk\)"):
         humo_sample(humo_parts, rng, model=parts[0])
     wav2vec2_embeds = AudioEmbeds(TalkAudio([torch.randn(5, LAYERS, CHANNELS, generator=rng)]),
                                   {"waveform": torch.zeros(1, 1, 3200), "sample_rate": 16000})
     with pytest.raises(NodeInputError, match=r"input 'humo_embeds': got AudioEmbeds; expected the output of HuMo "
                                              r"Embeds \(wantalk\)"):
         humo_sample(humo_parts, rng, humo_embeds=wav2vec2_embeds)
+
+
+def test_humo_model_in_the_infinitetalk_conditioning(humo_parts, parts, rng):
+    """Below the nodes too: the conditioning builders say which model they got (was AttributeError 'audio_window')."""
+    from wantalk.humo.conditioning import humo_conditioning
+    from wantalk.multitalk.conditioning import audio_conditioning
+    with pytest.raises(ValueError, match=r"no InfiniteTalk/MultiTalk audio layers \(it is a HuMo model: use the HuMo "
+                                         "sampler\\)"):
+        audio_conditioning(humo_parts[0], torch.randn(5, 5, LAYERS, CHANNELS, generator=rng))
+    with pytest.raises(ValueError, match=r"no HuMo audio layers \(it is an InfiniteTalk/MultiTalk model"):
+        humo_conditioning(parts[0], torch.randn(3, 8, 5, 64, generator=rng))
+
+
+def test_loader_widgets_are_named(model_folders):
+    from wantalk.nodes_infinitetalk import WanTalkVAELoader
+    from wantalk.nodes_lowvram import WanTalkBlockSwap
+    from wantalk.nodes_model_loading import WanTalkModelLoader
+    with pytest.raises(NodeInputError, match=r"Load Wan Model\] input 'quantization': unknown value 'fp9'; "
+                                             "choose one of disabled"):
+        WanTalkModelLoader().load("m.safetensors", "bf16", "fp9", "auto", "main_device")
+    with pytest.raises(NodeInputError, match=r"Load Wan Model\] input 'base_precision': unknown value 'fp64'"):
+        WanTalkModelLoader().load("m.safetensors", "fp64", "disabled", "auto", "main_device")
+    with pytest.raises(NodeInputError, match=r"Block Swap\] input 'blocks_to_swap': expected a whole number, got 1.5"):
+        WanTalkBlockSwap().configure(None, 1.5, 1)
+    with pytest.raises(NodeInputError, match=r"Load Wan VAE\] input 'precision': unknown value 'fp64'"):
+        WanTalkVAELoader().load("v.safetensors", "fp64")
