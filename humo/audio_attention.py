@@ -13,22 +13,22 @@ import torch.nn as nn
 from ..wanvideo.modules.attention import attention
 from ..wanvideo.modules.fused_ops import layer_norm_modulate
 from ..wanvideo.modules.model import QKNormAttention, compute_dtype_of, linear_in
+from ..wanvideo.parallel.sequence import frame_attention
 
 
 class HumoAudioCrossAttention(QKNormAttention):
     """`audio_cross_attn`: q/o over the model dim, k/v from the audio token dim (`kv_dim`), RMSNorm on q and k."""
 
-    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, grid) -> torch.Tensor:
-        """x `[B, F*h*w, dim]` (normalised), audio_tokens `[B, F, N_a, audio_dim]` -> `[B, F*h*w, dim]`."""
+    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, grid, shard=None) -> torch.Tensor:
+        """x `[B, F*h*w, dim]` (normalised; a `shard`'s token slice under sequence parallelism), audio_tokens
+        `[B, F, N_a, audio_dim]` -> x's shape."""
         b = x.shape[0]
-        f, h, w = grid
-        n_a = audio_tokens.shape[2]
-        per_frame = lambda t, n: t.reshape(b * f, n, self.num_heads, self.head_dim)
-        q = per_frame(self.norm_q(linear_in(self.q, x)), h * w)
-        k = per_frame(self.norm_k(linear_in(self.k, audio_tokens)), n_a)
-        v = per_frame(linear_in(self.v, audio_tokens), n_a)
-        out = attention(q, k.to(q.dtype), v.to(q.dtype))
-        return linear_in(self.o, out.reshape(b, f * h * w, self.dim))
+        heads = lambda t: t.reshape(b, -1, self.num_heads, self.head_dim)
+        q = heads(self.norm_q(linear_in(self.q, x)))
+        k = heads(self.norm_k(linear_in(self.k, audio_tokens)))
+        v = heads(linear_in(self.v, audio_tokens))
+        attend = lambda q, k, v: attention(q, k.to(q.dtype), v.to(q.dtype))
+        return linear_in(self.o, frame_attention(attend, q, k, v, grid, shard).flatten(2))
 
 
 class AudioCrossAttentionWrapper(nn.Module):
@@ -59,4 +59,4 @@ class HumoBlockAdapter(nn.Module):
         norm = wrapper.norm1_audio
         xn = layer_norm_modulate(x, norm.eps, norm.weight, norm.bias,
                                  out_dtype=compute_dtype_of(wrapper.audio_cross_attn.q))
-        return wrapper.audio_cross_attn(xn, tokens, inp.grid)
+        return wrapper.audio_cross_attn(xn, tokens, inp.grid, getattr(inp, "shard", None))

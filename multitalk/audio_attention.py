@@ -13,6 +13,7 @@ import torch.nn as nn
 from ..wanvideo.modules.attention import attention, attention_policy
 from ..wanvideo.modules.fused_ops import layer_norm_modulate, rope_reference
 from ..wanvideo.modules.model import compute_dtype_of, linear_in
+from ..wanvideo.parallel.sequence import frame_attention
 
 ROPE_1D_THETA = 10000
 
@@ -64,15 +65,16 @@ def reference_attention_map(q: torch.Tensor, k: torch.Tensor, frame_tokens: int,
     return amap.transpose(1, 2).to(dtype)
 
 
-def speaker_positions(amap: torch.Tensor, speaker_ranges, background: float) -> torch.Tensor:
+def speaker_positions(amap: torch.Tensor, speaker_ranges, background: float, extrema=None) -> torch.Tensor:
     """1-D RoPE position of every video token `[B, L]` from the map `[B, 3, L]`: each speaker's map row is
     rescaled from its (min, max) to that speaker's range; a token takes the value of its argmax class.
+    `extrema(row)` gives (min, max) `[B, 1]` over all tokens when the map holds one rank's slice only.
 
     The arithmetic runs in the map's dtype, as the official code does (bf16 positions in practice)."""
     rows = []
     for c, (start, stop) in enumerate(speaker_ranges):
         row = amap[:, c]
-        lo, hi = row.amin(dim=1, keepdim=True), row.amax(dim=1, keepdim=True)
+        lo, hi = (row.amin(dim=1, keepdim=True), row.amax(dim=1, keepdim=True)) if extrema is None else extrema(row)
         rows.append((row - lo) / (hi - lo + 1e-8) * (stop - start) + start)
     rows.append(torch.full_like(amap[:, 0], background))
     return torch.stack(rows, dim=1).gather(1, amap.argmax(dim=1, keepdim=True))[:, 0]
@@ -97,21 +99,21 @@ class AudioCrossAttention(nn.Module):
         self.kv_linear = operations.Linear(audio_dim, 2 * dim, device=device, dtype=dtype)
         self.proj = operations.Linear(dim, dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, grid, q_positions=None, k_positions=None):
-        """x `[B, F*h*w, dim]`, audio_tokens `[B, F, N_a, audio_dim]`, positions `[B, F*h*w]` / `[B, F*N_a]`
-        (two speakers only) -> `[B, F*h*w, dim]` in the compute dtype."""
+    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, grid, q_positions=None, k_positions=None,
+                shard=None):
+        """x `[B, F*h*w, dim]` (a `shard`'s token slice under sequence parallelism), audio_tokens
+        `[B, F, N_a, audio_dim]`, positions `[B, F*h*w]` / `[B, F*N_a]` (two speakers only) -> x's shape in the
+        compute dtype."""
         b = x.shape[0]
-        f, h, w = grid
+        f = grid[0]
         n_a = audio_tokens.shape[2]
-        q = linear_in(self.q_linear, x).view(b, f * h * w, self.num_heads, self.head_dim)
+        q = linear_in(self.q_linear, x).view(b, x.shape[1], self.num_heads, self.head_dim)
         k, v = linear_in(self.kv_linear, audio_tokens).view(b, f * n_a, 2, self.num_heads, self.head_dim).unbind(2)
         if q_positions is not None:
             q = rope_1d(q, q_positions, q.dtype)
             k = rope_1d(k, k_positions, k.dtype)
-        out = attention(q.reshape(b * f, h * w, self.num_heads, self.head_dim),
-                        k.reshape(b * f, n_a, self.num_heads, self.head_dim),
-                        v.reshape(b * f, n_a, self.num_heads, self.head_dim))
-        return linear_in(self.proj, out.reshape(b, f * h * w, self.dim))
+        out = frame_attention(attention, q, k, v, grid, shard)
+        return linear_in(self.proj, out.flatten(2))
 
 
 class InfiniteTalkBlockAdapter(nn.Module):
@@ -129,6 +131,7 @@ class InfiniteTalkBlockAdapter(nn.Module):
     def forward_in_block(self, block: nn.Module, x: torch.Tensor, inp, keep_qk) -> torch.Tensor:
         # Modules are taken from the block: quantization or offloading may have swapped them there.
         cond, attn = inp.audio, block.audio_cross_attn
+        shard = getattr(inp, "shard", None)  # sequence parallelism: x is this rank's token slice
         tokens = cond.tokens_for(x.shape[0], inp.grid).to(x.device)  # audio_proj may live elsewhere (offload)
         q_pos = k_pos = None
         if cond.needs_qk:
@@ -137,8 +140,9 @@ class InfiniteTalkBlockAdapter(nn.Module):
             f, h, w = inp.grid
             amap = reference_attention_map(keep_qk[0], keep_qk[1], h * w, cond.token_masks(inp.grid),
                                            compute_dtype_of(attn.q_linear))
-            q_pos = speaker_positions(amap, self.acfg.speaker_ranges, self.acfg.background_position)
+            q_pos = speaker_positions(amap, self.acfg.speaker_ranges, self.acfg.background_position,
+                                      None if shard is None else shard.extrema)
             k_pos = audio_key_positions(tokens.shape[2], f, self.acfg.speaker_ranges, x.device).expand(x.shape[0], -1)
         xn = layer_norm_modulate(x, block.norm_x.eps, block.norm_x.weight, block.norm_x.bias,
                                  out_dtype=compute_dtype_of(attn.q_linear))
-        return attn(xn, tokens, inp.grid, q_pos, k_pos)
+        return attn(xn, tokens, inp.grid, q_pos, k_pos, shard)

@@ -112,12 +112,14 @@ class _Sources:
         self.readers = [GGUFCheckpoint(p) if is_gguf(p) else CheckpointReader(p) for p in paths]
         self.where: dict[str, tuple[CheckpointReader, str]] = {}
         self.aux: dict[str, dict[str, tuple[CheckpointReader, str]]] = {}
+        self.scaled_fp8_files: list[CheckpointReader] = []  # files with the `scaled_fp8` marker
         for reader in self.readers:
             keys = reader.keys()
             prefix = strip_prefix(keys)
             for raw in keys:
                 key = raw[len(prefix):] if prefix and raw.startswith(prefix) else raw
                 if key in policy.GLOBAL_MARKERS:
+                    self.scaled_fp8_files.append(reader)
                     continue
                 base, _, suffix = key.rpartition(".")
                 if suffix in policy.AUX_SUFFIXES:
@@ -137,16 +139,23 @@ class _Sources:
             return tensor, {**aux, **marker}
         return reader.get(raw), aux
 
-    def gguf_types(self) -> dict[str, str]:
-        """Key -> GGUF block format of every quantized GGUF tensor (read from the headers)."""
-        return {k: r.qtype(raw) for k, (r, raw) in self.where.items()
-                if isinstance(r, GGUFCheckpoint) and r.qtype(raw) in BLOCK_FORMATS}
+    def stored_formats(self) -> dict[str, str]:
+        """Key -> storage of every tensor as the headers say (`quantization.stored_storage`), no tensor read;
+        refuses a scaled fp8 file whose fp8 weights lack their scales."""
+        formats = {k: policy.stored_storage(r.dtype_name(raw), self.aux.get(k, {}).keys())
+                   for k, (r, raw) in self.where.items()}
+        for reader in self.scaled_fp8_files:
+            fp8 = [k for k, (r, _) in self.where.items() if r is reader and formats[k].startswith("float8")]
+            policy.check_scaled_fp8(reader.path, fp8, {k: self.aux.get(k, {}).keys() for k in fp8})
+        return formats
 
 
 def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quantization: str = "disabled",
                    attention_mode: str = "auto", params_to_keep=None, extra_weights=(),
-                   config_overrides: dict | None = None, loras=()) -> WanModel:
+                   config_overrides: dict | None = None, loras=(), compute_device=None) -> WanModel:
     """Load a Wan 2.1 DiT (optionally with add-on files in `extra_weights`) ready for inference.
+
+    compute_device: where the layers will run (plans their matmul path); default `device`.
 
     loras: `(path, strength)` pairs merged into the high-precision weights while streaming, before quantization.
     """
@@ -158,15 +167,23 @@ def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quanti
         raise CheckpointError(f"'{path}' is {foreign}.")
     hints = config_hints(path, sources.readers[0].metadata)
     hints.update(config_overrides or {})
-    policy.check_gguf_quantization(sources.gguf_types(), quantization)
+    stored = sources.stored_formats()
+    policy.check_gguf_quantization({k: v for k, v in stored.items() if v in BLOCK_FORMATS}, quantization)
     transforms = []
     if loras:
         _refuse_gguf_loras(loras)
         from .lora import lora_merge_transform
         transforms.append(lora_merge_transform(loras, sources.shapes()))
+        stored = policy.merged_storage(stored, transforms[-1].targets)
     model = assemble_model(sources.shapes(), sources.get, device=device, base_dtype=base_dtype,
                            quantization=quantization, attention_mode=attention_mode, params_to_keep=params_to_keep,
-                           hints=hints, files=paths, weight_transforms=transforms)
+                           hints=hints, files=paths, weight_transforms=transforms, stored=stored,
+                           compute_device=compute_device)
+    # How to load the same model again: the multi-GPU workers do (wanvideo.parallel).
+    model.load_recipe = {"path": path, "base_dtype": str(base_dtype).removeprefix("torch."),
+                         "quantization": quantization, "attention_mode": attention_mode,
+                         "params_to_keep": params_to_keep, "extra_weights": tuple(extra_weights),
+                         "config_overrides": config_overrides, "loras": tuple(tuple(x) for x in loras)}
     cfg = model.cfg
     log.info("wantalk: loaded %s (%s, dim %d, %d layers%s) in %.1fs; %s", os.path.basename(path), cfg.model_type,
              cfg.dim, cfg.num_layers, f", {model.addon_name}" if model.addon_name else "",
@@ -176,9 +193,11 @@ def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quanti
 
 def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=torch.bfloat16,
                    quantization: str = "disabled", attention_mode: str = "auto", params_to_keep=None,
-                   hints: dict | None = None, files=("checkpoint",), weight_transforms=()) -> WanModel:
-    """Infer the config from `shapes`, build on meta, apply the quantization policy, then materialise every
-    tensor from `fetch(key) -> (tensor, aux)` one at a time onto `device`.
+                   hints: dict | None = None, files=("checkpoint",), weight_transforms=(), stored=None,
+                   compute_device=None) -> WanModel:
+    """Infer the config from `shapes`, build on meta, plan every linear layer (from `stored`: key -> storage as
+    the headers say, absent = dense; the mode; `compute_device`, default `device`) and give it its module, then
+    materialise every tensor from `fetch(key) -> (tensor, aux)` one at a time onto `device` into that plan.
 
     weight_transforms: callables `(key, float32 tensor) -> tensor | None` (None: leave the key alone), applied to
     the high-precision value BEFORE quantization (LoRA merging); stored fp8 weights are dequantized first."""
@@ -194,7 +213,7 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
         addon = detect(shapes, cfg)
         if addon is not None:
             cfg = cfg.with_(audio=addon.config)
-            shapes, fetch = _renamed(shapes, fetch, getattr(addon, "key_renames", {}))
+            shapes, fetch, stored = _renamed(shapes, fetch, stored or {}, getattr(addon, "key_renames", {}))
             break
     with torch.device("meta"):
         model = build_model(cfg, addon, device="meta", dtype=base_dtype)
@@ -208,8 +227,10 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
             raise CheckpointError(f"'{key}' has shape {tuple(shapes[key])} in the checkpoint but the model inferred "
                                   f"from it needs {tuple(param.shape)}; are the files from different models "
                                   f"(e.g. a 14B add-on on a 1.3B model)?")
-    report = policy.apply_policy(model, quantization, policy.parse_params_to_keep(params_to_keep), base_dtype=base_dtype)
     device = torch.device(device)
+    keep = policy.parse_params_to_keep(params_to_keep)
+    plan = policy.plan_layers(model, quantization, keep, stored, compute_device or device)
+    report = policy.apply_plan(model, plan, quantization, keep, base_dtype=base_dtype)
     source = ", ".join(f"'{f}'" for f in files)
     for key in expected:
         tensor, aux = fetch(key)
@@ -223,6 +244,7 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
     model.eval().requires_grad_(False)
     model.set_attention_mode(attention_mode)
     model.quant_report = report
+    model.layer_plan = plan
     model.addon_name = addon.name if addon else None
     return model
 
@@ -249,17 +271,19 @@ def _refuse_gguf_loras(loras) -> None:
                             f"safetensors LoRAs, merged while it loads).")
 
 
-def _renamed(shapes: dict, fetch, renames: dict[str, str]):
-    """Apply an add-on's key-prefix renames (e.g. `multitalk_audio_proj.` -> `audio_proj.`) to shapes and fetch."""
+def _renamed(shapes: dict, fetch, stored: dict, renames: dict[str, str]):
+    """Apply an add-on's key-prefix renames (e.g. `multitalk_audio_proj.` -> `audio_proj.`) to shapes, fetch and
+    the stored formats."""
     if not renames:
-        return shapes, fetch
+        return shapes, fetch, stored
     def new_name(key):
         for old, new in renames.items():
             if key.startswith(old):
                 return new + key[len(old):]
         return key
     original = {new_name(k): k for k in shapes}
-    return {new_name(k): v for k, v in shapes.items()}, (lambda key: fetch(original[key]))
+    return ({new_name(k): v for k, v in shapes.items()}, (lambda key: fetch(original[key])),
+            {new_name(k): v for k, v in stored.items()})
 
 
 def _key_mismatch_message(paths, missing, unexpected) -> str:

@@ -51,6 +51,17 @@ class Guidance:
                                 audio_scale=self.audio_scale, timestep=timestep)
 
 
+def run_passes(model, latent: torch.Tensor, timestep: torch.Tensor, passes: dict[str, dict]) -> dict:
+    """The predictions of one step's guidance passes (`{name: cond.for_pass(name)}`): one after another, or all at
+    once when the model runs them itself (`run_passes`: the multi-GPU pack of wanvideo.parallel)."""
+    at_once = getattr(model, "run_passes", None)
+    if at_once is not None:
+        return at_once(latent, timestep, passes)
+    return {name: model.forward_batched(latent, timestep, args["context"], args["clip_fea"], args["y"],
+                                        audio=args["audio"])
+            for name, args in passes.items()}
+
+
 def denoise(model, noise: torch.Tensor, scheduler, cond: Conditioning, plan: Guidance, *,
             pinned: torch.Tensor | None = None, on_step: Callable[[int, torch.Tensor], None] | None = None,
             start_index: int = 0) -> torch.Tensor:
@@ -64,11 +75,7 @@ def denoise(model, noise: torch.Tensor, scheduler, cond: Conditioning, plan: Gui
         t = scheduler.timesteps[i]
         t_value = float(t)
         timestep = t.reshape(1).expand(latent.shape[0]).to(latent.device)
-        preds = {}
-        for name in plan.passes(t_value):
-            args = cond.for_pass(name)
-            preds[name] = model.forward_batched(latent, timestep, args["context"], args["clip_fea"], args["y"],
-                                                audio=args["audio"])
+        preds = run_passes(model, latent, timestep, {name: cond.for_pass(name) for name in plan.passes(t_value)})
         velocity = plan.combine(preds, t_value)
         del preds
         latent = scheduler.step(velocity, i, latent)

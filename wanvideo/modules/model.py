@@ -171,10 +171,13 @@ class WanSelfAttention(QKNormAttention):
         v = linear_in(self.v, x).view(b, s, self.num_heads, self.head_dim)
         return q, k, v
 
-    def forward(self, x, rope, k_lens=None, keep_qk: list | None = None):
+    def forward(self, x, rope, k_lens=None, keep_qk: list | None = None, shard=None):
         q, k, v = self.qkv(x, rope)
         if keep_qk is not None:
-            keep_qk.extend([q, k])
+            keep_qk.extend([q, k if shard is None else shard.reference_keys(k)])
+        if shard is not None:  # sequence parallel: x is this rank's token slice (wanvideo.parallel.sequence)
+            attend = lambda q, k, v: attention(q, k, v, k_lens=k_lens)
+            return linear_in(self.o, shard.self_attention(attend, q, k, v).flatten(2))
         out = attention(q, k.to(q.dtype), v.to(q.dtype), k_lens=k_lens)
         return linear_in(self.o, out.flatten(2))
 
@@ -213,9 +216,10 @@ class WanCrossAttention(QKNormAttention):
 class BlockInputs:
     """Per-forward state shared by all blocks (avoids threading a dozen arguments)."""
 
-    def __init__(self, e0, rope, context, grid, seq_lens=None, audio=None):
+    def __init__(self, e0, rope, context, grid, seq_lens=None, audio=None, shard=None):
         self.e0, self.rope, self.context, self.grid = e0, rope, context, grid
         self.seq_lens, self.audio = seq_lens, audio
+        self.shard = shard  # this rank's token slice under sequence parallelism, else None
 
 
 class WanAttentionBlock(nn.Module):
@@ -245,7 +249,7 @@ class WanAttentionBlock(nn.Module):
         want_qk = self.audio_adapter is not None and inp.audio is not None and getattr(inp.audio, "needs_qk", False)
         keep_qk = [] if want_qk else None
         y = self.self_attn(layer_norm_modulate(x, self.eps, scale=m[1], shift=m[0], out_dtype=cd),
-                           inp.rope, inp.seq_lens, keep_qk)
+                           inp.rope, inp.seq_lens, keep_qk, inp.shard)
         x = residual_add(x, y, m[2])
         x = residual_add(x, self.cross_attn(layer_norm_modulate(x, self.eps, self.norm3.weight, self.norm3.bias,
                                                                 out_dtype=cd), inp.context, self.text_len))
@@ -320,6 +324,7 @@ class WanModel(nn.Module):
             self.img_emb = MLPProj(cfg.clip_dim, cfg.dim, device=device, dtype=dtype, operations=operations)
         self.attention_policy = AUTO   # every attention call of a forward follows it (no module holds a mode)
         self.block_runner = None  # optional callable(block_index, block, x, inputs) -> x, e.g. block swap
+        self.sequence_parallel = None  # optional wanvideo.parallel.sequence.SequenceParallel (multi-GPU workers)
 
     # -- configuration -------------------------------------------------------------------------
     def set_attention_mode(self, mode: AttentionPolicy | str) -> None:
@@ -388,10 +393,14 @@ class WanModel(nn.Module):
         if self.cfg.image_branch and clip_fea is not None:
             ctx = torch.cat([self.img_emb(clip_fea.to(self.compute_dtype)).to(ctx.dtype), ctx], dim=1)
         rope = rope_cos_sin(grid, self.cfg.head_dim, tokens.device)
-        inputs = BlockInputs(e0, rope, ctx, grid, seq_lens, audio)
+        shard = None if self.sequence_parallel is None else self.sequence_parallel.plan(tokens.shape[1], grid)
+        if shard is not None:
+            tokens, rope, seq_lens = shard.enter(tokens, rope, seq_lens)
+        inputs = BlockInputs(e0, rope, ctx, grid, seq_lens, audio, shard)
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, inputs) if self.block_runner is None else self.block_runner(i, block, tokens, inputs)
-        return self.unpatchify(self.head(tokens, e), grid)
+        out = self.head(tokens, e)
+        return self.unpatchify(out if shard is None else shard.gather(out), grid)
 
     def forward(self, x, t, context, seq_len=None, clip_fea=None, y=None, **kwargs):
         """Official convention: lists of `[C, F, H, W]` latents and `[L, text_dim]` contexts -> list of outputs."""
