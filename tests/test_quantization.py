@@ -315,6 +315,24 @@ def corrupt(stored, key, value):
     return bad
 
 
+@pytest.mark.parametrize("missing", ["one", "all"])
+def test_scaled_fp8_without_its_scales_is_refused_naming_the_layers(tmp_path, rng, missing):
+    """Issue 15.3: a `scaled_fp8` file whose `scale_weight` keys are gone loaded with scale 1 (weights far off)."""
+    _, sd = tiny_wan(generator=rng)
+    _, stored = kj_fp8_file(sd, tmp_path / "ok.safetensors", per_channel=True)
+    names = block_linears(sd) if missing == "all" else [BLOCK_LINEAR]
+    bad = {k: v for k, v in stored.items() if k not in {f"{n}.scale_weight" for n in names}}
+    path = save_sd(bad, tmp_path / "no_scales.safetensors")
+    with pytest.raises(CheckpointError, match=rf"scaled fp8 .* {len(names)} fp8 weight\(s\) have no 'scale_weight': "
+                                              rf"blocks\.0\.") as info:
+        loader.load_wan_model(path, quantization="disabled", config_overrides=HEADS)
+    shown = sorted(f"{n}.weight" for n in names)[:8]
+    assert all(name in str(info.value) for name in shown)
+    unscaled = {k: v for k, v in bad.items() if k != "scaled_fp8"}  # plain fp8 (no marker): scale 1 is right
+    model = loader.load_wan_model(save_sd(unscaled, tmp_path / "plain_fp8.safetensors"), config_overrides=HEADS)
+    assert torch.all(model.get_submodule(BLOCK_LINEAR).weight_scale == 1)
+
+
 @pytest.mark.parametrize("case", ["scale_shape", "scale_nan", "nvfp4_no_block_scales", "nvfp4_bad_global", "nvfp4_scale_count", "bad_json",
                                   "unknown_format"])
 def test_corrupt_scales_raise_clear_errors(tmp_path, rng, case):

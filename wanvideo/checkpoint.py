@@ -121,6 +121,11 @@ class CheckpointReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
 
+    def dtype_name(self, key: str) -> str:
+        """The stored dtype as the file names it, without reading the tensor (safetensors `F8_E4M3`, a pickle's
+        `torch.float8_e4m3fn`)."""
+        return self._dtypes[key]
+
     def get(self, key: str) -> torch.Tensor:
         if self._sd is not None:
             return self._sd[key]

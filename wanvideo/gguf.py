@@ -120,8 +120,8 @@ class GGUFCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
 
-    def qtype(self, key: str) -> str:
-        """The tensor's GGUF type name (`Q4_K`, `F16`, ...)."""
+    def dtype_name(self, key: str) -> str:
+        """The tensor's GGUF type name (`Q4_K`, `F16`, ...), as `CheckpointReader.dtype_name` names dtypes."""
         return self._types[key]
 
     def get(self, key: str) -> torch.Tensor:

@@ -1,15 +1,18 @@
-"""The quantization policy: which parameter is stored and computed how. Applied in exactly one place.
+"""The quantization policy: which parameter is stored and computed how. Decided in exactly one place.
 
-`apply_policy` swaps the model's Linear modules (still on the meta device) for quantized ones according to
-the mode and `params_to_keep`; `load_param` then materialises each streamed checkpoint tensor into the
-model on the load device, quantizing there, or adopting pre-quantized bytes unchanged (fp8 with
-`scale_weight`/`weight_scale`, ComfyUI `comfy_quant` fp8 and nvfp4). `save_quantized` writes the result
+`plan_layers` decides, before any tensor is read, every linear layer's storage and compute path (`LayerPlan`)
+from the stored format of its weight (file headers: dtype, the scale tensors beside it, GGUF block type), the
+mode, `params_to_keep` and the compute device; `apply_plan` gives each layer its module once, on the meta device;
+`load_param` then materialises each streamed checkpoint tensor into the planned layer on the load device,
+adopting pre-quantized bytes unchanged (fp8 with `scale_weight`/`weight_scale`, ComfyUI `comfy_quant` fp8 and
+nvfp4, GGUF blocks) or quantizing there; nothing is swapped while loading. `save_quantized` writes the result
 back as safetensors with ComfyUI `comfy_quant` metadata where ComfyUI has the format.
 
 Stored format vs requested mode: a pre-quantized weight is kept as stored (never re-quantized, so it stays
-bit-exact) unless the requested format is smaller (an fp8 file loaded with an fp4 mode becomes fp4). With
-`disabled`, quantized weights of a file keep their stored format (ComfyUI-like autoselect); kept layers
-(`params_to_keep`) are dequantized to the base dtype.
+bit-exact) unless the requested format is smaller (an fp8 or Q8_0 file loaded with an fp4 mode becomes fp4;
+Q8_0 with an fp8 mode becomes fp8; coarser GGUF types refuse a mode). With `disabled`, quantized weights of a
+file keep their stored format (ComfyUI-like autoselect); kept layers (`params_to_keep`) are dequantized to the
+base dtype.
 """
 from __future__ import annotations
 
@@ -53,13 +56,6 @@ class ModeSpec:
     fp8_dtype: torch.dtype | None = None
     scaled: bool = False             # fp8: per-output-channel scales; fp4: error-minimising block scales
     fast: bool = False               # fp8 tensor-core matmul with fused activation quantization
-
-    def make_layer(self, linear: nn.Module, compute_dtype: torch.dtype, device) -> QuantizedLinear:
-        args = (linear.in_features, linear.out_features, linear.bias is not None)
-        if self.kind == "fp8":
-            return FP8Linear(*args, fp8_dtype=self.fp8_dtype, scaled=self.scaled, compute_dtype=compute_dtype,
-                             fast=self.fast, device=device)
-        return NVFP4Linear(*args, search=self.scaled, compute_dtype=compute_dtype, fast=self.fast, device=device)
 
     def weight_bytes(self, n: int, k: int) -> int:
         if self.kind == "fp8":
@@ -127,33 +123,152 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def apply_policy(model: nn.Module, mode: str, params_to_keep: Iterable[str], *, base_dtype: torch.dtype) -> QuantReport:
-    """Swap Linear layers for quantized ones per the policy (the model is still on the meta device)."""
+# ----------------------------------------------------------------------------------------------
+# The layer plan: every linear layer's storage and compute path, decided once from the file headers
+# ----------------------------------------------------------------------------------------------
+
+DENSE = "dense"
+FP8_STORAGE = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "torch.float8_e4m3fn": "float8_e4m3fn",
+               "torch.float8_e5m2": "float8_e5m2"}  # header dtype names -> fp8 storage
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one linear layer is held and computed. storage: "dense", "float8_e4m3fn", "float8_e5m2", "nvfp4" or a
+    GGUF block type ("Q4_K"); origin: "file" (the file's bytes as stored), "load" (quantized while loading) or
+    "dequantized" (a kept layer the file stores quantized); compute: the matmul on the compute device."""
+    storage: str
+    origin: str
+    compute: str
+    fast: bool = False
+    scaled: bool = True
+
+    @property
+    def quantized(self) -> bool:
+        return self.storage != DENSE
+
+    def weight_bytes(self, n: int, k: int, base_dtype: torch.dtype) -> int:
+        if self.storage == DENSE:
+            return n * k * base_dtype.itemsize
+        if self.storage in gguf_dequant.BLOCK_FORMATS:
+            return gguf_dequant.stored_bytes(self.storage, (n, k))
+        return ModeSpec("fp8" if self.storage.startswith("float8") else "fp4").weight_bytes(n, k)
+
+    def make_layer(self, linear: nn.Module, base_dtype: torch.dtype) -> nn.Module:
+        """The (meta) module that holds this storage; `linear` itself when dense."""
+        args = (linear.in_features, linear.out_features, linear.bias is not None)
+        device = linear.weight.device
+        if self.storage == DENSE:
+            return linear
+        if self.storage in gguf_dequant.BLOCK_FORMATS:
+            return GGUFLinear(*args, qtype=self.storage, compute_dtype=base_dtype, device=device)
+        if self.storage == "nvfp4":
+            return NVFP4Linear(*args, search=self.scaled, compute_dtype=base_dtype, fast=self.fast, device=device)
+        return FP8Linear(*args, fp8_dtype=getattr(torch, self.storage), scaled=self.scaled, compute_dtype=base_dtype,
+                         fast=self.fast, device=device)
+
+
+def stored_storage(dtype_name: str, aux_names: Iterable[str]) -> str:
+    """A checkpoint weight's storage, from its header alone: the dtype name (`F8_E4M3`, a GGUF type `Q4_K`, ...)
+    and the names of the tensors stored beside it."""
+    if dtype_name in gguf_dequant.BLOCK_FORMATS:
+        return dtype_name
+    if "weight_scale_2" in aux_names:
+        return "nvfp4"
+    return FP8_STORAGE.get(dtype_name, DENSE)
+
+
+def _compute_path(storage: str, fast: bool, device: torch.device | None) -> str:
+    from ..fp8_optimization import fp8_compute_reason
+    from .kernels import nvfp4_native
+    if storage == DENSE:
+        return "dense matmul"
+    if storage in gguf_dequant.BLOCK_FORMATS or not fast or device is None:
+        return "dequantize + matmul"
+    if storage == "nvfp4" and device.type == "cuda" and nvfp4_native.available(device):
+        return "native FP4 GEMM"
+    if storage in ("nvfp4", "float8_e4m3fn") and fp8_compute_reason(device) is None:
+        return "FP8 GEMM"
+    return "dequantize + matmul"
+
+
+def _planned_storage(stored: str, spec: ModeSpec) -> tuple[str, str]:
+    """(storage, origin) of a layer the mode quantizes: a pre-quantized weight keeps its format unless the mode's
+    is smaller (fp8 or Q8_0 under an fp4 mode; Q8_0 under an fp8 mode); dense weights take the mode's format."""
+    target = "nvfp4" if spec.kind == "fp4" else str(spec.fp8_dtype).replace("torch.", "")
+    if stored == DENSE or stored in gguf_dequant.BLOCK_FORMATS or (spec.kind == "fp4" and stored != "nvfp4"):
+        return target, "load"
+    return stored, "file"
+
+
+def plan_layers(model: nn.Module, mode: str, params_to_keep: Iterable[str], stored: dict[str, str] | None = None,
+                compute_device: torch.device | str | None = None) -> dict[str, LayerPlan]:
+    """The plan of every Linear of `model` (built on meta, not yet planned) from the requested mode,
+    `params_to_keep`, the stored format of each weight (`stored`: weight key -> `stored_storage`; absent: dense)
+    and the device the layers will run on. No tensor is read."""
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"unknown quantization mode '{mode}'; expected one of {', '.join(QUANTIZATION_MODES)}")
-    keep = tuple(params_to_keep)
-    spec = MODE_SPECS[mode]
-    report = QuantReport(mode)
-    swapped = set()
-    for name, module in list(model.named_modules()):
+    keep, spec, stored = tuple(params_to_keep), MODE_SPECS[mode], stored or {}
+    device = torch.device(compute_device) if compute_device is not None else None
+    plan = {}
+    for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        if spec.kind is None or keeps(f"{name}.weight", keep):
+        file_storage = stored.get(f"{name}.weight", DENSE)
+        if keeps(f"{name}.weight", keep):
+            storage, origin = DENSE, "dequantized" if file_storage != DENSE else "file"
+        elif spec.kind is None:
+            storage, origin = file_storage, "file"
+        else:
+            storage, origin = _planned_storage(file_storage, spec)
+        fast = spec.fast and storage != DENSE and storage not in gguf_dequant.BLOCK_FORMATS
+        scaled = spec.scaled if origin == "load" else True
+        if origin == "file" and storage.startswith("float8") and spec.kind == "fp8" and getattr(torch, storage) != spec.fp8_dtype:
+            log.info("wantalk: %s is stored as %s; keeping the stored format (no re-quantization)", name, storage)
+        plan[name] = LayerPlan(storage, origin, _compute_path(storage, fast, device), fast, scaled)
+    return plan
+
+
+def apply_plan(model: nn.Module, plan: dict[str, LayerPlan], mode: str, params_to_keep: Iterable[str], *,
+               base_dtype: torch.dtype) -> QuantReport:
+    """Give every planned layer its module (on the meta device, before any tensor is read) and report."""
+    report = QuantReport(mode)
+    quantized = set()
+    for name, entry in plan.items():
+        linear = model.get_submodule(name)
+        if not entry.quantized:
             report.kept_linears.append(name)
             continue
-        layer = spec.make_layer(module, base_dtype, module.weight.device)
-        _set_submodule(model, name, layer)
-        swapped.add(name)
+        _set_submodule(model, name, entry.make_layer(linear, base_dtype))
+        quantized.add(name)
         report.quantized.append(name)
-        report.quantized_bytes += spec.weight_bytes(module.out_features, module.in_features)
+        report.quantized_bytes += entry.weight_bytes(linear.out_features, linear.in_features, base_dtype)
     for pname, p in list(model.named_parameters()) + list(model.named_buffers()):
         module_name, _, leaf = pname.rpartition(".")
-        if module_name in swapped and leaf != "bias":
+        if module_name in quantized and leaf != "bias":
             continue
         report.kept.append(pname)
         report.kept_bytes += p.numel() * (base_dtype.itemsize if p.dtype.is_floating_point else p.element_size())
-    model.quant_policy = Policy(mode, keep, base_dtype)
+    model.quant_policy = Policy(mode, tuple(params_to_keep), base_dtype)
     return report
+
+
+def apply_policy(model: nn.Module, mode: str, params_to_keep: Iterable[str], *, base_dtype: torch.dtype) -> QuantReport:
+    """Plan (all weights dense) and apply in one call: swap Linear layers for quantized ones per the mode."""
+    keep = tuple(params_to_keep)
+    return apply_plan(model, plan_layers(model, mode, keep), mode, keep, base_dtype=base_dtype)
+
+
+def check_scaled_fp8(path: str, fp8_weights: Iterable[str], aux: dict[str, Iterable[str]]) -> None:
+    """A file with the `scaled_fp8` marker must carry a scale for every fp8 weight: read with scale 1, a weight
+    is off by its scale (often 1000x). Refuse, naming the layers, before any tensor is read."""
+    missing = sorted(w for w in fp8_weights if not {"scale_weight", "weight_scale"} & set(aux.get(w, ())))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"'{path}' is a scaled fp8 file (it has the 'scaled_fp8' marker) but {len(missing)} fp8 "
+                              f"weight(s) have no 'scale_weight': {shown}. Read with scale 1 they would be far off "
+                              f"(a silently wrong video); the file is incomplete or was edited. Download it again or "
+                              f"use the bf16 file.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,12 +381,25 @@ def decode_stored(name: str, tensor: torch.Tensor, aux: dict[str, torch.Tensor],
     return Stored("dense", tensor)
 
 
+MERGED_GGUF = "Q8_0"  # GGUF weights a LoRA changes while loading go back into blocks of this type
+
+
+def merged_storage(stored: dict[str, str], changed: Iterable[str]) -> dict[str, str]:
+    """The stored formats once the weights in `changed` are merged with a LoRA (for the plan): GGUF blocks
+    become `MERGED_GGUF`, every other format dense."""
+    out = dict(stored)
+    for key in changed:
+        if key in out:
+            out[key] = MERGED_GGUF if out[key] in gguf_dequant.BLOCK_FORMATS else DENSE
+    return out
+
+
 def restored(original: Stored, changed: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A weight changed at load (a merged LoRA) as it streams on: GGUF-quantized linears go back into blocks
     (Q8_0: finer than any type they came in, about half the bytes of bf16) so a LoRA does not turn a 4-bit model
     into a bf16 one; every other weight stays dense (the mode quantizes it next)."""
-    if original.fmt == "gguf" and changed.dim() == 2 and changed.shape[1] % 32 == 0:
-        return gguf_dequant.quantize_q8_0(changed), {TYPE_MARKER: torch.tensor(SUPPORTED_TYPES.index("Q8_0"))}
+    if original.fmt == "gguf":
+        return gguf_dequant.quantize_q8_0(changed), {TYPE_MARKER: torch.tensor(SUPPORTED_TYPES.index(MERGED_GGUF))}
     return changed, {}
 
 
@@ -287,44 +415,27 @@ def logical_shape(stored_shape: tuple[int, ...], aux_names) -> tuple[int, ...]:
 # Materialising parameters
 # ----------------------------------------------------------------------------------------------
 
-_FORMAT_BITS = {"fp8": 8, "nvfp4": 4, "gguf": 16}  # a GGUF layer a mode targets is re-quantized from Q8_0
+_PLANNED_FORMAT = {FP8Linear: "fp8", NVFP4Linear: "nvfp4", GGUFLinear: "gguf"}
 
 
-def _layer_for_stored(layer: nn.Module, stored: Stored, base_dtype: torch.dtype) -> QuantizedLinear:
-    """The quantized layer that holds `stored` as is, carrying over the bias and the fast flag."""
-    fast = getattr(layer, "fast", False)
-    args = (layer.in_features, layer.out_features, layer.bias is not None)
-    if stored.fmt == "gguf":
-        new = GGUFLinear(*args, qtype=stored.qtype, compute_dtype=base_dtype, device="meta")
-    elif stored.fmt == "fp8":
-        new = FP8Linear(*args, fp8_dtype=stored.data.dtype, scaled=True, compute_dtype=base_dtype, fast=fast,
-                        device="meta")
-    else:
-        new = NVFP4Linear(*args, compute_dtype=base_dtype, fast=fast, device="meta")
-    new.bias = layer.bias
-    return new
-
-
-def _load_linear_weight(model, module_name, layer, stored: Stored, device, base_dtype) -> None:
-    """Put a weight into a quantized layer: quantize dense weights on `device`, adopt pre-quantized bytes."""
+def _load_linear_weight(layer: QuantizedLinear, stored: Stored, device) -> None:
+    """Put a weight into its planned layer: adopt the stored bytes when they are the layer's format, else
+    quantize the (dequantized) weight into it on `device`. The plan chose the layer; nothing is swapped here."""
     shape = (layer.out_features, layer.in_features)
     stored = stored.to(device)
-    if isinstance(layer, GGUFLinear):
-        layer.set_codes(stored.data)
-        return
-    target = "fp8" if isinstance(layer, FP8Linear) else "nvfp4"
-    if stored.fmt == "dense" or _FORMAT_BITS[target] < _FORMAT_BITS[stored.fmt]:
+    planned = _PLANNED_FORMAT[type(layer)]
+    same_format = stored.fmt == planned and (planned != "fp8" or stored.data.dtype == layer.weight.dtype) and \
+        (planned != "gguf" or stored.qtype == layer.qtype)
+    if not same_format:
+        if planned == "gguf":
+            raise CheckpointError(f"internal: a GGUF layer was planned for a {stored.fmt} weight ({shape})")
         layer.set_from_float(stored.dense(shape, torch.float32) if stored.fmt != "dense" else stored.data)
-        return
-    if stored.fmt != target or (target == "fp8" and stored.data.dtype != layer.weight.dtype):
-        log.info("wantalk: %s is stored as %s; keeping the stored format (no re-quantization)", module_name,
-                 str(stored.data.dtype).replace("torch.", "") if stored.fmt == "fp8" else stored.fmt)
-        layer = _layer_for_stored(layer, stored, base_dtype)
-        _set_submodule(model, module_name, layer)
-    if stored.fmt == "fp8":
+    elif planned == "fp8":
         layer.set_codes(stored.data, stored.scale)
-    else:
+    elif planned == "nvfp4":
         layer.set_codes(stored.data, stored.scale, stored.global_scale)
+    else:
+        layer.set_codes(stored.data)
 
 
 def load_param(model: nn.Module, name: str, tensor: torch.Tensor, *, aux: dict[str, torch.Tensor] | None = None,
@@ -340,13 +451,8 @@ def load_param(model: nn.Module, name: str, tensor: torch.Tensor, *, aux: dict[s
     is_weight = param_name == "weight" and isinstance(module, (nn.Linear, QuantizedLinear))
     shape = (module.out_features, module.in_features) if is_weight else tuple(current.shape)
     stored = decode_stored(name, tensor, aux, shape) if (aux or tensor.dtype in FP8_DTYPES) else Stored("dense", tensor)
-    if is_weight and isinstance(module, nn.Linear) and stored.fmt != "dense":
-        policy = getattr(model, "quant_policy", None)
-        if policy is not None and policy.mode == "disabled" and not keeps(name, policy.params_to_keep):
-            module = _layer_for_stored(module, stored, base_dtype)
-            _set_submodule(model, module_name, module)
     if is_weight and isinstance(module, QuantizedLinear):
-        _load_linear_weight(model, module_name, module, stored, device, base_dtype)
+        _load_linear_weight(module, stored, device)
         return
     dtype = base_dtype if current.dtype.is_floating_point or stored.fmt != "dense" else current.dtype
     value = stored.to(device).dense(shape, dtype)
