@@ -50,11 +50,11 @@ def main():
     shapes = reference_shapes(args.listing)
     gen = torch.Generator(device=device).manual_seed(0)
     t0 = time.perf_counter()
-    fetch = random_fetch(shapes, device, torch.bfloat16, gen)
+    fetch, stored = random_fetch(shapes, device, torch.bfloat16, gen), {}
     if args.gguf:
-        from gguf_weights import gguf_fetch
-        fetch = gguf_fetch(shapes, args.gguf, fetch, gen)
-    model = assemble_model(shapes, fetch, device=device,
+        from gguf_weights import gguf_source
+        fetch, stored = gguf_source(shapes, args.gguf, fetch, gen)
+    model = assemble_model(shapes, fetch, device=device, stored=stored,
                            base_dtype=torch.bfloat16, quantization=args.quantization, attention_mode=args.attention,
                            files=(args.listing,))
     torch.cuda.synchronize()

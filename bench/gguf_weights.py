@@ -33,13 +33,15 @@ def blocks_for(weight: torch.Tensor, qtype: str, generator: torch.Generator) -> 
     return gd.random_blocks(qtype, weight.numel() // block, amp, generator, weight.device).reshape(weight.shape[0], -1)
 
 
-def gguf_fetch(shapes: dict, qtype: str, fetch, generator: torch.Generator):
-    """Wrap a bench `fetch(key) -> (tensor, aux)` so the tensors city96 quantizes come as `qtype` GGUF blocks."""
+def gguf_source(shapes: dict, qtype: str, fetch, generator: torch.Generator):
+    """Wrap a bench `fetch(key) -> (tensor, aux)` so the tensors city96 quantizes come as `qtype` GGUF blocks;
+    returns the wrapped fetch and the stored formats for `assemble_model(stored=...)` (the layer plan)."""
     from wantalk.wanvideo.gguf import SUPPORTED_TYPES, TYPE_MARKER
+    quantized = {k for k, shape in shapes.items() if quantized_by_city96(k, shape, qtype)}
 
     def wrapped(key):
         tensor, aux = fetch(key)
-        if not quantized_by_city96(key, shapes[key], qtype):
+        if key not in quantized:
             return tensor, aux
         return blocks_for(tensor, qtype, generator), {TYPE_MARKER: torch.tensor(SUPPORTED_TYPES.index(qtype))}
-    return wrapped
+    return wrapped, {k: qtype for k in quantized}
