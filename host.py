@@ -121,6 +121,20 @@ def check_interrupt() -> None:
         _mm.throw_exception_if_processing_interrupted()
 
 
+def on_unload_all_models(callback) -> None:
+    """Call `callback` whenever ComfyUI unloads all models (its free-memory request); nothing outside ComfyUI.
+    ComfyUI has no hook for this, so its `unload_all_models` is wrapped (call once per callback)."""
+    if _mm is None:
+        return
+    original = _mm.unload_all_models
+
+    def unload_all_models(*args, **kwargs):
+        callback()
+        return original(*args, **kwargs)
+
+    _mm.unload_all_models = unload_all_models
+
+
 class ProgressBar:
     """ComfyUI's progress bar when available, with optional preview image; a silent counter otherwise."""
 

@@ -98,26 +98,7 @@ class WanTalkMultiGPU:
                                       host.check_interrupt),)
 
 
-def _stop_workers_on_free_memory() -> None:
-    """ComfyUI's free-memory request (`unload_all_models`) also stops the workers; they restart with the next run.
-    ComfyUI has no hook for this, so the function is wrapped once."""
-    try:
-        import comfy.model_management as mm  # type: ignore
-    except Exception:
-        return
-    original = mm.unload_all_models
-    if getattr(original, "stops_wantalk_workers", False):
-        return
-
-    def unload_all_models(*args, **kwargs):
-        hosting.stop_all()
-        return original(*args, **kwargs)
-
-    unload_all_models.stops_wantalk_workers = True
-    mm.unload_all_models = unload_all_models
-
-
-_stop_workers_on_free_memory()
+host.on_unload_all_models(hosting.stop_all)  # ComfyUI's free-memory request stops the workers
 
 NODE_CLASS_MAPPINGS = {"WanTalkMultiGPU": WanTalkMultiGPU}
 NODE_DISPLAY_NAME_MAPPINGS = {"WanTalkMultiGPU": "Multi-GPU (wantalk)"}

@@ -1,6 +1,5 @@
 """The Multi-GPU node: GPU list and layout checks with errors that name the input, and an end-to-end run of its
 model on two CPU workers; ComfyUI's free-memory request stops the workers."""
-import sys
 import types
 
 import pytest
@@ -10,7 +9,8 @@ from test_parallel import BOUND, CFG, GRID, Tiny, infinitetalk_run, sample
 from tiny_models import tiny_infinitetalk_config
 from wantalk.multitalk.model_addon import infinitetalk_addon
 from wantalk.nodes_common import NodeInputError
-from wantalk.nodes_parallel import WanTalkMultiGPU, _stop_workers_on_free_memory, choose_layout, parse_devices
+from wantalk import host
+from wantalk.nodes_parallel import WanTalkMultiGPU, choose_layout, parse_devices
 from wantalk.wanvideo.parallel import hosting
 from wantalk.wanvideo.parallel.layout import Layout
 
@@ -43,10 +43,9 @@ def test_model_without_load_recipe_is_refused():
 
 
 def test_node_model_samples_like_one_process_and_free_memory_stops_workers(tmp_path, monkeypatch):
-    fake_mm = types.SimpleNamespace(unload_all_models=lambda: None)
-    monkeypatch.setitem(sys.modules, "comfy", types.SimpleNamespace(model_management=fake_mm))
-    monkeypatch.setitem(sys.modules, "comfy.model_management", fake_mm)
-    _stop_workers_on_free_memory()
+    fake_mm = types.SimpleNamespace(unload_all_models=lambda: None, throw_exception_if_processing_interrupted=lambda: None)
+    monkeypatch.setattr(host, "_mm", fake_mm)
+    host.on_unload_all_models(hosting.stop_all)   # as nodes_parallel does when ComfyUI is there
     tiny = Tiny(tmp_path, "it.safetensors", CFG, infinitetalk_addon(tiny_infinitetalk_config()),
                 torch.Generator().manual_seed(3))
     cond, plan = infinitetalk_run(tiny.model, 1)
