@@ -43,7 +43,8 @@ def test_model_without_load_recipe_is_refused():
 
 
 def test_node_model_samples_like_one_process_and_free_memory_stops_workers(tmp_path, monkeypatch):
-    fake_mm = types.SimpleNamespace(unload_all_models=lambda: None, throw_exception_if_processing_interrupted=lambda: None)
+    fake_mm = types.SimpleNamespace(unload_all_models=lambda: None,
+                                    throw_exception_if_processing_interrupted=lambda: None)
     monkeypatch.setattr(host, "_mm", fake_mm)
     host.on_unload_all_models(hosting.stop_all)   # as nodes_parallel does when ComfyUI is there
     tiny = Tiny(tmp_path, "it.safetensors", CFG, infinitetalk_addon(tiny_infinitetalk_config()),

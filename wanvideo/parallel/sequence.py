@@ -79,7 +79,8 @@ class SequenceShard:
         qkv = self._exchange(qkv.permute(3, 0, 1, 2, 4, 5).contiguous())          # [src rank, 3, B, n, hs, d]
         qkv = qkv.permute(1, 2, 0, 3, 4, 5).reshape(3, b, self.size * n, hs, d)
         out = attend(qkv[0], qkv[1], qkv[2])                                        # [B, size*n, hs, d]
-        out = self._exchange(out.reshape(b, self.size, n, hs, d).transpose(0, 1).contiguous())  # [head chunk, B, n, hs, d]
+        out = out.reshape(b, self.size, n, hs, d).transpose(0, 1).contiguous()     # [dest rank, B, n, hs, d]
+        out = self._exchange(out)                                                   # [head chunk, B, n, hs, d]
         return out.permute(1, 2, 0, 3, 4).reshape(b, n, h, d)
 
     def reference_keys(self, k: torch.Tensor) -> torch.Tensor:

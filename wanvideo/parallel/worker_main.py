@@ -1,5 +1,7 @@
-"""Entry point of a multi-GPU worker process (`python worker_main.py <fd> <rank> <world> <device> <port>`). The node folder is imported as the package `wantalk` without running its `__init__` (no ComfyUI
-nodes in the workers), then `wanvideo.parallel.worker.main` serves requests on the inherited socket `fd`."""
+"""Entry point of a multi-GPU worker process: `python worker_main.py <fd> <rank> <world> <device> <port>`.
+
+The node folder is imported as the package `wantalk` without running its `__init__` (no ComfyUI nodes in the
+workers), then `wanvideo.parallel.worker.main` serves requests on the inherited socket `fd`."""
 import os
 import sys
 import types
