@@ -265,3 +265,35 @@ def test_1_7b_end_to_end(rng):
                               width=32, settings=HumoSettings(frames=9, motion_frames=5, steps=2, text_scale=7.5,
                                                                  audio_scale=7.5))
     assert out.shape == (9, 32, 32, 3) and out.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- the shared engine
+
+def test_humo_runs_through_the_shared_window_engine(parts, rng, monkeypatch):
+    """HuMo's windows go through wanvideo.windows (no import from multitalk/): the resident weights are released
+    before every VAE call of the loop, and an out-of-memory error becomes the engine's advice."""
+    import ast
+    import os
+    from wantalk.humo import pipeline
+    from wantalk.wanvideo import windows as engine
+    from wantalk.wanvideo.memory_plan import MemoryPlanError
+    folder = os.path.dirname(pipeline.__file__)
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(folder, name)).read())
+            modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+            assert not any("multitalk" in m for m in modules), name
+    model, vae = parts
+    bands, text = torch.randn(13, 5, 6, generator=rng), _text(rng)    # windows at 0 and 4
+    released, calls = [], []
+    monkeypatch.setattr(engine, "release_vram", lambda m: released.append(m) or 0)
+    decode = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda latent, **kw: calls.append(len(released)) or decode(latent, **kw))
+    generate_humo_video(model, vae, text, bands, None, height=32, width=32, settings=SETTINGS)
+    assert len(calls) == 2 and calls[0] >= 1 and calls[1] > calls[0] and all(m is model for m in released)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(engine, "denoise", out_of_memory)
+    with pytest.raises(MemoryPlanError, match="window 1 of 2.*block swap"):
+        generate_humo_video(model, vae, text, bands, None, height=32, width=32, settings=SETTINGS)
