@@ -131,34 +131,33 @@ def run_part(part: str, deadline: float, tiny: bool) -> list[dict]:
                     note = "cap given to the plan (the allocator cannot report it)"
             swapper = block_swap.configure_block_swap(model, -1, device=device, prefetch=1, **extra)
             runner = ComputeSome(swapper)
-            model.block_runner = runner
             height, width = (TINY_SIZES if tiny else SIZES)[size]
+            run = memory_plan.RunSettings(memory_plan.video_tokens(frames, height, width), two_speakers=speakers == 2)
             row = {"part": part, "mode": mode, "size": size, "frames": frames, "speakers": speakers, "cap_gb": cap,
                    "allowed_gib": allowed / GIB, **({"note": note} if not tiny and note else {})}
             fn = None
             t1 = time.perf_counter()
             try:
+                memory_plan.check_before_sampling(model, run)  # as the InfiniteTalk and HuMo pipelines do
+                model.block_runner = runner
                 fn = forward_inputs(model, frames, height, width, speakers, device=device)
-                if not tiny:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                with torch.no_grad():
-                    fn()
-                if not tiny:
-                    torch.cuda.synchronize()
+                peaks = forward_peaks(fn, tiny)
                 plan = swapper.plan
                 row.update(outcome="ran", blocks_to_swap=swapper.blocks_to_swap, computed=runner.computed,
                            tokens=plan.tokens, planned_gib=plan.peak / GIB, reserve_gib=plan.reserve / GIB,
-                           allocator=plan.allocator.describe())
-                if not tiny:
-                    row.update(allocated_gib=torch.cuda.max_memory_allocated() / GIB,
-                               reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+                           allocator=plan.allocator.describe(), **peaks)
+                if not tiny:  # again with the cap lowered to the planned peak: the plan alone must be enough
+                    torch.cuda.set_per_process_memory_fraction(min(1.0, plan.peak / total))
+                    try:
+                        row.update({"tight_" + k: v for k, v in forward_peaks(fn, tiny).items()}, tight="ran")
+                    except torch.OutOfMemoryError as exc:
+                        row.update(tight="OOM", tight_message=str(exc).splitlines()[0][:300])
             except memory_plan.MemoryPlanError as exc:
                 row.update(outcome="refused", before_sampling=runner.computed == [],
                            message=str(exc).splitlines()[0])
             except torch.OutOfMemoryError as exc:
-                row.update(outcome="OOM", message=str(exc).splitlines()[0][:300],
-                           planned_gib=swapper.plan.peak / GIB if swapper.plan else None)
+                planned = swapper.plan.peak / GIB if swapper.plan and swapper.plan.tokens == run.tokens else None
+                row.update(outcome="OOM", message=str(exc).splitlines()[0][:300], planned_gib=planned)
             row["seconds"] = time.perf_counter() - t1
             del fn
             gc.collect()
@@ -175,6 +174,23 @@ def run_part(part: str, deadline: float, tiny: bool) -> list[dict]:
             torch.cuda.set_per_process_memory_fraction(1.0)
             torch.cuda.empty_cache()
     return results
+
+
+def forward_peaks(fn, tiny: bool) -> dict:
+    """Run one forward; its allocated and reserved peaks (GiB) on a GPU, after releasing unused cached memory."""
+    import torch
+    if tiny:
+        with torch.no_grad():
+            fn()
+        return {}
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        fn()
+    torch.cuda.synchronize()
+    return {"allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "reserved_gib": torch.cuda.max_memory_reserved() / GIB}
 
 
 def import_core(name: str = "wantalk") -> None:
@@ -197,17 +213,18 @@ def tiny_shapes() -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| allocator | quant | size | frames | speakers | cap GB | outcome | blocks swapped | planned GiB | "
-             "allocated GiB | reserved GiB | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "allocated GiB | reserved GiB | cap = planned: reserved GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [r["part"], r["mode"], r["size"], r["frames"], r["speakers"], r["cap_gb"], r["outcome"]]
         if r["outcome"] == "ran":
+            tight = f"{r['tight_reserved_gib']:.2f}" if r.get("tight") == "ran" else r.get("tight", "")
             cells += [r["blocks_to_swap"], f"{r['planned_gib']:.2f}", f"{r.get('allocated_gib', 0):.2f}",
-                      f"{r.get('reserved_gib', 0):.2f}"]
+                      f"{r.get('reserved_gib', 0):.2f}", tight]
         elif r["outcome"] == "refused":
-            cells += ["-", "refused before sampling" if r["before_sampling"] else "REFUSED MID-RUN", "", ""]
+            cells += ["-", "refused before sampling" if r["before_sampling"] else "REFUSED MID-RUN", "", "", ""]
         else:
-            cells += ["-", f"{r.get('planned_gib') or 0:.2f}", "", ""]
-        cells.append(f"{r.get('seconds', 0):.1f}")
+            cells += ["-", f"{r.get('planned_gib') or 0:.2f}", "", "", ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -217,12 +234,14 @@ def verdict(rows: list[dict]) -> str:
     refused = [r for r in rows if r["outcome"] == "refused"]
     ooms = [r for r in rows if r["outcome"] == "OOM"]
     late = [r for r in refused if not r["before_sampling"]]
-    over = [r for r in ran if r.get("reserved_gib", 0) > r["planned_gib"]]
+    tight = [r for r in ran if r.get("tight") == "ran"]
+    tight_ooms = [r for r in ran if r.get("tight") == "OOM"]
     skipped = [r for r in rows if r["outcome"].startswith("not run")]
     return (f"{len(rows)} cases: {len(ran)} planned and completed, {len(refused)} refused "
-            f"({len(late)} after sampling began), {len(ooms)} out-of-memory, {len(skipped)} not run (time); "
-            f"reserved peak above the planned peak in {len(over)}; max reserved/planned "
-            f"{max((r.get('reserved_gib', 0) / r['planned_gib'] for r in ran), default=0):.3f}")
+            f"({len(late)} after sampling began), {len(ooms)} out-of-memory, {len(skipped)} not run (time). "
+            f"Rerun with the cap lowered to the planned peak: {len(tight)} completed, {len(tight_ooms)} "
+            f"out-of-memory. Planned minus allocated peak: min "
+            f"{min((r['planned_gib'] - r.get('allocated_gib', 0) for r in ran), default=0):.2f} GiB.")
 
 
 def main(argv):

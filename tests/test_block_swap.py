@@ -286,3 +286,29 @@ def test_cuda_streams_are_bit_identical_and_pinned(rng, prefetch):
         assert torch.equal(run(model, cuda_args), reference)
     assert bs.release_vram(model) > 0
     assert torch.equal(run(model, cuda_args), reference)
+
+
+def test_swapped_model_is_planned_before_sampling(rng):
+    """memory_plan.check_before_sampling plans a block-swapped model up front: a run too large is refused before
+    the model's input stage allocates anything (a 720p 161-frame run on 8 GB died there, issue 15), and an
+    accepted one has its blocks placed and its plan kept for the first forward."""
+    from wantalk.wanvideo import memory_plan as mp
+    model, _ = tiny_wan(CFG5, rng)
+    ran = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda mod, a: ran.append(mod))
+    budget = {"bytes": 1}
+    swapper = bs.configure_block_swap(model, -1, device="cpu", pinner=FakePinner(),
+                                      available_bytes=lambda: budget["bytes"])
+    run_settings = mp.RunSettings(tokens=16, audio=False, fused=False)  # the CPU runs the torch stages
+    with pytest.raises(MemoryPlanError, match="needs about"):
+        mp.check_before_sampling(model, run_settings)
+    assert ran == [] and swapper.plan is None
+    sizes = mp.ModelBytes.of(model)
+    budget["bytes"] = mp.plan_memory(model.cfg, sizes, run_settings, blocks_to_swap=3).peak  # 2 slots: saves 1
+    mp.check_before_sampling(model, run_settings)
+    assert swapper.blocks_to_swap == 3 and swapper.plan.tokens == 16 and ran == []
+    planned = swapper.plan
+    args = inputs(CFG5, rng, size=8)
+    run(model, args)  # 1 frame of 8x8 latents: 16 tokens, the planned shape
+    assert swapper.plan is planned and len(ran) == CFG5.num_layers

@@ -398,13 +398,20 @@ class BlockSwapper:
 
     # -- planning ---------------------------------------------------------------------------------
     def _plan_for(self, model: nn.Module, x: torch.Tensor, inputs) -> None:
-        """At the first forward of a shape: choose N (auto) and check the plan fits, before any block runs.
-
-        Two-speaker passes need more than one-speaker ones; the plan only ever grows within a shape."""
+        """At the first forward of a shape: choose N (auto) and check the plan fits, before any block runs."""
         audio = getattr(inputs, "audio", None)
-        run = memory_plan.RunSettings(tokens=x.shape[1], batch=x.shape[0], audio=audio is not None,
-                                      two_speakers=bool(getattr(audio, "needs_qk", False)),
-                                      fused=memory_plan.fused_stages(x))
+        self.plan_run(model, memory_plan.RunSettings(tokens=x.shape[1], batch=x.shape[0], audio=audio is not None,
+                                                     two_speakers=bool(getattr(audio, "needs_qk", False)),
+                                                     fused=memory_plan.fused_stages(x)))
+
+    def plan_run(self, model: nn.Module, run: memory_plan.RunSettings,
+                 decode: memory_plan.DecodeSettings | None = None) -> None:
+        """Choose N (auto), check the plan fits (MemoryPlanError naming what to change) and place the blocks.
+
+        Called by `memory_plan.check_before_sampling` before a run, so that a refusal comes before the model's
+        input stage allocates its first `[tokens, dim]` tensors, and again at block 0 of each forward (a no-op
+        for a shape already planned). Two-speaker passes need more than one-speaker ones; the plan only ever
+        grows within a shape."""
         key = (run.tokens, run.batch)
         if self.plan_key == key and (self.planned_run.two_speakers or not run.two_speakers) and \
                 (self.planned_run.audio or not run.audio):
@@ -414,7 +421,7 @@ class BlockSwapper:
                                           run.two_speakers or self.planned_run.two_speakers, run.fused)
         sizes = memory_plan.ModelBytes.of(model)
         cfg = model.cfg
-        how = {"prefetch": self.prefetch, "allocator": self.allocator()}
+        how = {"prefetch": self.prefetch, "allocator": self.allocator(), "decode": decode}
         if self.make_room is not None:
             wish = 0 if self.requested == AUTO else self.requested
             need = memory_plan.plan_memory(cfg, sizes, run, blocks_to_swap=wish, **how).peak

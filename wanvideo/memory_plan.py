@@ -377,11 +377,19 @@ def fused_stages(x: torch.Tensor) -> bool:
 
 
 def check_before_sampling(model: nn.Module, run: RunSettings, decode: DecodeSettings | None = None) -> None:
-    """Before a run of a model whose weights sit on a CUDA device (no block swap): raise MemoryPlanError with what
-    to change when its activations (and VAE decode) will not fit next to the resident weights. Block-swapped models
-    are checked by their swapper; CPU models are not checked."""
+    """Before a run: raise MemoryPlanError with what to change when its activations (and VAE decode) will not fit.
+
+    A block-swapped model is planned by its swapper now (blocks to stream chosen, slots allocated), not at its
+    first block: the model's input stage allocates a few `[tokens, dim]` tensors before any block runs, and a
+    run too large for the card must be refused before them (a 720p, 161-frame run on 8 GB died there). A model
+    on a CUDA device is checked against its resident weights; CPU models are not checked."""
+    runner = getattr(model, "block_runner", None)
+    if hasattr(runner, "plan_run"):
+        fused = fused_stages(torch.empty(0, device=runner.device))
+        runner.plan_run(model, RunSettings(run.tokens, run.batch, run.audio, run.two_speakers, fused), decode)
+        return
     device = next(model.parameters()).device
-    if device.type != "cuda" or getattr(model, "block_runner", None) is not None:
+    if device.type != "cuda" or runner is not None:
         return
     sizes = ModelBytes.of(model)
     allocator = use_expandable_segments()
