@@ -150,16 +150,43 @@ class _Sources:
         return formats
 
 
-def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quantization: str = "disabled",
-                   attention_mode: str = "auto", params_to_keep=None, extra_weights=(),
-                   config_overrides: dict | None = None, loras=(), compute_device=None) -> WanModel:
-    """Load a Wan 2.1 DiT (optionally with add-on files in `extra_weights`) ready for inference.
+@dataclass
+class LoadPlan:
+    """Everything decided from the file headers before any tensor is read: the config, the add-on, the model
+    built on the meta device with every linear layer as planned, the plan itself and its report."""
+    model: WanModel
+    addon: AddOn | None
+    plan: dict[str, policy.LayerPlan]
+    report: policy.QuantReport
+    fetch: object                   # key -> (tensor, aux), the add-on's key renames applied
+    expected: dict[str, tuple]      # model key -> logical shape, in load order
 
-    compute_device: where the layers will run (plans their matmul path); default `device`.
+    @property
+    def weight_bytes(self) -> int:
+        """What the loaded weights will occupy on the load device."""
+        return self.report.quantized_bytes + self.report.kept_bytes
 
-    loras: `(path, strength)` pairs merged into the high-precision weights while streaming, before quantization.
-    """
-    t0 = time.perf_counter()
+
+@dataclass
+class WanHandle:
+    """A loaded model and what produced it: the model, its config, the layer plan and report, the add-on,
+    the merged LoRAs and every source file with its role ("model", "addon", "lora")."""
+    model: WanModel
+    config: WanConfig
+    plan: dict[str, policy.LayerPlan]
+    report: policy.QuantReport
+    addon: str | None
+    loras: tuple[tuple[str, float], ...]
+    sources: tuple[tuple[str, str], ...]
+
+    @property
+    def source_paths(self) -> tuple[str, ...]:
+        return tuple(p for _, p in self.sources)
+
+
+def plan_load(path: str, *, base_dtype=torch.bfloat16, quantization: str = "disabled", params_to_keep=None,
+              extra_weights=(), config_overrides: dict | None = None, loras=(), compute_device="cpu"):
+    """Open the files, read their headers and plan the load (no tensor is read): `(LoadPlan, LoRA transforms)`."""
     paths = [path, *extra_weights]
     sources = _Sources(paths)
     foreign = describe_foreign(sources.readers[0].keys())
@@ -175,36 +202,54 @@ def load_wan_model(path: str, *, device="cpu", base_dtype=torch.bfloat16, quanti
         from .lora import lora_merge_transform
         transforms.append(lora_merge_transform(loras, sources.shapes()))
         stored = policy.merged_storage(stored, transforms[-1].targets)
-    model = assemble_model(sources.shapes(), sources.get, device=device, base_dtype=base_dtype,
-                           quantization=quantization, attention_mode=attention_mode, params_to_keep=params_to_keep,
-                           hints=hints, files=paths, weight_transforms=transforms, stored=stored,
-                           compute_device=compute_device)
+    planned = plan_model(sources.shapes(), sources.get, base_dtype=base_dtype, quantization=quantization,
+                         params_to_keep=params_to_keep, hints=hints, files=paths, stored=stored,
+                         compute_device=compute_device)
+    return planned, transforms
+
+
+def load_wan(path: str, *, device="cpu", base_dtype=torch.bfloat16, quantization: str = "disabled",
+             attention_mode: str = "auto", params_to_keep=None, extra_weights=(),
+             config_overrides: dict | None = None, loras=(), compute_device=None) -> WanHandle:
+    """Load a Wan 2.1 DiT (optionally with add-on files in `extra_weights`) ready for inference.
+
+    loras: `(path, strength)` pairs merged into the high-precision weights while streaming, before quantization.
+    compute_device: where the layers will run (plans their matmul path); default `device`.
+    """
+    t0 = time.perf_counter()
+    planned, transforms = plan_load(path, base_dtype=base_dtype, quantization=quantization,
+                                    params_to_keep=params_to_keep, extra_weights=extra_weights,
+                                    config_overrides=config_overrides, loras=loras,
+                                    compute_device=compute_device or device)
+    model = materialise(planned, device=device, base_dtype=base_dtype, attention_mode=attention_mode,
+                        files=[path, *extra_weights], weight_transforms=transforms)
     # How to load the same model again: the multi-GPU workers do (wanvideo.parallel).
     model.load_recipe = {"path": path, "base_dtype": str(base_dtype).removeprefix("torch."),
                          "quantization": quantization, "attention_mode": attention_mode,
                          "params_to_keep": params_to_keep, "extra_weights": tuple(extra_weights),
                          "config_overrides": config_overrides, "loras": tuple(tuple(x) for x in loras)}
+    sources = (("model", path), *(("addon", p) for p in extra_weights), *(("lora", p) for p, _ in loras))
+    model.source_paths = tuple(p for _, p in sources)  # file identities for the resume key (wanvideo.resume)
     cfg = model.cfg
     log.info("wantalk: loaded %s (%s, dim %d, %d layers%s) in %.1fs; %s", os.path.basename(path), cfg.model_type,
              cfg.dim, cfg.num_layers, f", {model.addon_name}" if model.addon_name else "",
-             time.perf_counter() - t0, model.quant_report.summary())
-    return model
+             time.perf_counter() - t0, planned.report.summary())
+    return WanHandle(model, cfg, planned.plan, planned.report, model.addon_name,
+                     tuple((p, float(s)) for p, s in loras), sources)
 
 
-def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=torch.bfloat16,
-                   quantization: str = "disabled", attention_mode: str = "auto", params_to_keep=None,
-                   hints: dict | None = None, files=("checkpoint",), weight_transforms=(), stored=None,
-                   compute_device=None) -> WanModel:
+def load_wan_model(path: str, **kwargs) -> WanModel:
+    """`load_wan(...)`'s model (the module the nodes pass along), for callers that need only the module."""
+    return load_wan(path, **kwargs).model
+
+
+def plan_model(shapes: dict[str, tuple], fetch, *, base_dtype=torch.bfloat16, quantization: str = "disabled",
+               params_to_keep=None, hints: dict | None = None, files=("checkpoint",), stored=None,
+               compute_device="cpu") -> LoadPlan:
     """Infer the config from `shapes`, build on meta, plan every linear layer (from `stored`: key -> storage as
-    the headers say, absent = dense; the mode; `compute_device`, default `device`) and give it its module, then
-    materialise every tensor from `fetch(key) -> (tensor, aux)` one at a time onto `device` into that plan.
-
-    weight_transforms: callables `(key, float32 tensor) -> tensor | None` (None: leave the key alone), applied to
-    the high-precision value BEFORE quantization (LoRA merging); stored fp8 weights are dequantized first."""
+    the headers say, absent = dense; the mode; the device the layers will run on) and give it its module."""
     if isinstance(base_dtype, str):
         base_dtype = BASE_DTYPES[base_dtype]
-    if attention_mode not in ATTENTION_MODES:
-        raise ValueError(f"unknown attention_mode '{attention_mode}'; expected one of {', '.join(ATTENTION_MODES)}")
     if quantization not in policy.QUANTIZATION_MODES:
         raise ValueError(f"unknown quantization '{quantization}'; expected one of {', '.join(policy.QUANTIZATION_MODES)}")
     cfg = infer_config(shapes, hints, source=f"'{files[0]}'")
@@ -217,36 +262,64 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
             break
     with torch.device("meta"):
         model = build_model(cfg, addon, device="meta", dtype=base_dtype)
-    expected = dict(model.state_dict(keep_vars=True))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
         raise CheckpointError(_key_mismatch_message(files, missing, unexpected))
-    for key, param in expected.items():
-        if tuple(param.shape) != tuple(shapes[key]):
+    for key, shape in expected.items():
+        if shape != tuple(shapes[key]):
             raise CheckpointError(f"'{key}' has shape {tuple(shapes[key])} in the checkpoint but the model inferred "
-                                  f"from it needs {tuple(param.shape)}; are the files from different models "
+                                  f"from it needs {shape}; are the files from different models "
                                   f"(e.g. a 14B add-on on a 1.3B model)?")
-    device = torch.device(device)
     keep = policy.parse_params_to_keep(params_to_keep)
-    plan = policy.plan_layers(model, quantization, keep, stored, compute_device or device)
+    plan = policy.plan_layers(model, quantization, keep, stored, compute_device)
     report = policy.apply_plan(model, plan, quantization, keep, base_dtype=base_dtype)
+    return LoadPlan(model, addon, plan, report, fetch, expected)
+
+
+def materialise(planned: LoadPlan, *, device="cpu", base_dtype=torch.bfloat16, attention_mode: str = "auto",
+                files=("checkpoint",), weight_transforms=()) -> WanModel:
+    """Stream every tensor from `planned.fetch(key) -> (tensor, aux)` one at a time onto `device` into the
+    planned model.
+
+    weight_transforms: callables `(key, float32 tensor) -> tensor | None` (None: leave the key alone), applied to
+    the high-precision value BEFORE quantization (LoRA merging); stored quantized weights are dequantized first."""
+    if isinstance(base_dtype, str):
+        base_dtype = BASE_DTYPES[base_dtype]
+    if attention_mode not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention_mode '{attention_mode}'; expected one of {', '.join(ATTENTION_MODES)}")
+    model, device = planned.model, torch.device(device)
     source = ", ".join(f"'{f}'" for f in files)
-    for key in expected:
-        tensor, aux = fetch(key)
+    for key, shape in planned.expected.items():
+        tensor, aux = planned.fetch(key)
         tensor = checked_tensor(tensor, key, source, device)  # on the load device: one reduction per tensor
         aux = {name: checked_tensor(value, f"{key} ({name})", source) for name, value in aux.items()}
-        tensor, aux = _transformed(key, tensor, aux, tuple(expected[key].shape), weight_transforms, device)
+        tensor, aux = _transformed(key, tensor, aux, shape, weight_transforms, device)
         policy.load_param(model, key, tensor, aux=aux, device=device, base_dtype=base_dtype)
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if leftover:
         raise CheckpointError(f"internal: parameters not loaded: {leftover[:5]}")
     model.eval().requires_grad_(False)
     model.set_attention_mode(attention_mode)
-    model.quant_report = report
-    model.layer_plan = plan
-    model.addon_name = addon.name if addon else None
+    model.quant_report = planned.report
+    model.layer_plan = planned.plan
+    model.addon_name = planned.addon.name if planned.addon else None
     return model
+
+
+def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=torch.bfloat16,
+                   quantization: str = "disabled", attention_mode: str = "auto", params_to_keep=None,
+                   hints: dict | None = None, files=("checkpoint",), weight_transforms=(), stored=None,
+                   compute_device=None) -> WanModel:
+    """`plan_model` then `materialise`: a model from shapes and a fetch function (benches, tests, workers)."""
+    if attention_mode not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention_mode '{attention_mode}'; expected one of {', '.join(ATTENTION_MODES)}")
+    planned = plan_model(shapes, fetch, base_dtype=base_dtype, quantization=quantization,
+                         params_to_keep=params_to_keep, hints=hints, files=files, stored=stored,
+                         compute_device=compute_device or device)
+    return materialise(planned, device=device, base_dtype=base_dtype, attention_mode=attention_mode, files=files,
+                       weight_transforms=weight_transforms)
 
 
 def _transformed(key: str, tensor: torch.Tensor, aux: dict, shape: tuple[int, ...], transforms, device):
