@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..wanvideo.checkpoint import CheckpointReader
+from ..wanvideo.checkpoint import CheckpointReader, checked_tensor
 from ..wanvideo.modules.attention import attention, attention_policy
 
 SAMPLE_RATE = 16000
@@ -270,6 +270,7 @@ def load_whisper_encoder(path: str, *, device="cpu", dtype=torch.float32,
     """Whisper encoder from an HF-layout `.safetensors` / `.bin` file, in `dtype` on `device`, eval mode."""
     reader = CheckpointReader(path)  # the pack's one reader: safetensors, or .bin/.pt with weights_only
     sd = whisper_encoder_state_dict({k: reader.get(k) for k in reader.keys()})
+    sd = {k: checked_tensor(v, k, f"'{path}'") for k, v in sd.items()}
     cfg = whisper_config_from_state_dict(sd, num_heads)
     with torch.device("meta"):
         encoder = WhisperEncoder(cfg, dtype=dtype)

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..wanvideo.checkpoint import CheckpointError, CheckpointReader, describe_foreign
+from ..wanvideo.checkpoint import CheckpointError, CheckpointReader, checked_tensor, describe_foreign
 from ..wanvideo.modules.attention import attention
 
 SAMPLE_RATE = 16000
@@ -377,6 +377,7 @@ def load_wav2vec2(path: str, *, device="cpu", dtype=torch.float32, operations=nn
         raise CheckpointError(
             f"'{path}' does not match the wav2vec2-base layout inferred from it: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}, wrong shapes {[(k, shapes[k], expected[k]) for k in wrong[:5]]}.")
-    state = {name: reader.get(names[name]).to(device=device, dtype=dtype) for name in expected}
+    state = {name: checked_tensor(reader.get(names[name]), names[name], f"'{path}'", device).to(dtype=dtype)
+             for name in expected}
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)

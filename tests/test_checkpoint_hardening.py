@@ -190,3 +190,39 @@ def test_lora_node_names_the_strength_input(tmp_path, weights, rng, monkeypatch)
     lora(tmp_path / "models" / "loras", weights, rng)
     with pytest.raises(NodeInputError, match=r"WanTalk LoRA\] input 'strength': is nan; give a finite number"):
         WanTalkLoraSelect().select("l.safetensors", float("nan"))
+
+
+# ---- the other model parts -------------------------------------------------------------------------------------
+
+def poisoned(sd, key_part):
+    sd = {k: v.clone() for k, v in sd.items()}
+    key = next(k for k in sorted(sd) if key_part in k and sd[k].numel() > 1)
+    sd[key].view(-1)[1] = float("nan")
+    return sd, key
+
+
+def test_nan_in_vae_file(tmp_path, rng):
+    from tiny_models import tiny_vae
+    from wantalk.wanvideo.vae import load_wan_vae
+    sd, key = poisoned(tiny_vae(rng)[1], "decoder.")
+    path = write(tmp_path / "vae.safetensors", sd)
+    with pytest.raises(CheckpointError, match=rf"vae\.safetensors': tensor '{key}' holds 1 non-finite"):
+        load_wan_vae(path)
+
+
+def test_nan_in_wav2vec2_file(tmp_path, rng):
+    from tiny_models import tiny_wav2vec2
+    from wantalk.multitalk.wav2vec2 import load_wav2vec2
+    sd, key = poisoned(tiny_wav2vec2(rng)[1], "encoder.")
+    path = write(tmp_path / "w2v.safetensors", {"wav2vec2." + k: v for k, v in sd.items()})
+    with pytest.raises(CheckpointError, match=rf"w2v\.safetensors': tensor 'wav2vec2\.{key}' holds 1 non-finite"):
+        load_wav2vec2(path)
+
+
+def test_nan_in_whisper_file(tmp_path, rng):
+    from tiny_humo import tiny_whisper
+    from wantalk.humo.whisper import load_whisper_encoder
+    sd, key = poisoned(tiny_whisper(rng)[1], "layers.")
+    path = write(tmp_path / "whisper.safetensors", {"model.encoder." + k: v for k, v in sd.items()})
+    with pytest.raises(CheckpointError, match=rf"whisper\.safetensors': tensor '.*' holds 1 non-finite"):
+        load_whisper_encoder(path)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, checked_tensor
 from .modules.vae_blocks import CausalCache, Decoder3d, Encoder3d
 from .modules.vae_tiling import count_tiles, run_tiled
 
@@ -259,7 +259,7 @@ def _build(source, name: str, device, dtype: torch.dtype) -> WanVAE:
     model = WanVAE(config, device="meta", dtype=dtype)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_keys(expected, source, prefix, name)
-    weights = {k: source.get(prefix + k).to(device=device, dtype=dtype) for k in expected}
+    weights = {k: checked_tensor(source.get(prefix + k), prefix + k, name, device).to(dtype=dtype) for k in expected}
     model.load_state_dict(weights, assign=True)
     return model.eval().requires_grad_(False)
 
