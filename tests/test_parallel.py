@@ -15,6 +15,7 @@ from wantalk.humo.model_addon import HumoConfig, humo_addon
 from wantalk.multitalk.conditioning import audio_conditioning, zero_audio_conditioning
 from wantalk.multitalk.model_addon import infinitetalk_addon
 from wantalk.wanvideo.loader import load_wan_model
+from wantalk.wanvideo.parallel import messages
 from wantalk.wanvideo.parallel.hosting import ParallelModel
 from wantalk.wanvideo.parallel.layout import Layout
 from wantalk.wanvideo.parallel.pack import WorkerFailed, WorkerPack
@@ -104,6 +105,29 @@ def check_frames(models, pack, kind, layout, speakers=1):
     got = sample(ParallelModel(tiny.model, lambda: pack), cond, plan, noise)
     err = ((got - expected).abs().max() / expected.abs().max()).item()
     assert err <= BOUND, f"{kind} {layout} speakers={speakers}: relative error {err:.2e}"
+
+
+def test_passes_are_dealt_round_robin_in_plan_order():
+    names = ("cond", "drop_text", "uncond")
+    assert [Layout(3, 1).passes_of(g, names) for g in range(3)] == [["cond"], ["drop_text"], ["uncond"]]
+    assert [Layout(2, 2).passes_of(g, names) for g in range(2)] == [["cond", "uncond"], ["drop_text"]]
+    assert Layout(2, 2).group_ranks(1) == [2, 3] and Layout(2, 2).group_of(3) == 1 and Layout(2, 2).is_leader(2)
+
+
+def test_messages_carry_tensors_and_allowlisted_conditioning_only(models):
+    from dataclasses import dataclass
+    model = models["infinitetalk"].model
+    audio, _ = infinitetalk_run(model, 2)
+    back = messages.decode(messages.encode({"audio": audio.audio, "ids": [1, (2, None)], "x": torch.randn(3)}))
+    assert type(back["audio"]) is type(audio.audio) and back["audio"].speakers == 2
+    assert torch.equal(back["audio"].tokens, audio.audio.tokens) and back["ids"] == [1, (2, None)]
+
+    @dataclass
+    class Other:
+        x: int = 1
+
+    with pytest.raises(TypeError, match="cannot receive a Other"):
+        messages.encode({"a": Other()})
 
 
 @pytest.mark.parametrize("kind,speakers", [("infinitetalk", 1), ("infinitetalk", 2), ("humo", 1)])

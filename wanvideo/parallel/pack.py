@@ -49,7 +49,9 @@ class _Worker:
         ours, theirs = socket.socketpair()
         self.rank, self.device = rank, device
         args = [sys.executable, WORKER_MAIN, str(theirs.fileno()), str(rank), str(world), device, str(port)]
-        self.process = subprocess.Popen(args, env={**os.environ, **WORKER_ENV}, pass_fds=[theirs.fileno()])
+        # Own session: a Ctrl+C in ComfyUI's terminal reaches ComfyUI, which stops the workers in order.
+        self.process = subprocess.Popen(args, env={**os.environ, **WORKER_ENV}, pass_fds=[theirs.fileno()],
+                                        start_new_session=True)
         theirs.close()
         self.conn = Connection(ours.detach())
 
@@ -100,7 +102,7 @@ class WorkerPack:
             self._sent.clear()
             request = {"kind": "load", "recipe": self.recipe, "guidance": self.layout.guidance,
                        "sequence": self.layout.sequence}
-            self._exchange([request] * len(self.workers), check_interrupt, "loading")
+            self._exchange(request, check_interrupt, "loading")
             self._loaded = (self.layout, self.recipe)
             log.info("wantalk: %d multi-GPU workers ready (%d guidance x %d sequence) in %.1fs", len(self.workers),
                      self.layout.guidance, self.layout.sequence, time.perf_counter() - t0)
@@ -135,21 +137,21 @@ class WorkerPack:
         drop = [key for key in self._sent if key not in used]
         self._sent = used
         refs = {name: {arg: None if v is None else id(v) for arg, v in args.items()} for name, args in passes.items()}
-        requests = []
-        for rank in range(len(self.workers)):
-            mine = self.layout.passes_of(self.layout.group_of(rank), refs)
-            requests.append({"kind": "step", "latent": latent, "timestep": timestep, "new": new, "drop": drop,
-                             "passes": {name: refs[name] for name in mine}, "pace_s": self.pace_s})
+        by_group = [{name: refs[name] for name in self.layout.passes_of(g, refs)} for g in range(self.layout.guidance)]
+        request = {"kind": "step", "latent": latent, "timestep": timestep, "new": new, "drop": drop,
+                   "passes": by_group, "pace_s": self.pace_s}
         preds = {}
-        for reply in self._exchange(requests, check_interrupt, "a denoising step"):
+        for reply in self._exchange(request, check_interrupt, "a denoising step"):
             preds.update(reply["preds"])
         return {name: preds[name].to(latent.device) for name in passes}
 
     # -- messaging --------------------------------------------------------------------------------------------
-    def _exchange(self, requests: list[dict], check_interrupt, what: str) -> list[dict]:
-        for w, request in zip(self.workers, requests):
+    def _exchange(self, request: dict, check_interrupt, what: str) -> list[dict]:
+        """Send every worker `request` (encoded once) and gather their replies, in rank order."""
+        data = messages.encode(request)
+        for w in self.workers:
             try:
-                w.conn.send_bytes(messages.encode(request))
+                w.conn.send_bytes(data)
             except OSError:
                 self._fail(w, what)
         replies: dict[int, dict] = {}

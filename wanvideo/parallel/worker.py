@@ -33,12 +33,13 @@ class Stopped(Exception):
 
 
 class StopFlag:
-    """Set by SIGUSR1; read at block boundaries. With a sequence `group`, its ranks agree (one all-reduce) so that
-    they all stop at the same block and none waits in a collective for a peer that stopped."""
+    """Set by SIGUSR1; read at block boundaries. With a sequence `group` (gloo, on the CPU: the GPU queue is never
+    drained for it), its ranks agree through one all-reduce, so that they all stop at the same block and none
+    waits in a collective for a peer that stopped."""
 
-    def __init__(self, group=None, device="cpu"):
+    def __init__(self):
         self.requested = False
-        self.group, self.device = group, device
+        self.group = None
         signal.signal(signal.SIGUSR1, self._on_signal)
 
     def _on_signal(self, *_):
@@ -47,7 +48,7 @@ class StopFlag:
     def check(self) -> None:
         stop = self.requested
         if self.group is not None:
-            flag = torch.tensor([float(stop)], device=self.device)
+            flag = torch.tensor([float(stop)])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
             stop = bool(flag.item())
         if stop:
@@ -65,14 +66,15 @@ def stop_checking_runner(flag: StopFlag, inner, pacing):
     return run
 
 
-def _groups(layout: Layout):
-    """Every rank creates every sequence group, in the same order (torch.distributed requires it); returns this
-    rank's."""
-    mine = None
+def _groups(layout: Layout) -> tuple:
+    """This rank's sequence group (NCCL on GPUs) and its gloo twin for the stop flag. Every rank creates every
+    group, in the same order (torch.distributed requires it)."""
+    mine = (None, None)
     for g in range(layout.guidance):
-        group = dist.new_group(layout.group_ranks(g))
+        ranks = layout.group_ranks(g)
+        groups = (dist.new_group(ranks), dist.new_group(ranks, backend="gloo"))
         if g == layout.group_of(dist.get_rank()):
-            mine = group
+            mine = groups
     return mine
 
 
@@ -92,9 +94,10 @@ class Worker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=30))
-        self.flag = StopFlag(device=self.device)
+        self.flag = StopFlag()
         self.layout, self.group, self.recipe, self.model, self.pace_s = None, None, None, None, 0.0
         self.cache: dict = {}
+        self.groups: dict = {}   # layout -> this rank's (sequence group, stop-flag group)
 
     def configure(self, request: dict) -> None:
         layout = Layout(request["guidance"], request["sequence"])
@@ -107,8 +110,9 @@ class Worker:
             self.model.block_runner = stop_checking_runner(self.flag, self.model.block_runner, self)
             self.recipe = request["recipe"]
         if layout != self.layout:
-            self.group = _groups(layout) if layout.sequence > 1 else None
-            self.flag.group = self.group
+            if layout not in self.groups:  # made once per layout: communicators are not cheap
+                self.groups[layout] = _groups(layout) if layout.sequence > 1 else (None, None)
+            self.group, self.flag.group = self.groups[layout]
             self.layout = layout
         self.model.sequence_parallel = None if self.group is None else SequenceParallel(self.group)
 
@@ -117,7 +121,10 @@ def serve(conn: Connection, rank: int, world: int, device: str, port: int) -> No
     worker = Worker(rank, world, device, port)
     try:
         while True:
-            request = messages.decode(conn.recv_bytes())
+            try:
+                request = messages.decode(conn.recv_bytes())
+            except EOFError:  # the sampler's process is gone: nobody to serve
+                break
             kind = request["kind"]
             if kind == "exit":
                 break
@@ -143,8 +150,9 @@ def _step(worker: Worker, request: dict) -> dict:
     for key in request["drop"]:
         cache.pop(key, None)
     cache.update({key: _to(value, device) for key, value in request["new"].items()})
+    mine = request["passes"][worker.layout.group_of(worker.rank)]
     passes = {name: {arg: cache[key] if key is not None else None for arg, key in refs.items()}
-              for name, refs in request["passes"].items()}
+              for name, refs in mine.items()}
     latent, timestep = request["latent"].to(device), request["timestep"].to(device)
     with torch.no_grad():
         preds = run_passes(worker.model, latent, timestep, passes)
