@@ -83,3 +83,69 @@ def combine(mode: str, preds: Mapping[str, torch.Tensor], *, scale: float = 1.0,
     if mode == "humo_tia":
         return humo_tia_cfg(*p, audio_scale, text_scale, timestep)
     return humo_cfg(*p, audio_scale, text_scale)
+
+
+# ---- APG: adaptive projected guidance (official InfiniteTalk --use_apg, https://arxiv.org/abs/2410.02416) ----
+
+APG_MOMENTUM = -0.75       # official --apg_momentum default
+APG_NORM_THRESHOLD = 55.0  # official --apg_norm_threshold default
+
+
+def _over_sample(x: torch.Tensor) -> tuple[int, ...]:
+    """The dims one sample spans ([C, F, H, W] of a [B, C, F, H, W] latent), as the official norms take them."""
+    return tuple(range(-min(x.dim(), 4), 0))
+
+
+def projected_update(diff: torch.Tensor, pred_cond: torch.Tensor, norm_threshold: float,
+                     eta: float = 0.0) -> torch.Tensor:
+    """One APG guidance direction: `diff` shrunk to at most `norm_threshold` in L2 norm (per sample), then split
+    (in float64) into its part along `pred_cond` and the rest; the rest plus `eta` times the part is returned."""
+    dims = _over_sample(diff)
+    if norm_threshold > 0:
+        norm = diff.norm(p=2, dim=dims, keepdim=True)
+        diff = diff * torch.minimum(torch.ones_like(norm), norm_threshold / norm)
+    d, c = diff.double(), pred_cond.double()
+    unit = c / c.norm(p=2, dim=dims, keepdim=True).clamp_min(1e-12)
+    parallel = (d * unit).sum(dim=dims, keepdim=True) * unit
+    return ((d - parallel) + eta * parallel).to(diff.dtype)
+
+
+class AdaptiveProjectedGuidance:
+    """InfiniteTalk's text/audio guidance with APG, a drop-in for `sampling.Guidance` (`passes`, `combine`).
+
+    Each guidance difference (text: cond - drop_text; audio: drop_text - uncond, or cond - drop_audio when the
+    text scale is 1) is accumulated with momentum (`avg = diff + momentum * avg`, negative momentum damps it),
+    shrunk and stripped of its component along the conditional prediction; the velocity is
+    `cond + (s_text - 1) * text_direction + (s_audio - 1) * audio_direction`. The momentum lives for one window:
+    make a new object per window, as the official loop does."""
+
+    def __init__(self, text_scale: float, audio_scale: float, momentum: float = APG_MOMENTUM,
+                 norm_threshold: float = APG_NORM_THRESHOLD):
+        self.text_scale, self.audio_scale = text_scale, audio_scale
+        self.momentum, self.norm_threshold = momentum, norm_threshold
+        self._running = {"text": None, "audio": None}
+
+    def passes(self, timestep: float) -> tuple[str, ...]:
+        return plan_passes("infinitetalk", text_scale=self.text_scale, audio_scale=self.audio_scale)
+
+    def _direction(self, kind: str, diff: torch.Tensor, pred_cond: torch.Tensor) -> torch.Tensor:
+        previous = self._running[kind]
+        running = diff if previous is None else diff + self.momentum * previous
+        self._running[kind] = running
+        return projected_update(running, pred_cond, self.norm_threshold)
+
+    def combine(self, preds: Mapping[str, torch.Tensor], timestep: float) -> torch.Tensor:
+        passes = self.passes(timestep)
+        missing = [name for name in passes if name not in preds]
+        if missing:
+            raise ValueError(f"APG guidance needs the passes {passes}; missing {missing}")
+        cond = preds["cond"]
+        velocity = cond
+        if "drop_audio" in passes:
+            return velocity + (self.audio_scale - 1) * self._direction("audio", cond - preds["drop_audio"], cond)
+        if "drop_text" in passes:
+            velocity = velocity + (self.text_scale - 1) * self._direction("text", cond - preds["drop_text"], cond)
+        if "uncond" in passes:
+            velocity = velocity + (self.audio_scale - 1) * self._direction(
+                "audio", preds["drop_text"] - preds["uncond"], cond)
+        return velocity
