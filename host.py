@@ -36,9 +36,10 @@ def model_files(kind: str) -> list[str]:
     """Files of one model folder kind (`diffusion_models`, `vae`, `loras`, `audio_encoders`, ...)."""
     if _folder_paths is not None:
         try:
-            return list(_folder_paths.get_filename_list(kind))
+            names = list(_folder_paths.get_filename_list(kind))
         except Exception:
             return []
+        return names + sorted(set(_gguf_names(kind)) - set(names))
     folder = os.path.join(_FALLBACK_ROOT, kind)
     if not os.path.isdir(folder):
         return []
@@ -47,6 +48,20 @@ def model_files(kind: str) -> list[str]:
         for name in files:
             out.append(os.path.relpath(os.path.join(root, name), folder))
     return sorted(out)
+
+
+def _gguf_names(kind: str) -> list[str]:
+    """GGUF files in ComfyUI's folders of `kind` (its lists carry only the torch extensions; city96's GGUF
+    models sit in models/unet or models/diffusion_models)."""
+    try:
+        folders = _folder_paths.get_folder_paths(kind)
+    except Exception:
+        return []
+    out = []
+    for folder in folders:
+        for root, _, files in os.walk(folder):
+            out += [os.path.relpath(os.path.join(root, n), folder) for n in files if n.lower().endswith(".gguf")]
+    return out
 
 
 class ModelPathError(FileNotFoundError):

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 
 import torch
 
 from . import host, validation
 from .nodes_common import CATEGORY, MODEL_TYPE, NodeInputError
-from .wanvideo.loader import BASE_DTYPES, load_wan_model
+from .wanvideo.loader import BASE_DTYPES, load_wan_model, plan_load
 from .wanvideo.lora import LoraError, LoraModeError, attach_unmerged_loras
 from .wanvideo.modules.attention import ATTENTION_MODES
 from .wanvideo.quantization import DEFAULT_PARAMS_TO_KEEP, QUANTIZATION_MODES
@@ -17,23 +16,14 @@ from .wanvideo.quantization import DEFAULT_PARAMS_TO_KEEP, QUANTIZATION_MODES
 log = logging.getLogger("wantalk")
 
 LORA_MODES = ("merge", "unmerged")
-# The last model loaded with unmerged LoRAs, by its load settings (weakly held: ComfyUI decides its lifetime), so
-# a strength change re-uses it instead of reloading.
-_last_unmerged: dict = {}
 
 
-# Bytes per weight once loaded, by quantization (bf16 base; fp8 + scales; NVFP4 codes + block scales).
-_BYTES_PER_WEIGHT = {"disabled": 2.0, "fp8": 1.05, "fp4": 0.6}
-
-
-def expected_model_bytes(paths: list[str], quantization: str) -> int:
-    """What the loaded model will occupy on the load device, from the files' headers (no tensor is read)."""
-    from .wanvideo.checkpoint import CheckpointReader
-    params = 0
-    for path in paths:
-        reader = CheckpointReader(path)
-        params += sum(math.prod(reader.shape(k)) for k in reader.keys())
-    return int(params * _BYTES_PER_WEIGHT[quantization.split("_")[0]])
+def expected_model_bytes(paths: list[str], quantization: str, base_dtype=torch.bfloat16, params_to_keep=None) -> int:
+    """What the loaded model will occupy on the load device: the layer plan's bytes, from the files' headers
+    (no tensor is read; GGUF blocks and pre-quantized layers count as stored)."""
+    planned, _ = plan_load(paths[0], extra_weights=tuple(paths[1:]), quantization=quantization,
+                           base_dtype=base_dtype, params_to_keep=params_to_keep)
+    return planned.weight_bytes
 
 
 def addon_files() -> list[str]:
@@ -52,7 +42,7 @@ def resolve_addon(name: str) -> str:
 
 class WanTalkModelLoader:
     DESCRIPTION = ("Loads a Wan 2.1 diffusion model (T2V/I2V, InfiniteTalk, MultiTalk, HuMo) from any bf16/fp16/fp8/"
-                   "fp8-scaled file, quantizing while it streams weights from disk.")
+                   "fp8-scaled/nvfp4 file or a GGUF (city96 Q2_K..Q8_0), quantizing while it streams weights from disk.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -60,7 +50,8 @@ class WanTalkModelLoader:
             "required": {
                 "model": (host.model_files("diffusion_models"), {
                     "tooltip": "Wan 2.1 diffusion model from models/diffusion_models (a combined InfiniteTalk or HuMo "
-                               "file works too). bf16, fp16, fp8 and fp8-scaled files are recognised automatically."}),
+                               "file works too). bf16, fp16, fp8, fp8-scaled, nvfp4 and GGUF files (city96's Q2_K to "
+                               "Q8_0) are recognised automatically; GGUF weights stay in their blocks (file-sized)."}),
                 "base_precision": (list(BASE_DTYPES), {
                     "default": "bf16",
                     "tooltip": "Precision of the layers that are not quantized and of the matmuls of non-fast modes. "
@@ -70,7 +61,8 @@ class WanTalkModelLoader:
                     "tooltip": "How linear weights are stored. fp8_e4m3fn_scaled: half the memory of bf16 with "
                                "per-channel scales (best quality of the fp8 modes). _fast: fp8 matmuls on RTX 40xx / "
                                "H100 and newer. fp4: a quarter of bf16, works on any CUDA GPU; fp4_scaled_fast "
-                               "adds fp8 matmuls (RTX 40xx / H100) or native FP4 matmuls (Blackwell)."}),
+                               "adds fp8 matmuls (RTX 40xx / H100) or native FP4 matmuls (Blackwell). GGUF files: "
+                               "'disabled' keeps their blocks; only Q8_0 files take an fp8/fp4 mode."}),
                 "attention_mode": (list(ATTENTION_MODES), {
                     "default": "auto",
                     "tooltip": "Attention kernel. auto picks the fastest kernel that is correct for each shape on "
@@ -102,6 +94,11 @@ class WanTalkModelLoader:
             },
         }
 
+    def __init__(self):
+        # The model this node last loaded with unmerged LoRAs, by its load settings (weakly held: ComfyUI decides
+        # its lifetime), so a strength change re-uses it instead of reloading.
+        self._unmerged = (None, lambda: None)
+
     RETURN_TYPES = (MODEL_TYPE, "STRING")
     RETURN_NAMES = ("model", "quantization_report")
     OUTPUT_TOOLTIPS = ("The loaded Wan model for the wantalk sampler.",
@@ -132,7 +129,8 @@ class WanTalkModelLoader:
         device = host.torch_device() if load_device == "main_device" else host.offload_device()
         settings = (path, base_precision, quantization, attention_mode, str(device), tuple(extra), params_to_keep,
                     tuple(p for p, _ in loras))
-        reused = _last_unmerged.get(settings, lambda: None)() if lora_mode == "unmerged" and loras else None
+        cached_settings, cached = self._unmerged
+        reused = cached() if lora_mode == "unmerged" and loras and cached_settings == settings else None
         if reused is not None:
             try:
                 for index, (_, strength) in enumerate(loras):
@@ -142,18 +140,18 @@ class WanTalkModelLoader:
                 log.info("wantalk: reloading instead of changing LoRA strengths: %s", exc)
         if device.type == "cuda":
             try:
-                host.free_memory(expected_model_bytes([path, *extra], quantization), device)
+                host.free_memory(expected_model_bytes([path, *extra], quantization, BASE_DTYPES[base_precision],
+                                                      params_to_keep), device)
             except ValueError:
                 pass  # an unreadable file is reported by the loader below, with its reason
         try:
             wan = load_wan_model(path, device=device, base_dtype=BASE_DTYPES[base_precision],
                                  quantization=quantization, attention_mode=attention_mode,
                                  params_to_keep=params_to_keep, extra_weights=tuple(extra),
-                                 loras=loras if lora_mode == "merge" else ())
+                                 loras=loras if lora_mode == "merge" else (), compute_device=host.torch_device())
             if loras and lora_mode == "unmerged":
                 attach_unmerged_loras(wan, loras)
-                _last_unmerged.clear()
-                _last_unmerged[settings] = weakref.ref(wan)
+                self._unmerged = (settings, weakref.ref(wan))
         except LoraError as exc:
             raise NodeInputError(node, "lora_mode" if isinstance(exc, LoraModeError) else "lora", str(exc)) from None
         except ValueError as exc:

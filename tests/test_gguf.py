@@ -271,3 +271,22 @@ def test_unknown_quant_type_is_refused(tmp_path, rng):
     writer.close()
     with pytest.raises(CheckpointError, match="IQ4_NL.*blocks.0.ffn.0.weight.*Supported: F32"):
         load_wan_model(path)
+
+
+def test_loader_node_lists_and_loads_a_gguf_with_its_planned_bytes(tmp_path, rng, monkeypatch):
+    from wantalk import host, nodes_model_loading
+    monkeypatch.setattr(host, "_FALLBACK_ROOT", str(tmp_path))
+    (tmp_path / "diffusion_models").mkdir()
+    _, sd = tiny_wan(TINY_I2V, rng)
+    path = str(tmp_path / "diffusion_models" / "wan-Q4_K.gguf")
+    write_city96_gguf(path, sd, "Q4_K")
+    node = nodes_model_loading.WanTalkModelLoader
+    assert "wan-Q4_K.gguf" in node.INPUT_TYPES()["required"]["model"][0]
+    model, report = node().load("wan-Q4_K.gguf", "bf16", "disabled", "auto", "offload_device")
+    layers = _gguf_layers(model)
+    assert report.startswith(f"disabled: {len(layers)} linear layers quantized") and len(layers) == 2 * 12
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert nodes_model_loading.expected_model_bytes([path], "disabled") == held
+    assert model.layer_plan["blocks.0.ffn.0"] == model.layer_plan["blocks.1.self_attn.q"]
+    assert model.layer_plan["blocks.0.ffn.0"].storage == "Q4_K" and model.layer_plan["head.head"].storage == "dense"
+    assert model.source_paths == (path,)

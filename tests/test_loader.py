@@ -191,3 +191,18 @@ def test_unknown_modes_are_refused(tmp_path, tiny):
         load_wan_model(path, quantization="int3")
     with pytest.raises(ValueError, match="attention_mode"):
         load_wan_model(path, attention_mode="xformers")
+
+
+def test_load_wan_returns_a_handle_with_plan_report_and_sources(tmp_path, rng):
+    from wantalk.wanvideo.loader import load_wan
+    from tiny_models import make_tiny_lora
+    _, sd = tiny_wan(TINY_I2V, rng)
+    path = save_state_dict(sd, str(tmp_path / "wan.safetensors"))
+    lora = make_tiny_lora(str(tmp_path / "l.safetensors"), sd, rng)
+    handle = load_wan(path, quantization="fp8_e4m3fn_scaled", loras=[(lora, 0.5)], base_dtype=torch.float32)
+    assert handle.config == handle.model.cfg and handle.addon is None
+    assert handle.sources == (("model", path), ("lora", lora)) and handle.loras == ((lora, 0.5),)
+    planned = {n for n, e in handle.plan.items() if e.quantized}
+    assert planned == set(handle.report.quantized) and all(e.storage == "float8_e4m3fn" and e.origin == "load"
+                                                           for n, e in handle.plan.items() if n in planned)
+    assert handle.plan["head.head"].storage == "dense" and handle.plan["head.head"].compute == "dense matmul"
