@@ -7,7 +7,9 @@ The model is assembled from the official key listing (real shapes) through the p
     python bench/forward.py --listing keys_infinitetalk.txt --gguf Q4_K   # city96-layout GGUF blocks
 """
 import argparse
+import re
 import time
+from collections import defaultdict
 
 import torch
 
@@ -28,6 +30,87 @@ def random_fetch(shapes, device, dtype, generator):
     return fetch
 
 
+KERNEL_CATEGORIES = (   # first match wins; the rest is "elementwise and other"
+    ("attention", re.compile(r"attn|attention|fmha|sdpa|flash", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|xmma|matmul|cutlass|wgmma|tensorop|scaled_mm", re.I)),
+    ("quantize", re.compile(r"quantize", re.I)),
+)
+
+
+def category(kernel_name: str) -> str:
+    return next((name for name, pattern in KERNEL_CATEGORIES if pattern.search(kernel_name)), "elementwise/other")
+
+
+def device_intervals(prof):
+    """(name, start us, end us) of every GPU kernel and memcpy/memset the profiler recorded."""
+    from torch.autograd import DeviceType
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == DeviceType.CUDA]
+
+
+def profile_summary(intervals) -> dict:
+    """GPU time per kernel category, and the host gaps: the span from the first kernel's start to the last one's
+    end minus the time some kernel ran (the GPU waiting on Python/launches)."""
+    per_category, per_kernel = defaultdict(float), defaultdict(float)
+    busy, cursor = 0.0, None
+    for name, start, end in sorted(intervals, key=lambda i: i[1]):
+        per_category[category(name)] += end - start
+        per_kernel[name] += end - start
+        if cursor is None or start > cursor:
+            busy += end - start
+            cursor = end
+        elif end > cursor:
+            busy += end - cursor
+            cursor = end
+    span = max(i[2] for i in intervals) - min(i[1] for i in intervals) if intervals else 0.0
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    return {"span_ms": round(span / 1e3, 2), "gpu_busy_ms": round(busy / 1e3, 2),
+            "host_gaps_ms": round((span - busy) / 1e3, 2), "kernels": len(intervals),
+            "by_category_ms": {k: round(v / 1e3, 2) for k, v in sorted(per_category.items())},
+            "top_kernels_ms": [(name[:120], round(t / 1e3, 2)) for name, t in top]}
+
+
+def profiled(fn) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    intervals = device_intervals(prof)
+    if intervals:
+        return profile_summary(intervals)
+    per_category = defaultdict(float)   # no device events in this torch: totals only, no timeline
+    for avg in prof.key_averages():
+        per_category[category(avg.key)] += avg.self_device_time_total / 1e3
+    return {"by_category_ms": {k: round(v, 2) for k, v in per_category.items()}, "note": "no device timeline"}
+
+
+def host_cost(model, cfg, device, repeats: int = 10) -> dict:
+    """Wall time of a forward at a tiny size (2 latent frames at 16x16: 128 tokens), where the GPU work is
+    negligible: the host's cost per forward and per block (dispatch, launches, Python)."""
+    lat_f, lat_h, lat_w = 2, 16, 16
+    x = torch.randn(1, 16, lat_f, lat_h, lat_w, device=device)
+    y = torch.randn(1, cfg.in_dim - 16, lat_f, lat_h, lat_w, device=device) if cfg.in_dim > 16 else None
+    ctx = torch.randn(1, 512, cfg.text_dim, device=device)
+    clip = torch.randn(1, 257, cfg.clip_dim, device=device) if cfg.image_branch else None
+    audio = cfg.audio.random_conditioning(model, lat_f, device) if cfg.audio is not None else None
+    t = torch.tensor([700.0], device=device)
+    run = lambda: model.forward_batched(x, t, ctx, clip, y, audio=audio)
+    with torch.no_grad():
+        run()
+        torch.cuda.synchronize()
+        walls = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - start)
+    wall = sorted(walls)[len(walls) // 2]
+    gpu = profiled(run)
+    return {"tokens": lat_f * lat_h * lat_w // 4, "wall_ms": round(wall * 1e3, 2),
+            "per_block_ms": round(wall * 1e3 / len(model.blocks), 3), "gpu_busy_ms": gpu.get("gpu_busy_ms"),
+            "kernels": gpu.get("kernels")}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--listing", default="keys_i2v14b.txt")
@@ -39,9 +122,12 @@ def main():
     p.add_argument("--attention", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--speakers", type=int, default=1, help="InfiniteTalk: 1 or 2 speakers")
-    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU time by kernel category and host gaps of one forward per attention mode")
+    p.add_argument("--host-cost", action="store_true", help="host time per forward and per block at 128 tokens")
     p.add_argument("--compare-attention", default=None,
-                   help="also time the same forward with this attention mode; report the output's relative difference")
+                   help="comma-separated attention modes: also time the forward with each; report the output's "
+                        "relative difference to the --attention forward")
     args = p.parse_args()
     import_pack()
     from wantalk.wanvideo.loader import assemble_model
@@ -75,23 +161,23 @@ def main():
     with torch.no_grad():
         times = cuda_time(lambda: model.forward_batched(x, t, ctx, clip, y, audio=audio), 1, args.repeats)
     tokens = lat_f * (lat_h // 2) * (lat_w // 2)
-    comparison = {}
+    forward = lambda policy=None: model.forward_batched(x, t, ctx, clip, y, audio=audio, attention_policy=policy)
+    comparisons, profiles = {}, {}
+    if args.profile:
+        profiles[args.attention] = profiled(forward)
     if args.compare_attention:
         with torch.no_grad():
-            reference = model.forward_batched(x, t, ctx, clip, y, audio=audio)
-            model.set_attention_mode(args.compare_attention)
-            other_times = cuda_time(lambda: model.forward_batched(x, t, ctx, clip, y, audio=audio), 1, args.repeats)
-            other = model.forward_batched(x, t, ctx, clip, y, audio=audio)
-            model.set_attention_mode(args.attention)
-        comparison = {"compare_attention": args.compare_attention,
-                      "compare_seconds_per_forward": sorted(other_times)[len(other_times) // 2],
-                      "output_rel_diff": ((other - reference).norm() / reference.norm()).item()}
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model.forward_batched(x, t, ctx, clip, y, audio=audio)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+            reference = forward()
+            for mode in args.compare_attention.split(","):
+                other_times = cuda_time(lambda: forward(mode), 1, args.repeats)
+                other = forward(mode)
+                comparisons[mode] = {"seconds_per_forward": sorted(other_times)[len(other_times) // 2],
+                                     "output_rel_diff": ((other - reference).norm() / reference.norm()).item()}
+                del other
+                if args.profile:
+                    profiles[mode] = profiled(lambda: forward(mode))
+    for mode, summary in profiles.items():
+        print(f"profile {args.quantization} {mode}: {summary}")
     write_result("forward", {
         "bench": "forward", "listing": args.listing, "addon": model.addon_name, "quantization": args.quantization,
         "gguf": args.gguf,
@@ -99,7 +185,8 @@ def main():
         "seconds_per_forward": sorted(times)[len(times) // 2], "all_seconds": times,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "weights_gib": weights_gib, "build_s": build_s,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        **comparison})
+        "compare": comparisons, "profiles": profiles,
+        "host_cost": host_cost(model, cfg, device) if args.host_cost else None})
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ signature, and the next kernel serves. Any other exception is a bug and reaches 
 Policy (why `auto` is what it is):
 - `auto` and `sdpa` use exact kernels only. Quantized kernels (`sageattn*`, the pack's own `int8_triton`) are
   an explicit choice: their error (1-4% relative) is a quality trade the user makes, not a dispatch detail.
-- On sm90/sm100 FlashAttention-4, when installed, serves long key lengths (H200: 1.13-1.18x cuDNN from 8,190
-  keys; slower than cuDNN for <= 512 keys, so `auto` hands those on: `auto_from_kv_len` of its contract).
+- On sm90/sm100 FlashAttention-4, when installed, serves long key lengths (H200: 1.01x cuDNN at 4,096 keys,
+  1.19x at 32,760; slower below, so `auto` hands shorter ones on: `auto_from_kv_len` of its contract).
 - Then cuDNN SDPA (H100, Wan shapes: 590 TFLOP/s against 353 for SDPA-flash), but only for calls without masks
   and without GQA, where it has no known wrong-result reports; key lengths (`k_lens`) are applied by slicing
   the batch into runs of equal length, so those calls stay unmasked. Masked calls go to flash-free backends

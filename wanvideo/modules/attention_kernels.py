@@ -287,7 +287,8 @@ def _fa4_unavailable():
 
 
 # FlashAttention-4 JIT-compiles one kernel per family (dtype, head dim, q heads per k/v head, device) on its first
-# call in a process (H200: about 2 s); later calls of the family, any sequence length, run at once.
+# call in a process (H200: 1.8-2.8 s, the package import included); later calls of the family, any sequence length,
+# run at once (0.5-5 ms first calls measured).
 _fa4_compiled: set[tuple] = set()
 
 
@@ -360,10 +361,11 @@ CONTRACTS: dict[str, Contract] = {
     # FlashAttention-4 (`flash-attn-4` 4.0.0b36, CuTe DSL, KERNELS.md 9.1): q, k, v [B, L, H, D] fp16/bf16, last
     # dim contiguous, base pointer and strides 16-byte aligned (else it copies them itself: we copy once instead),
     # GQA, any scale, no masks here (its mask_mod is not used). Head dims 8..256 on sm90 but 8..128 on sm100: 128
-    # is the common limit. FP8 inputs only on sm100, never fed. H200 (KERNELS.md 9): 1.13-1.18x cuDNN for self-
-    # attention from 8,190 tokens, 0.56-0.86x for <= 512 keys, hence `auto` keeps cuDNN below `auto_from_kv_len`.
+    # is the common limit. FP8 inputs only on sm100, never fed. H200, bf16, H40 D128 (docs/BENCHMARKS.md, issue 16):
+    # self-attention 1.01x cuDNN at 4,096 tokens, 1.08x at 8,190, 1.19x at 32,760; 0.79x at 2,048; 32,760 queries
+    # over 1,024 / 2,048 / 4,096 keys 0.80x / 0.91x / 1.00x; <= 512 keys 0.58-0.86x. Hence `auto` from 4,096 keys.
     "flash_attn_4": Contract(layout="NHD", dtypes=HALF, max_head_dim=128, head_dim_multiple=8, gqa=True,
-                             max_numel=2 ** 31, capabilities=((9, 0), (10, 0), (10, 3)), auto_from_kv_len=2048),
+                             max_numel=2 ** 31, capabilities=((9, 0), (10, 0), (10, 3)), auto_from_kv_len=4096),
     # PyPI sageattention <= 1.0.6 (Triton): wrong unless Lk % 64 == 0; `k -= km` in place; D in {64, 96, 128};
     # GQA not claimed by that release.
     "sageattn_legacy": Contract(**{**_SAGE_COMMON, "gqa": False}, head_dims=(64, 96, 128), pads_head_dim=True,
