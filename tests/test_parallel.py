@@ -67,8 +67,8 @@ def pack3():
     yield from _pack(["cpu"] * 3)
 
 
-def infinitetalk_run(model, speakers):
-    f, h, w = GRID
+def infinitetalk_run(model, speakers, grid=GRID):
+    f, h, w = grid
     acfg = model.cfg.audio
     frames = 4 * (f - 1) + 1
     windows = torch.randn(speakers, frames, acfg.audio_window, acfg.audio_layers, acfg.audio_channels)
@@ -78,8 +78,8 @@ def infinitetalk_run(model, speakers):
     return cond, Guidance("infinitetalk", text_scale=5.0, audio_scale=4.0)
 
 
-def humo_run(model, _speakers=1):
-    f, h, w = GRID
+def humo_run(model, _speakers=1, grid=GRID):
+    f, h, w = grid
     windows = torch.randn(f, HUMO.window, HUMO.bands, HUMO.audio_channels)
     cond = Conditioning(torch.randn(1, 7, CFG.text_dim), torch.randn(1, 5, CFG.text_dim), None,
                         torch.randn(1, 20, f, h, w), torch.randn(1, 20, f, h, w),
@@ -96,10 +96,10 @@ def sample(model, cond, plan, noise, steps=2, **kw):
         return denoise(model, noise, make_scheduler("euler", steps, 1.0), cond, plan, **kw)
 
 
-def check_frames(models, pack, kind, layout, speakers=1):
+def check_frames(models, pack, kind, layout, speakers=1, grid=GRID):
     tiny = models[kind]
-    cond, plan = RUNS[kind](tiny.model, speakers)
-    noise = torch.randn(1, 16, *GRID)
+    cond, plan = RUNS[kind](tiny.model, speakers, grid)
+    noise = torch.randn(1, 16, *grid)
     expected = sample(tiny.model, cond, plan, noise)
     pack.configure(layout, tiny.recipe)
     got = sample(ParallelModel(tiny.model, lambda: pack), cond, plan, noise)
@@ -140,6 +140,11 @@ def test_two_processes_give_the_frames_of_one(models, pack2, kind, speakers, lay
 @pytest.mark.parametrize("layout", [Layout(1, 3), Layout(3, 1)], ids=["sequence3", "guidance3"])
 def test_three_processes_give_the_frames_of_one(models, pack3, kind, speakers, layout):
     check_frames(models, pack3, kind, layout, speakers)
+
+
+def test_first_frame_spread_over_slices(models, pack3):
+    """Two speakers with 2 latent frames on 3 ranks: 10 tokens a slice, the reference frame has 15."""
+    check_frames(models, pack3, "infinitetalk", Layout(1, 3), speakers=2, grid=(2, 6, 10))
 
 
 def test_guidance_and_sequence_combine(models):

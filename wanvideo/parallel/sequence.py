@@ -84,11 +84,15 @@ class SequenceShard:
         return out.permute(1, 2, 0, 3, 4).reshape(b, n, h, d)
 
     def reference_keys(self, k: torch.Tensor) -> torch.Tensor:
-        """The keys of the first latent frame `[B, h*w, H, D]` (two-speaker reference map), on every rank."""
+        """The keys of the first latent frame `[B, h*w, H, D]` (two-speaker reference map), on every rank: sent by
+        the first rank when its slice holds the whole frame, else gathered from the slices."""
         frame_tokens = self.grid[1] * self.grid[2]
-        head = k[:, :min(self.local, frame_tokens)].contiguous()
-        pieces = [torch.empty_like(head) for _ in range(self.size)]
-        dist.all_gather(pieces, head, group=self.group)
+        if frame_tokens <= self.local:
+            first = k[:, :frame_tokens].clone()  # received in place on the other ranks: never a view of k
+            dist.broadcast(first, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+            return first
+        pieces = [torch.empty_like(k) for _ in range(self.size)]
+        dist.all_gather(pieces, k.contiguous(), group=self.group)
         return torch.cat(pieces, dim=1)[:, :frame_tokens]
 
     def extrema(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
