@@ -252,10 +252,17 @@ def main(argv):
     p.add_argument("--device", default=None, help="cpu implies --tiny")
     p.add_argument("--budget-s", type=float, default=390, help="wall time for the whole sweep")
     p.add_argument("--parts", default=",".join(PARTS), help="allocators to sweep: " + ", ".join(PARTS))
+    p.add_argument("--modes", default=None, help="only these quantizations (fp4,fp8)")
+    p.add_argument("--frames", default=None, help="only these frame counts, e.g. 33,161")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)   # a child process: one allocator
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     tiny = args.tiny or args.device == "cpu"
+    for name, (_, _, grid) in PARTS.items():
+        if args.modes:
+            grid["modes"] = tuple(m for m in grid["modes"] if m in args.modes.split(","))
+        if args.frames:
+            grid["frames"] = tuple(int(f) for f in args.frames.split(","))
     if args.part:
         for row in run_part(args.part, args.deadline, tiny):
             print("RESULT " + json.dumps(row), flush=True)
@@ -267,7 +274,7 @@ def main(argv):
     for name in parts:
         conf, share, _ = PARTS[name]
         spent += share / shares
-        deadline = start + spent * args.budget_s - 25  # the last case and the teardown
+        deadline = start + spent * args.budget_s - 10  # the last case and the teardown
         env = dict(os.environ)
         env.pop("PYTORCH_ALLOC_CONF", None)
         if conf is None:
@@ -275,6 +282,7 @@ def main(argv):
         else:
             env["PYTORCH_CUDA_ALLOC_CONF"] = conf
         cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--deadline", str(deadline)]
+        cmd += [f"--{opt}={value}" for opt, value in (("modes", args.modes), ("frames", args.frames)) if value]
         if tiny:
             cmd.append("--tiny")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
