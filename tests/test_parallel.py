@@ -160,6 +160,9 @@ def test_interrupt_stops_every_worker_and_the_pack_stays(models, pack2):
     pack2.configure(Layout(1, 2), tiny.recipe)
     pack2.ensure_ready()
     pids = pack2.pids()
+    for pid in pids:  # NCCL multicast stays off in every worker
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        assert b"NCCL_NVLS_ENABLE=0" in environ and b"TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in environ
 
     class Cancelled(Exception):
         pass
