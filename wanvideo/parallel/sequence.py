@@ -89,7 +89,8 @@ class SequenceShard:
         frame_tokens = self.grid[1] * self.grid[2]
         if frame_tokens <= self.local:
             first = k[:, :frame_tokens].clone()  # received in place on the other ranks: never a view of k
-            dist.broadcast(first, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+            dist.broadcast(first, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
+                           group=self.group)
             return first
         pieces = [torch.empty_like(k) for _ in range(self.size)]
         dist.all_gather(pieces, k.contiguous(), group=self.group)
