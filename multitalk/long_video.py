@@ -36,7 +36,8 @@ from ..wanvideo.resume import WindowStore, model_identity, run_key, vae_identity
 from ..wanvideo.sampling import Conditioning, Guidance, i2v_mask
 from ..wanvideo.schedulers import make_scheduler
 from ..wanvideo.windows import (Continuation, NoiseProvider, SeededNoise, VaeCalls, Window, WindowGeometry,
-                                run_windows, to_uint8, video_to_unit, window_starts)
+                                run_windows, to_uint8, video_to_unit)
+from ..wanvideo.windows import window_starts  # noqa: F401  (the sampler node counts windows with it)
 from .color_match import match_colors
 from .conditioning import audio_conditioning, zero_audio_conditioning
 

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from wantalk.multitalk.long_video import (CONTINUATIONS, LongVideoSettings, TalkAudio, generate_long_video,
-                                          reference_frame_index)
+from wantalk.multitalk.long_video import CONTINUATIONS, LongVideoSettings, generate_long_video, reference_frame_index
 from wantalk.wanvideo.sampling import Conditioning
 from wantalk.wanvideo.windows import WindowGeometry
-from tiny_models import tiny_infinitetalk, tiny_vae
+from talk_inputs import stand_in_clip, talk_inputs, tiny_talk_parts
 
 # 13-frame windows, 5 motion frames: windows start every 8 frames; 29 frames = windows at 0, 8, 16
 SETTINGS = LongVideoSettings(frame_window=13, motion_frames=5, steps=2, shift=7.0, text_scale=2.0, audio_scale=3.0,
@@ -19,19 +18,11 @@ SETTINGS = LongVideoSettings(frame_window=13, motion_frames=5, steps=2, shift=7.
 
 @pytest.fixture(scope="module")
 def parts():
-    g = torch.Generator().manual_seed(4)
-    model, _ = tiny_infinitetalk(g)
-    vae, _ = tiny_vae(g)
-    return model, vae
+    return tiny_talk_parts(4)
 
 
 def _inputs(frames, rng, video_frames=1):
-    video = torch.rand(video_frames, 3, 32, 32, generator=rng) * 2 - 1
-    audio = TalkAudio([torch.randn(frames, 2, 16, generator=rng)])
-    text = Conditioning(torch.randn(1, 5, 64, generator=rng), torch.randn(1, 3, 64, generator=rng),
-                        torch.randn(1, 257, 32, generator=rng))
-    projection = torch.randn(3, 257 * 32, generator=rng)
-    return video, audio, text, lambda frame: (frame.mean((1, 2)) @ projection).reshape(1, 257, 32)
+    return (*talk_inputs(frames, rng, video_frames), stand_in_clip(rng))
 
 
 def test_reference_frame_index_is_the_frame_shown_at_the_window_start():

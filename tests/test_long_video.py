@@ -4,11 +4,10 @@ frames in `y`, their latents injected noised at the scheduler's sigma, CLIP from
 import pytest
 import torch
 
-from wantalk.multitalk.long_video import (CONTINUATIONS, LongVideoSettings, NoisedMotion, TalkAudio, extend_audio,
+from wantalk.multitalk.long_video import (CONTINUATIONS, LongVideoSettings, NoisedMotion, extend_audio,
                                           frame_windows, generate_long_video, motion_mask, window_starts)
-from wantalk.wanvideo.sampling import Conditioning
 from wantalk.wanvideo.schedulers import make_scheduler
-from tiny_models import tiny_infinitetalk, tiny_vae
+from talk_inputs import talk_inputs, tiny_talk_parts
 
 SETTINGS = LongVideoSettings(frame_window=9, motion_frames=5, steps=2, shift=7.0, text_scale=2.0, audio_scale=3.0,
                              seed=7, color_correction=0.5)
@@ -40,18 +39,10 @@ def test_frame_windows_clamp_at_both_ends():
 
 @pytest.fixture(scope="module")
 def parts():
-    g = torch.Generator().manual_seed(3)
-    model, _ = tiny_infinitetalk(g)
-    vae, _ = tiny_vae(g)
-    return model, vae
+    return tiny_talk_parts(3)
 
 
-def _inputs(frames: int, rng):
-    image = torch.rand(3, 32, 32, generator=rng) * 2 - 1
-    audio = TalkAudio([torch.randn(frames, 2, 16, generator=rng)])
-    text = Conditioning(torch.randn(1, 5, 64, generator=rng), torch.randn(1, 3, 64, generator=rng),
-                        torch.randn(1, 257, 32, generator=rng))
-    return image, audio, text
+_inputs = talk_inputs
 
 
 def test_three_windows_match_the_audio_length_and_overlap(parts, rng):

@@ -19,7 +19,7 @@ from wantalk.multitalk.color_match import match_colors
 from wantalk.multitalk.conditioning import audio_conditioning, zero_audio_conditioning
 from wantalk.multitalk.long_video import LongVideoSettings, TalkAudio, generate_long_video
 from wantalk.wanvideo.sampling import Conditioning
-from tiny_models import tiny_infinitetalk, tiny_vae
+from talk_inputs import stand_in_clip, tiny_talk_parts
 
 FRAME_NUM, MOTION_FRAME, STEPS, SHIFT = 9, 5, 2, 7.0
 TEXT_SCALE, AUDIO_SCALE, COLOUR = 2.0, 3.0, 0.5
@@ -27,10 +27,7 @@ TEXT_SCALE, AUDIO_SCALE, COLOUR = 2.0, 3.0, 0.5
 
 @pytest.fixture(scope="module")
 def parts():
-    g = torch.Generator().manual_seed(11)
-    model, _ = tiny_infinitetalk(g)
-    vae, _ = tiny_vae(g)
-    return model, vae
+    return tiny_talk_parts(11)
 
 
 def official_times(steps, shift):
@@ -137,11 +134,7 @@ def test_loop_matches_the_official_loop(parts, rng, condition, count, fps):
     video = [torch.rand(3, 32, 32, generator=rng) * 2 - 1 for _ in range(count)]
     audio = torch.randn(frames, 2, 16, generator=rng)
     text = Conditioning(torch.randn(1, 5, 64, generator=rng), torch.randn(1, 3, 64, generator=rng))
-    projection = torch.randn(3, 257 * 32, generator=rng)
-
-    def encode_clip(frame):
-        return (frame.mean((1, 2)) @ projection).reshape(1, 257, 32)
-
+    encode_clip = stand_in_clip(rng)
     noises = [torch.randn(1, 16, 3, 4, 4, generator=rng) for _ in range(3)]
     settings = LongVideoSettings(frame_window=FRAME_NUM, motion_frames=MOTION_FRAME, steps=STEPS, shift=SHIFT,
                                  text_scale=TEXT_SCALE, audio_scale=AUDIO_SCALE, color_correction=COLOUR)

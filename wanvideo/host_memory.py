@@ -9,7 +9,6 @@ that fits.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 from .memory_plan import GIB, MemoryPlanError
