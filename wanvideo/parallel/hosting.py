@@ -4,12 +4,9 @@ stand-in model the samplers drive."""
 from __future__ import annotations
 
 import atexit
-import logging
 
 from .layout import Layout
 from .pack import WorkerPack
-
-log = logging.getLogger("wantalk")
 
 _live: dict[tuple, WorkerPack] = {}
 

@@ -2,8 +2,8 @@
 runs the guidance passes the sampler process sends, until told to exit.
 
 Requests arrive on a private socket (`messages` bytes). A step request carries the latent, the timestep, the pass
-arguments by reference (tensors and conditioning are sent once per window and cached here) and which passes this
-rank's guidance group runs. SIGUSR1 asks for a stop: every block boundary checks it (ranks of a sequence group
+arguments by reference (tensors and conditioning are sent once per window and cached here) and which passes each
+guidance group runs. SIGUSR1 asks for a stop: every block boundary checks it (ranks of a sequence group
 agree through one all-reduce), so an interrupt ends the current forward within one block.
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ from . import messages
 from .layout import Layout
 from .sequence import SequenceParallel
 
-log = logging.getLogger("wantalk")
 
 
 class Stopped(Exception):
