@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from wantalk.multitalk.long_video import (CONTINUATIONS, LongVideoSettings, NoisedMotion, extend_audio,
-                                          frame_windows, generate_long_video, motion_mask, window_starts)
+                                          frame_windows, generate_long_video, motion_mask)
 from wantalk.wanvideo.schedulers import make_scheduler
+from wantalk.wanvideo.windows import window_starts
 from talk_inputs import talk_inputs, tiny_talk_parts
 
 SETTINGS = LongVideoSettings(frame_window=9, motion_frames=5, steps=2, shift=7.0, text_scale=2.0, audio_scale=3.0,
