@@ -290,3 +290,17 @@ def test_loader_node_lists_and_loads_a_gguf_with_its_planned_bytes(tmp_path, rng
     assert model.layer_plan["blocks.0.ffn.0"] == model.layer_plan["blocks.1.self_attn.q"]
     assert model.layer_plan["blocks.0.ffn.0"].storage == "Q4_K" and model.layer_plan["head.head"].storage == "dense"
     assert model.source_paths == (path,)
+
+
+def test_nan_block_scale_is_refused_naming_the_tensor(tmp_path, rng):
+    """Issue 15.1 for GGUF: the blocks are bytes (no float check sees them); a NaN scale made every weight of its
+    block NaN, and the video black, with no error."""
+    _, sd = tiny_wan(TINY_I2V, rng)
+    path = str(tmp_path / "m.gguf")
+    write_city96_gguf(path, sd, "Q4_K")
+    target = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blocks.1.ffn.2.weight")
+    with open(path, "r+b") as f:
+        f.seek(target.data_offset + 144 * 3)  # the 4th block's d
+        f.write(np.array([np.nan], dtype=np.float16).tobytes())
+    with pytest.raises(CheckpointError, match=r"'blocks.1.ffn.2.weight' \(Q4_K\) has 1 non-finite"):
+        load_wan_model(path)

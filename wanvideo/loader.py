@@ -295,7 +295,8 @@ def materialise(planned: LoadPlan, *, device="cpu", base_dtype=torch.bfloat16, a
         tensor, aux = planned.fetch(key)
         tensor = checked_tensor(tensor, key, source, device)  # on the load device: one reduction per tensor
         aux = {name: checked_tensor(value, f"{key} ({name})", source) for name, value in aux.items()}
-        tensor, aux = _transformed(key, tensor, aux, shape, weight_transforms, device)
+        tensor, aux = _transformed(key, tensor, aux, shape, weight_transforms, device,
+                                   planned.plan.get(key.removesuffix(".weight")))
         policy.load_param(model, key, tensor, aux=aux, device=device, base_dtype=base_dtype)
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if leftover:
@@ -322,8 +323,10 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
                        weight_transforms=weight_transforms)
 
 
-def _transformed(key: str, tensor: torch.Tensor, aux: dict, shape: tuple[int, ...], transforms, device):
-    """Apply the weight transforms that touch `key` (logical `shape`), on `device`, in float32."""
+def _transformed(key: str, tensor: torch.Tensor, aux: dict, shape: tuple[int, ...], transforms, device,
+                 planned: policy.LayerPlan | None = None):
+    """Apply the weight transforms that touch `key` (logical `shape`, its layer `planned`), on `device`, in
+    float32."""
     for transform in transforms:
         targets = getattr(transform, "targets", None)
         if targets is not None and key not in targets:
@@ -331,7 +334,7 @@ def _transformed(key: str, tensor: torch.Tensor, aux: dict, shape: tuple[int, ..
         stored = policy.decode_stored(key, tensor.to(device), {k: v.to(device) for k, v in aux.items()}, shape)
         out = transform(key, stored.dense(shape, torch.float32))
         if out is not None:
-            tensor, aux = policy.restored(stored, out)
+            tensor, aux = policy.restored(out, planned)
     return tensor, aux
 
 

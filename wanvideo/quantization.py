@@ -363,7 +363,12 @@ def decode_stored(name: str, tensor: torch.Tensor, aux: dict[str, torch.Tensor],
     """Recognise how checkpoint weight `name` is stored (KJ `scale_weight`, ComfyUI `comfy_quant`, GGUF blocks,
     plain)."""
     if TYPE_MARKER in aux:
-        return Stored("gguf", tensor, qtype=marker_qtype(aux))
+        qtype = marker_qtype(aux)
+        bad = gguf_dequant.nonfinite_scales(tensor, qtype)
+        if bad:
+            raise CheckpointError(f"GGUF tensor '{name}' ({qtype}) has {bad} non-finite (NaN/inf) block scales: its "
+                                  f"weights would be NaN and the video black. The file is damaged; download it again.")
+        return Stored("gguf", tensor, qtype=qtype)
     if "comfy_quant" in aux:
         fmt = comfy_quant_config(name, aux["comfy_quant"])["format"]
         if fmt in COMFY_FP8_FORMATS:
@@ -394,11 +399,11 @@ def merged_storage(stored: dict[str, str], changed: Iterable[str]) -> dict[str, 
     return out
 
 
-def restored(original: Stored, changed: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A weight changed at load (a merged LoRA) as it streams on: GGUF-quantized linears go back into blocks
-    (Q8_0: finer than any type they came in, about half the bytes of bf16) so a LoRA does not turn a 4-bit model
-    into a bf16 one; every other weight stays dense (the mode quantizes it next)."""
-    if original.fmt == "gguf":
+def restored(changed: torch.Tensor, planned: LayerPlan | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A weight changed at load (a merged LoRA) as it streams on: into `MERGED_GGUF` blocks when its layer is
+    planned so (a GGUF layer: finer than any type it came in, about half the bytes of bf16, so a LoRA does not turn
+    a 4-bit model into a bf16 one); dense otherwise (the planned layer quantizes it next)."""
+    if planned is not None and planned.storage == MERGED_GGUF:
         return gguf_dequant.quantize_q8_0(changed), {TYPE_MARKER: torch.tensor(SUPPORTED_TYPES.index(MERGED_GGUF))}
     return changed, {}
 

@@ -180,6 +180,12 @@ def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(n, -1)
 
 
+def nonfinite_scales(data: torch.Tensor, qtype: str) -> int:
+    """How many fp16 block scales of a GGUF tensor are NaN/inf (a few bytes per block are read)."""
+    blocks = data.reshape(-1, BLOCK_FORMATS[qtype][1])
+    return sum(int((~torch.isfinite(_f16(blocks, offset))).sum()) for offset in FP16_FIELDS[qtype])
+
+
 def random_blocks(qtype: str, n: int, amp: float, generator: torch.Generator, device="cpu") -> torch.Tensor:
     """`n` blocks of random codes and sub-scales whose weights are about `amp` in size (finite fp16 scales):
     stand-ins for quantized weights in tests and benches (llama.cpp's K-quant search has no Python port)."""
