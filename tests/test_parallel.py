@@ -213,3 +213,18 @@ def test_head_count_not_divisible_is_a_clear_error(pack3, tmp_path):
     pack3.configure(Layout(1, 3), tiny.recipe)
     with pytest.raises(WorkerFailed, match="head count divisible by 3"):
         sample(ParallelModel(tiny.model, lambda: pack3), cond, plan, torch.randn(1, 16, *GRID), steps=1)
+
+
+def test_bench_script_runs_on_cpu(tmp_path):
+    """bench/parallel.py --tiny (the H200 timing script at a tiny size, gloo): one worker vs 2 sequence ranks."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "WANTALK_BENCH_DIR": str(tmp_path), "OUT": str(tmp_path)}
+    run = subprocess.run([sys.executable, os.path.join(root, "bench", "parallel.py"), "--tiny", "--gpus", "cpu,cpu",
+                          "--layouts", "1x1,1x2", "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "parallel.json")]
+    assert [r["layout"] for r in rows] == ["1x1", "1x2"]
+    assert rows[1]["latent_rel_err_vs_baseline"] <= BOUND and rows[1]["seconds_per_step"] > 0
