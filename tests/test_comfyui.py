@@ -1,108 +1,71 @@
-"""The pack inside a real ComfyUI: registration, clean import, example workflows.
+"""The pack inside a real ComfyUI: registration, clean import, the example workflows run through /prompt on tiny
+weights, each shipped API file is the real frontend's conversion of its UI file, and the template browser lists
+exactly the UI workflows, each with its thumbnail, each opening with all its nodes.
 
-These tests need a ComfyUI source tree (COMFYUI_DIR) and its venv (COMFY_PYTHON); CI has neither,
-so they skip there. They drive one headless server on 127.0.0.1 through the shared tools
-(start_comfy.sh, stop_comfy.sh, run_prompt.py, ui_to_api.py); see docs/COMFYUI.md in the shared
-folder for how to build the tree and venv.
+Set COMFYUI_DIR to a ComfyUI source folder to run them (tests/comfy_server.py says which interpreter runs the
+server); without it they skip. The frontend tests need Chromium (tests/comfy_frontend.py) and skip without it.
 """
 from __future__ import annotations
 
-import glob
-import importlib
 import json
 import os
-import re
-import shutil
-import socket
+import struct
 import subprocess
-import sys
-import urllib.request
 
 import pytest
 
 import wantalk
+import tiny_models
+from comfy_frontend import Browser, Frontend, find_chromium
+from comfy_server import PACK_NAME, ComfyServer, comfyui_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("WANTALK_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
-TOOLS = os.path.join(SHARED, "tools")
-PACK_NAME = "wantalk"  # the folder name users clone into custom_nodes/, hence the module name
 PACK_MODULE = f"custom_nodes.{PACK_NAME}"
 WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")
-API_WORKFLOWS = sorted(glob.glob(os.path.join(WORKFLOW_DIR, "api", "*_api.json")))
-UI_WORKFLOWS = sorted(glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
-NO_WORKFLOWS = "no example workflows yet"
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".gif", ".webp")
-# Frontend-only node types: they never reach the server, so /object_info does not list them.
-FRONTEND_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+UI_NAMES = sorted(f[:-5] for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json"))
+API_DIR = os.path.join(WORKFLOW_DIR, "api")
+API_NAMES = sorted(f[:-len("_api.json")] for f in os.listdir(API_DIR) if f.endswith("_api.json"))
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov")
 PROMPT_TIMEOUT_S = 600
 
 pytestmark = [
     pytest.mark.comfyui,
-    pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR not set: real-ComfyUI tests skipped"),
+    pytest.mark.skipif(not comfyui_dir(), reason="COMFYUI_DIR not set: real-ComfyUI tests skipped"),
 ]
 
 
-def _tool(name: str) -> str:
-    path = os.path.join(TOOLS, name)
-    if not os.path.exists(path):
-        pytest.skip(f"ComfyUI test tools not found at {TOOLS} (set WANTALK_SHARED)")
-    return path
+def _read(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
-def _comfy_python() -> str:
-    return os.environ.get("COMFY_PYTHON") or sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.load(response)
-
-
-def _server_log(run_dir: str) -> str:
-    """server.log without ANSI colour codes."""
-    with open(os.path.join(run_dir, "server.log"), encoding="utf-8", errors="replace") as f:
-        return re.sub(r"\x1b\[[0-9;]*m", "", f.read())
-
-
-def _param_or_none(paths: list[str]):
-    """One test per workflow file; a single placeholder (which skips) when there are none."""
-    return pytest.mark.parametrize("workflow", paths or [None], ids=[os.path.basename(p) for p in paths] or ["none"])
+def _api_file(name: str) -> str:
+    return os.path.join(API_DIR, f"{name}_api.json")
 
 
 @pytest.fixture(scope="module")
-def comfy_server(tmp_path_factory):
-    """One ComfyUI with the pack as custom_nodes/wantalk; yields (base URL, run dir); always stopped."""
-    start, stop = _tool("start_comfy.sh"), _tool("stop_comfy.sh")
-    run_dir = os.path.realpath(tmp_path_factory.mktemp("comfy-run"))
-    port = _free_port()
-    env = dict(os.environ, COMFY_PYTHON=_comfy_python(), PACK_NAME=PACK_NAME,
-               COMFY_EXTRA_ARGS="--cache-none --disable-api-nodes")
-    try:
-        started = subprocess.run([start, ROOT, str(port), run_dir], env=env, capture_output=True, text=True)
-        if started.returncode != 0:
-            pytest.fail(f"ComfyUI did not start (exit {started.returncode}):\n{started.stderr[-4000:]}")
-        yield f"http://127.0.0.1:{port}", run_dir
-    finally:
-        if os.path.exists(os.path.join(run_dir, "server.pid")):
-            subprocess.run([stop, run_dir], capture_output=True, text=True)
+def server(tmp_path_factory):
+    """One ComfyUI (CPU) with the pack as custom_nodes/wantalk in a fresh base directory; always stopped."""
+    with ComfyServer(comfyui_dir(), ROOT, base_dir=str(tmp_path_factory.mktemp("comfy-base"))) as running:
+        yield running
 
 
-def test_every_node_is_registered_with_tooltips(comfy_server):
-    base_url, _ = comfy_server
+@pytest.fixture(scope="module")
+def frontend(server):
+    chromium = find_chromium()
+    if not chromium:
+        pytest.skip("Chromium not found (apt-get install -y chromium, or set CHROMIUM): frontend tests skipped")
+    with Browser(chromium) as browser:
+        yield Frontend(browser, server.url)
+
+
+def test_every_node_is_registered_with_tooltips(server):
     expected = set(wantalk.NODE_CLASS_MAPPINGS)
-    if not expected:
-        pytest.skip("the pack's NODE_CLASS_MAPPINGS is empty: no nodes to check yet")
-    object_info = _get_json(f"{base_url}/object_info")
+    object_info = server.get("/object_info")
     registered = {name for name, info in object_info.items() if info.get("python_module") == PACK_MODULE}
     assert registered == expected, (
         f"nodes with python_module {PACK_MODULE}: missing {sorted(expected - registered)}, "
-        f"unexpected {sorted(registered - expected)}")
+        f"unexpected {sorted(registered - expected)}\n{server.log()[-4000:]}")
     untipped = []
     for name in sorted(expected):
         inputs = object_info[name].get("input", {})
@@ -114,11 +77,10 @@ def test_every_node_is_registered_with_tooltips(comfy_server):
     assert not untipped, f"inputs without a tooltip: {untipped}"
 
 
-def test_pack_imports_cleanly(comfy_server):
-    _, run_dir = comfy_server
-    log = _server_log(run_dir)
-    pack_dir = os.path.join(run_dir, "custom_nodes", PACK_NAME)
-    loaded = re.search(r"[\d.]+ seconds: " + re.escape(pack_dir) + r"\s*$", log, re.MULTILINE)
+def test_pack_imports_cleanly(server):
+    log = server.log()
+    pack_dir = server.pack_path()
+    loaded = [line for line in log.splitlines() if line.rstrip().endswith(f"seconds: {pack_dir}")]
     failures = [line for line in log.splitlines()
                 if ("IMPORT FAILED" in line or "Cannot import" in line) and PACK_NAME in line]
     pack_frames = [line for line in log.splitlines()
@@ -128,16 +90,6 @@ def test_pack_imports_cleanly(comfy_server):
     assert loaded, f"the pack is not listed as imported ({pack_dir}); server log tail:\n{log[-4000:]}"
 
 
-def _tiny_model_maker():
-    try:
-        tiny_models = importlib.import_module("tiny_models")
-    except ImportError as exc:
-        pytest.skip(f"tests/tiny_models.py is not importable ({exc}): cannot place tiny models")
-    if not hasattr(tiny_models, "make_tiny_models"):
-        pytest.skip("tests/tiny_models.py has no make_tiny_models(models_dir) yet: cannot place tiny models")
-    return tiny_models
-
-
 # ComfyUI's CLIPLoader (type wan) and CLIPVisionLoader build fixed full-size umT5-XXL / ViT-H models, so no tiny
 # file can stand in for them: on tiny weights their nodes are replaced by the pack's Load Embeddings node
 # reading stand-in embeddings at the tiny model's sizes (outputs: positive, negative, clip_vision_output).
@@ -145,9 +97,9 @@ ENCODER_NODES = {"CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader", "CLIPVision
 STAND_IN_SLOTS = {"positive": 0, "negative": 1, "clip_vision_output": 2}
 STAND_IN_EMBEDDINGS = "wantalk_tiny.safetensors"
 # Real-size settings that would take hours on a CPU with tiny weights (832x480, 40 steps) -> tiny ones.
-TINY_SETTINGS = {"WanTalkInfiniteTalkSampler": {"width": 64, "height": 48, "steps": 2, "frame_window": 17,
-                                                "motion_frames": 5},
-                 "WanTalkVAELoader": {"precision": "fp32"}}
+TINY_SAMPLING = {"width": 64, "height": 48, "steps": 2, "frame_window": 17, "motion_frames": 5}
+TINY_SETTINGS = {"WanTalkInfiniteTalkSampler": TINY_SAMPLING, "WanTalkHuMoSampler": TINY_SAMPLING,
+                 "WanTalkVAELoader": {"precision": "fp32"}, "WanTalkWhisperLoader": {"precision": "fp32"}}
 # Nodes that need a CUDA GPU: on a CPU server (start_comfy.sh's default --cpu) each is bypassed, its consumers
 # getting the source of the named input instead (node type -> pass-through input).
 CUDA_ONLY_NODES = {"WanTalkBlockSwap": "model"}
@@ -188,73 +140,60 @@ def _tiny_api_graph(api: dict, real_to_tiny: dict, cpu_server: bool) -> tuple[di
     return api, changes
 
 
-@_param_or_none(API_WORKFLOWS)
-def test_api_workflow_runs_and_writes_a_video(workflow, request, tmp_path):
-    if workflow is None:
-        pytest.skip(NO_WORKFLOWS)
-    tiny_models = _tiny_model_maker()
-    base_url, run_dir = request.getfixturevalue("comfy_server")
-    real_to_tiny = tiny_models.make_tiny_models(os.path.join(run_dir, "models")) or {}
-    if hasattr(tiny_models, "make_tiny_inputs"):  # images/audio the workflows load from input/
-        tiny_models.make_tiny_inputs(os.path.join(run_dir, "input"))
-    if hasattr(tiny_models, "make_tiny_embeddings"):  # stand-in text/CLIP embeddings for Load Embeddings
-        tiny_models.make_tiny_embeddings(os.path.join(run_dir, "output", "wantalk_embeddings", STAND_IN_EMBEDDINGS))
-    devices = _get_json(f"{base_url}/system_stats").get("devices", [])
-    cpu_server = all(device.get("type") == "cpu" for device in devices)
-    with open(workflow, encoding="utf-8") as f:
-        api, changes = _tiny_api_graph(json.load(f), real_to_tiny, cpu_server)
-    print(f"{os.path.basename(workflow)} on tiny weights, changed:\n  " + "\n  ".join(changes or ["nothing"]))
-    tiny_workflow = tmp_path / "tiny_api.json"
-    tiny_workflow.write_text(json.dumps(api), encoding="utf-8")
-    saved_dir = tmp_path / "outputs"
-    result = subprocess.run(
-        [_comfy_python(), _tool("run_prompt.py"), base_url, str(tiny_workflow), "--save-outputs", str(saved_dir),
-         "--timeout", str(PROMPT_TIMEOUT_S), "--quiet"],
-        capture_output=True, text=True)
-    report = json.loads(result.stdout) if result.stdout.strip().startswith("{") else {}
-    assert result.returncode == 0 and report.get("status") == "success", (
-        f"run_prompt.py exit {result.returncode}\nreport: {json.dumps(report, indent=1)[:6000]}\n"
-        f"stderr: {result.stderr[-3000:]}")
-    videos = [f for f in report.get("files", []) if f.lower().endswith(VIDEO_EXTENSIONS) and os.path.getsize(f) > 0]
-    assert videos, f"no video among the outputs: {report.get('outputs')}"
-    if any(node["class_type"] == "CreateVideo" and "audio" in node["inputs"] for node in api.values()):
-        streams = subprocess.run([_comfy_python(), "-c", STREAM_KINDS, videos[0]], capture_output=True, text=True)
-        assert streams.stdout.split() == ["audio", "video"], f"{videos[0]}: streams {streams.stdout} {streams.stderr}"
+@pytest.mark.parametrize("name", API_NAMES)
+def test_api_workflow_runs_on_tiny_weights_and_writes_a_video_with_sound(name, server):
+    real_to_tiny = tiny_models.make_tiny_models(os.path.join(server.base_dir, "models"))
+    tiny_models.make_tiny_inputs(os.path.join(server.base_dir, "input"))
+    tiny_models.make_tiny_embeddings(os.path.join(server.base_dir, "output", "wantalk_embeddings",
+                                                  STAND_IN_EMBEDDINGS))
+    cpu_server = all(device.get("type") == "cpu" for device in server.get("/system_stats").get("devices", []))
+    api, changes = _tiny_api_graph(_read(_api_file(name)), real_to_tiny, cpu_server)
+    print(f"{name} on tiny weights, changed:\n  " + "\n  ".join(changes))
+    entry = server.run_prompt(api, timeout=PROMPT_TIMEOUT_S)
+    videos = [f for f in server.output_files(entry) if f.lower().endswith(VIDEO_EXTENSIONS)]
+    assert videos and os.path.getsize(videos[0]) > 0, f"no video among the outputs: {entry.get('outputs')}"
+    streams = subprocess.run([server.python, "-c", STREAM_KINDS, videos[0]], capture_output=True, text=True)
+    assert streams.stdout.split() == ["audio", "video"], f"{videos[0]}: streams {streams.stdout} {streams.stderr}"
 
 
-# Stream kinds of a video file, read with PyAV in ComfyUI's venv (ComfyUI's video nodes need it there).
+# Stream kinds of a video file, read with PyAV in the server's interpreter (ComfyUI's video nodes need it there).
 STREAM_KINDS = "import av, sys; print(*sorted({s.type for s in av.open(sys.argv[1]).streams}))"
 
 
-def _ui_node_types(ui_workflow: dict) -> set[str]:
-    """Node types a UI workflow uses (subgraph contents included, subgraph instances excluded)."""
-    subgraphs = (ui_workflow.get("definitions") or {}).get("subgraphs") or []
-    nodes = list(ui_workflow.get("nodes", []))
-    for subgraph in subgraphs:
-        nodes += subgraph.get("nodes", [])
-    subgraph_ids = {s.get("id") for s in subgraphs}
-    return {n["type"] for n in nodes if n.get("type") not in subgraph_ids} - FRONTEND_ONLY_TYPES
+@pytest.mark.parametrize("name", UI_NAMES)
+def test_api_file_is_the_frontends_conversion_of_the_ui_file(name, frontend):
+    converted = frontend.to_api(_read(os.path.join(WORKFLOW_DIR, f"{name}.json")))
+    shipped = _read(_api_file(name))
+    differing = {key: {"frontend": converted.get(key), "shipped": shipped.get(key)}
+                 for key in sorted(set(converted) | set(shipped), key=int) if converted.get(key) != shipped.get(key)}
+    assert not differing, (f"api/{name}_api.json is not the frontend's conversion of {name}.json (run python "
+                           f"example_workflows/build_workflows.py):\n{json.dumps(differing, indent=1)[:6000]}")
 
 
-@_param_or_none(UI_WORKFLOWS)
-def test_ui_workflow_converts_in_the_real_frontend(workflow, request, tmp_path):
-    if workflow is None:
-        pytest.skip(NO_WORKFLOWS)
-    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium")
-    if not chromium:
-        pytest.skip("chromium not found (apt-get install -y chromium, or set CHROMIUM): UI conversion skipped")
-    base_url, _ = request.getfixturevalue("comfy_server")
-    known = set(_get_json(f"{base_url}/object_info"))
-    with open(workflow, encoding="utf-8") as f:
-        missing = _ui_node_types(json.load(f)) - known
-    assert not missing, f"{os.path.basename(workflow)} uses node types the server does not have: {sorted(missing)}"
-    api_path = tmp_path / "workflow_api.json"
-    result = subprocess.run(
-        [_comfy_python(), _tool("ui_to_api.py"), base_url, workflow, str(api_path), "--chromium", chromium],
-        capture_output=True, text=True)
-    assert result.returncode == 0, f"ui_to_api.py exit {result.returncode}:\n{result.stderr[-3000:]}"
-    with open(api_path, encoding="utf-8") as f:
-        api = json.load(f)
-    assert api, "the frontend produced an empty API graph"
-    unknown = {node["class_type"] for node in api.values()} - known
-    assert not unknown, f"the converted graph has node types the server does not have: {sorted(unknown)}"
+def _jpeg_size(path: str) -> tuple[int, int]:
+    """(width, height) from a JPEG's start-of-frame segment."""
+    with open(path, "rb") as f:
+        data = f.read()
+    i = 2
+    while i < len(data):
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2):
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return width, height
+        i += 2 + length
+    raise ValueError(f"{path}: no JPEG frame header")
+
+
+def test_template_browser_lists_exactly_the_ui_workflows(server, frontend):
+    """The server's listing and the browser's cards: the UI workflows, none of the API files."""
+    assert sorted(server.get("/api/workflow_templates").get(PACK_NAME, [])) == UI_NAMES
+    assert frontend.template_cards(PACK_NAME) == UI_NAMES
+
+
+@pytest.mark.parametrize("name", UI_NAMES)
+def test_template_card_shows_its_thumbnail_and_opens_with_all_nodes(name, frontend):
+    ui = _read(os.path.join(WORKFLOW_DIR, f"{name}.json"))
+    thumbnail = frontend.template_thumbnail_size(PACK_NAME, name)
+    assert thumbnail == _jpeg_size(os.path.join(WORKFLOW_DIR, f"{name}.jpg")), (
+        f"the card of {name} does not show {name}.jpg (image size {thumbnail})")
+    assert frontend.open_template(PACK_NAME, name) == sorted(node["type"] for node in ui["nodes"])
