@@ -1,22 +1,24 @@
 """InfiniteTalk nodes: the VAE loader, precomputed text/CLIP embeddings, and the long-video sampler.
 
-The sampler is a thin shell over `multitalk.long_video.generate_long_video`: it fits the start image (and the
-speaker masks) to the requested size, bridges ComfyUI's CONDITIONING / CLIP_VISION_OUTPUT into our
-`Conditioning`, reports progress and honours Cancel, and returns IMAGE frames plus the matching AUDIO and fps
-for ComfyUI's Create Video -> Save Video.
+The sampler is a thin shell over `multitalk.long_video.generate_long_video`: it takes one image or a video to dub
+(fitted, frame by frame as the engine reads them, to the official size bucket or a custom size, with the speaker
+masks), optionally an earlier sampler's video to continue, bridges ComfyUI's CONDITIONING / CLIP_VISION_OUTPUT /
+CLIP_VISION into our `Conditioning` and the official CLIP input, reports progress and honours Cancel, and returns
+IMAGE frames plus the matching AUDIO and fps for ComfyUI's Create Video -> Save Video.
 """
 from __future__ import annotations
 
-import math
+import hashlib
 import os
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import host, validation
+from .multitalk.buckets import CUSTOM, SIZES, closest_bucket, fit_frames
+from .multitalk.clip_input import encode_official
 from .multitalk.conditioning import speaker_masks
-from .multitalk.long_video import CONTINUATIONS, LongVideoSettings, generate_long_video, window_starts
+from .multitalk.long_video import CONTINUATIONS, LongVideoSettings, generate_long_video
 from .nodes_audio import AUDIO_EMBEDS_TYPE, FPS, SAMPLES_PER_FRAME, AudioEmbeds
 from .nodes_common import (CATEGORY, MAX_FRAMES_INPUT, MODEL_TYPE, SAVE_WINDOWS_INPUT, SEED_INPUT, NodeInputError,
                            VideoSamplerNode)
@@ -24,6 +26,7 @@ from .nodes_lowvram import compute_device_for
 from .wanvideo.sampling import Conditioning
 from .wanvideo.schedulers import SCHEDULERS
 from .wanvideo.vae import load_wan_vae
+from .wanvideo.windows import WindowGeometry
 
 VAE_TYPE = "WANTALK_VAE"
 VAE_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,18 +47,40 @@ class ClipVisionEmbeds:
 
 # ---- plain helpers --------------------------------------------------------------------------------------------
 
-def resize_center_crop(x: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
-    """`[C, h, w]` scaled so that it covers `height` x `width`, then centre-cropped (the official
-    resize_and_centercrop; bilinear with antialiasing like PIL, or nearest for masks)."""
-    h, w = x.shape[-2:]
-    scale = max(height / h, width / w)
-    size = (max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale)))
-    if mode == "bilinear":
-        x = F.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+def conditioning_video(node: str, name: str, video) -> torch.Tensor:
+    """The conditioning frames as one IMAGE batch `[F, H, W, 3]` in 0..1: an IMAGE (one picture or a video's
+    frames), or a list of IMAGEs / frames, which must share one size."""
+    if isinstance(video, (list, tuple)):
+        if not video:
+            raise NodeInputError(node, name, "is an empty list of frames; connect an image or a video's frames "
+                                 "(Load Video -> Get Video Components).")
+        parts = [validation.image(node, name, part[None] if isinstance(part, torch.Tensor) and part.dim() == 3
+                                  else part) for part in video]
+        for index, part in enumerate(parts):
+            if part.shape[1:3] != parts[0].shape[1:3]:
+                raise NodeInputError(node, name, f"frame {index} is {part.shape[2]}x{part.shape[1]} but frame 0 is "
+                                     f"{parts[0].shape[2]}x{parts[0].shape[1]}; a video's frames must share one size "
+                                     f"(resize them to one size first).")
+        video = torch.cat(parts)
     else:
-        x = F.interpolate(x[None].float(), size=size, mode="nearest")[0]
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    return x[:, top:top + height, left:left + width]
+        video = validation.image(node, name, video)
+    validation.small_picture(node, name, video)
+    return video[..., :3]
+
+
+class FittedFrames:
+    """The conditioning video at the video size, a frame at a time: frame i is resized and centre-cropped (the
+    official way) when the window engine reads it, in [-1, 1] `[3, H, W]`, so a long video is not copied whole."""
+
+    def __init__(self, video: torch.Tensor, height: int, width: int):
+        self.video, self.height, self.width = video, height, width
+
+    def __len__(self) -> int:
+        return self.video.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        frame = self.video[index].permute(2, 0, 1)[None].float().cpu()
+        return fit_frames(frame, self.height, self.width)[0] * 2 - 1
 
 
 def first_tensor(conditioning, node: str, name: str) -> torch.Tensor:
@@ -238,13 +263,18 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
                 "positive": ("CONDITIONING", {"tooltip": "Prompt from CLIP Text Encode with umT5-XXL (Load CLIP, "
                                               "type 'wan'), e.g. 'a woman is talking'."}),
                 "negative": ("CONDITIONING", {"tooltip": "Negative prompt (used when text_scale is not 1)."}),
-                "start_image": ("IMAGE", {"tooltip": "The person (or two people) to animate; the first frame of "
-                                          "the video. Resized to cover width x height and centre-cropped."}),
+                "start_image": ("IMAGE", {"tooltip": "The person (or two people) to animate: one image "
+                                          "(image-to-video), or a video's frames to dub (Load Video -> Get Video "
+                                          "Components, or any IMAGE batch). Each window is conditioned on the "
+                                          "video frame at its start time; the audio sets the length: a shorter "
+                                          "video holds its last frame, a longer one is cut. Resized to cover the "
+                                          "video size and centre-cropped."}),
                 "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16,
-                                  "tooltip": "Video width, a multiple of 16. InfiniteTalk is trained at 480p "
+                                  "tooltip": "Video width, a multiple of 16 (size 'custom' only; the "
+                                             "infinitetalk sizes pick it). InfiniteTalk is trained at 480p "
                                              "(832x480, 480x832, 640x640)."}),
                 "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
-                                   "tooltip": "Video height, a multiple of 16."}),
+                                   "tooltip": "Video height, a multiple of 16 (size 'custom' only)."}),
                 "steps": ("INT", {"default": 40, "min": 1, "max": 200,
                                   "tooltip": "Denoising steps per window (official: 40; 4-8 with a distill LoRA)."}),
                 "shift": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1,
@@ -273,8 +303,10 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
             },
             "optional": {
                 "clip_vision_output": ("CLIP_VISION_OUTPUT", {
-                    "tooltip": "CLIP Vision Encode of the start image (clip_vision_h.safetensors, crop 'center'). "
-                               "The official pipeline always uses it."}),
+                    "tooltip": "Precomputed CLIP features of a single start image (CLIP Vision Encode, or Load "
+                               "Embeddings). Prefer clip_vision: the sampler then encodes what the official code "
+                               "encodes (the cropped frame, whole, at 224). Used instead of clip_vision for one "
+                               "image; for a video every window would keep these features."}),
                 "continuation": (list(CONTINUATIONS), {
                     "default": "infinitetalk",
                     "tooltip": "How each window continues the last one. infinitetalk (official InfiniteTalk): the "
@@ -284,37 +316,73 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
                                "(freer motion, more drift); connect clip_vision to re-encode each window's last "
                                "frame as the official does, else the start image's CLIP features are kept."}),
                 "clip_vision": ("CLIP_VISION", {
-                    "tooltip": "Only for continuation 'multitalk': the CLIP vision model (Load CLIP Vision, "
-                               "clip_vision_h) to encode the last motion frame of each window."}),
+                    "tooltip": "The CLIP vision model (Load CLIP Vision, clip_vision_h.safetensors). The sampler "
+                               "encodes the official CLIP input itself: the start image cropped to the video "
+                               "size, or, dubbing, each window's video frame; multitalk: each window's last motion "
+                               "frame."}),
+                "size": (list(SIZES), {
+                    "default": CUSTOM,
+                    "tooltip": "infinitetalk-480 / infinitetalk-720: the official size buckets, the one closest to "
+                               "the start image's aspect ratio (e.g. 896x448 for 16:9 at 480; official shift 7 at "
+                               "480, 11 at 720). custom: width x height."}),
+                "video_fps": ("FLOAT", {
+                    "default": 25.0, "min": 0.01, "max": 1000.0, "step": 0.001,
+                    "tooltip": "Frame rate of start_image when it is a video (Get Video Components' fps); frames "
+                               "are matched to the 25 fps output by time. Ignored for one image."}),
+                "previous_frames": ("IMAGE", {
+                    "tooltip": "Continue an earlier sampler's video (its images output, same size): its last "
+                               "motion_frames frames start the first window. audio_embeds must then cover the "
+                               "earlier video too (Audio Concat of the earlier and the new audio); only the new "
+                               "frames and their audio are output: join them with Image Batch and Audio Concat."}),
+                "apg": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Adaptive projected guidance (official --use_apg, momentum -0.75, norm threshold "
+                               "55): steadier guidance at high text/audio scales. Off as in the official "
+                               "default."}),
             },
         }
 
 
     def sample(self, model, vae, audio_embeds, positive, negative, start_image, width, height, steps, shift,
                scheduler, text_scale, audio_scale, seed, frame_window, motion_frames, color_correction, max_frames,
-               save_windows, clip_vision_output=None, continuation="infinitetalk", clip_vision=None):
+               save_windows, clip_vision_output=None, continuation="infinitetalk", clip_vision=None, size=CUSTOM,
+               video_fps=25.0, previous_frames=None, apg=False):
         node = "InfiniteTalk Sampler"
         validation.widgets(node, self.INPUT_TYPES(), locals())
         validation.wan_model(node, "model", model, "infinitetalk")
         validation.wan_vae(node, "vae", vae)
         validation.of_type(node, "audio_embeds", audio_embeds, AudioEmbeds, "Audio Embeds (wantalk)")
+        video = conditioning_video(node, "start_image", start_image)
+        if size != CUSTOM:
+            height, width = closest_bucket(size, *video.shape[1:3])
         if width % 16 or height % 16:
             raise NodeInputError(node, "width/height", f"{width}x{height} is not a multiple of 16; use e.g. 832x480.")
         settings = LongVideoSettings(frame_window=frame_window, motion_frames=motion_frames, steps=steps,
                                      shift=shift, scheduler=scheduler, text_scale=text_scale, audio_scale=audio_scale,
                                      seed=seed, color_correction=color_correction, max_frames=max_frames,
-                                     continuation=continuation)
+                                     continuation=continuation, apg=apg)
         try:
             settings.validate()
         except ValueError as exc:
             raise NodeInputError(node, "frame_window/motion_frames/continuation", str(exc)) from None
+        if video.shape[0] > 1 and continuation != "infinitetalk":
+            raise NodeInputError(node, "continuation", "dubbing a video needs continuation 'infinitetalk' (multitalk "
+                                 "conditions each window on its own motion frames, not on the video).")
+        previous = self._previous(previous_frames, motion_frames, height, width, node)
         device = compute_device_for(model, node)
-        image = self._start_image(start_image, height, width, node)
+        frames = video[0].permute(2, 0, 1)[None].float().cpu() if video.shape[0] == 1 else None
+        frames = fit_frames(frames, height, width)[0] * 2 - 1 if frames is not None else FittedFrames(video, height,
+                                                                                                       width)
         talk = audio_embeds.talk
-        talk = type(talk)(talk.features, self._masks(talk, start_image, height, width, node))
+        talk = type(talk)(talk.features, self._masks(talk, video, height, width, node))
         text = conditioning_from(model, positive, negative, clip_vision_output, device, node)
+        encode_clip = self._clip_encoder(clip_vision, model, node)
+        if video.shape[0] > 1 and encode_clip is None and text.clip_fea is not None:
+            validation.warn(node, "dubbing with clip_vision_output but no clip_vision: every window keeps those CLIP "
+                            "features; connect clip_vision for the official per-window features.")
         total = min(talk.num_frames, max_frames) if max_frames > 0 else talk.num_frames
-        windows = len(window_starts(total, frame_window, motion_frames))
+        skip = 0 if previous is None else previous.shape[0]
+        windows = len(WindowGeometry(frame_window, motion_frames, total, skip).starts) if total > skip else 1
         bar = host.ProgressBar(windows * steps)
 
         def on_step(window, _windows, step, _steps):
@@ -324,55 +392,72 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
         def on_window(window, frames):
             bar.update((window + 1) * steps - bar.current, preview=preview_image(frames[-1]))
 
-        resume_dir = os.path.join(host.output_directory(), WINDOWS_FOLDER) if save_windows else None  # + run key
+        resume_dir = os.path.join(host.output_directory(), WINDOWS_FOLDER) if save_windows else None
+        run_identity = self._clip_identity(encode_clip, frames) if save_windows else ""
         try:
-            frames = generate_long_video(model, vae, image, talk, text, settings, resume_dir=resume_dir,
-                                         encode_clip=self._clip_encoder(clip_vision, model, node),
-                                         on_step=on_step, on_window=on_window)
+            out = generate_long_video(model, vae, frames, talk, text, settings, fps=video_fps,
+                                      previous_frames=previous, encode_clip=encode_clip, resume_dir=resume_dir,
+                                      run_identity=run_identity, on_step=on_step, on_window=on_window)
         except NodeInputError:
             raise
         except ValueError as exc:
             raise NodeInputError(node, "audio_embeds/model", str(exc)) from None
         finally:
             host.soft_empty_cache()
-        waveform = audio_embeds.audio["waveform"][..., :frames.shape[0] * SAMPLES_PER_FRAME]
+        waveform = audio_embeds.audio["waveform"][..., skip * SAMPLES_PER_FRAME:(skip + out.shape[0]) * SAMPLES_PER_FRAME]
         audio = {"waveform": waveform, "sample_rate": audio_embeds.audio["sample_rate"]}
-        return (frames, audio, float(FPS))
+        return (out, audio, float(FPS))
+
+    @staticmethod
+    def _previous(previous_frames, motion_frames: int, height: int, width: int, node: str):
+        """The earlier video to continue, checked: at least motion_frames frames of this sampler's size."""
+        if previous_frames is None:
+            return None
+        previous = validation.image(node, "previous_frames", previous_frames)[..., :3]
+        if previous.shape[0] < motion_frames:
+            raise NodeInputError(node, "previous_frames", f"has {previous.shape[0]} frames but continuing needs at "
+                                 f"least motion_frames = {motion_frames}; connect the whole earlier video or lower "
+                                 f"motion_frames.")
+        if tuple(previous.shape[1:3]) != (height, width):
+            raise NodeInputError(node, "previous_frames", f"is {previous.shape[2]}x{previous.shape[1]} but this "
+                                 f"sampler makes {width}x{height}; give both samplers the same size (and the same "
+                                 f"start image with an infinitetalk size).")
+        return previous
 
     @staticmethod
     def _clip_encoder(clip_vision, model, node: str):
-        """`[3, H, W]` frame in [-1, 1] -> CLIP features with ComfyUI's CLIP vision model (straight resize to its
-        input size, like the official encoder), or None without one."""
+        """`[3, H, W]` frame in [-1, 1] -> the official CLIP features with ComfyUI's CLIP vision model, or None."""
         if clip_vision is None:
             return None
 
         def encode(frame):
-            pixels = ((frame.permute(1, 2, 0)[None].float() + 1) / 2).clamp(0, 1)
-            features = clip_vision.encode_image(pixels, crop=False)["penultimate_hidden_states"][:1]
+            features = encode_official(clip_vision, frame)
             if not model.cfg.image_branch or features.shape[-1] != model.cfg.clip_dim:
                 raise NodeInputError(node, "clip_vision", f"CLIP features of width {features.shape[-1]} do not fit "
                                      f"this model; use clip_vision_h.safetensors with an I2V model.")
-            return features
+            return validation.finite(node, "clip_vision", features, "CLIP feature values")
         return encode
 
     @staticmethod
-    def _start_image(start_image: torch.Tensor, height: int, width: int, node: str) -> torch.Tensor:
-        picture = validation.single_image(node, "start_image", start_image)
-        picture = picture[0, :, :, :3].permute(2, 0, 1).float().cpu()
-        return resize_center_crop(picture, height, width).clamp(0, 1) * 2 - 1
+    def _clip_identity(encode_clip, frames) -> str:
+        """For the resume key: the CLIP model in use, seen through its features of the first frame."""
+        if encode_clip is None:
+            return ""
+        features = encode_clip(frames if isinstance(frames, torch.Tensor) else frames[0])
+        return "clip:" + hashlib.blake2b(features.float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
     @staticmethod
-    def _masks(talk, start_image: torch.Tensor, height: int, width: int, node: str) -> torch.Tensor | None:
-        """Speaker masks at the video size: the drawn ones, cropped like the image, or the official halves."""
+    def _masks(talk, video: torch.Tensor, height: int, width: int, node: str) -> torch.Tensor | None:
+        """Speaker masks at the video size: the drawn ones, cropped like the first frame, or the official halves."""
         if len(talk.features) < 2:
             return None
         if talk.masks is None:
             return speaker_masks(height, width)
-        if tuple(talk.masks.shape[-2:]) != tuple(start_image.shape[1:3]):
+        if tuple(talk.masks.shape[-2:]) != tuple(video.shape[1:3]):
             raise NodeInputError(node, "audio_embeds", f"the speaker masks are {tuple(talk.masks.shape[-2:])} but "
-                                 f"the start image is {tuple(start_image.shape[1:3])}; draw the masks on the start "
+                                 f"the start image is {tuple(video.shape[1:3])}; draw the masks on the start "
                                  f"image.")
-        return resize_center_crop(talk.masks, height, width, mode="nearest")
+        return fit_frames(talk.masks[None], height, width, mask=True)[0]
 
 
 NODE_CLASS_MAPPINGS = {

@@ -49,14 +49,14 @@ class FakeComfyClipVision:
     """ComfyUI's ClipVisionModel surface: image_size, patcher, load_device and model(pixel_values,
     intermediate_output) -> (last, penultimate, pooled, projected); encode_image preprocesses differently."""
 
-    def __init__(self, rng):
+    def __init__(self, rng, width: int = 8):
         self.image_size, self.patcher, self.load_device = 224, object(), torch.device("cpu")
-        self.projection = torch.randn(3, 257 * 8, generator=rng)
+        self.projection = torch.randn(3, 257 * width, generator=rng)
         self.seen = []
 
         def model(pixel_values, intermediate_output):
             self.seen.append((pixel_values, intermediate_output))
-            features = (pixel_values.mean((2, 3)) @ self.projection).reshape(-1, 257, 8)
+            features = (pixel_values.mean((2, 3)) @ self.projection).reshape(-1, 257, width)
             return features + 1, features, None, None
         self.model = model
 

@@ -12,9 +12,12 @@ from wantalk.multitalk.wav2vec2 import encode_for_infinitetalk
 from wantalk.nodes_audio import (AudioEmbeds, WanTalkAudioEmbeds, WanTalkAudioEncoderLoader, features_from_native,
                                  speaker_region_masks)
 from wantalk.nodes_infinitetalk import (ClipVisionEmbeds, WanTalkInfiniteTalkSampler, WanTalkLoadEmbeddings,
-                                        WanTalkSaveEmbeddings, preview_image, resize_center_crop)
+                                        WanTalkSaveEmbeddings, preview_image)
 from wantalk.nodes_model_loading import NodeInputError
+from wantalk.multitalk.buckets import fit_frames
+from wantalk.multitalk.clip_input import official_clip_pixels
 from wantalk.multitalk.long_video import TalkAudio
+from test_clip_input import FakeComfyClipVision
 from tiny_models import (TINY_FILES, TINY_I2V, save_state_dict, synth_speech, tiny_graph_infinitetalk_config,
                          tiny_infinitetalk, tiny_vae, tiny_wav2vec2)
 
@@ -135,14 +138,6 @@ def test_speaker_masks_from_one_or_two_drawn_masks():
         speaker_region_masks(torch.zeros(1, 6, 8), left)
 
 
-def test_resize_center_crop_keeps_the_middle(rng):
-    wide = torch.rand(3, 16, 32, generator=rng)
-    torch.testing.assert_close(resize_center_crop(wide, 16, 16), wide[:, :, 8:24])
-    tall = torch.rand(1, 40, 10, generator=rng)
-    out = resize_center_crop(tall, 10, 5, mode="nearest")      # scale 0.5, crop rows 5..14 of 20
-    torch.testing.assert_close(out, tall[:, ::2, ::2][:, 5:15])
-
-
 def test_embeddings_round_trip(folders, rng):
     pos, neg = torch.randn(1, 7, 64, generator=rng), torch.randn(1, 4, 64, generator=rng)
     clip = ClipVisionEmbeds(torch.randn(1, 257, 32, generator=rng))
@@ -241,34 +236,116 @@ def test_sampler_input_errors_name_the_input(parts, rng):
         sampler.sample(model, vae, embeds, positive, negative, image, **dict(SMALL, frame_window=10))
 
 
-class FakeClipVision:
-    """ComfyUI's CLIP_VISION interface: encode_image([B, H, W, 3] in [0, 1], crop) -> penultimate_hidden_states."""
-
-    def __init__(self, width, rng):
-        self.projection = torch.randn(3, 257 * width, generator=rng)
-        self.calls = []
-
-    def encode_image(self, image, crop=True):
-        self.calls.append((image.clone(), crop))
-        return {"penultimate_hidden_states": (image.mean((1, 2)) @ self.projection).reshape(1, 257, -1)}
-
-
 def test_multitalk_continuation_reencodes_the_last_frame_with_clip_vision(parts, rng):
     model, vae = parts
     embeds, positive, negative, image, clip = _graph_inputs(rng)       # windows at 0, 4, 8
     sampler = WanTalkInfiniteTalkSampler()
-    encoder = FakeClipVision(TINY_I2V.clip_dim, rng)
+    encoder = FakeComfyClipVision(rng, TINY_I2V.clip_dim)
     frames, _, _ = sampler.sample(model, vae, embeds, positive, negative, image, clip_vision_output=clip,
                                   continuation="multitalk", clip_vision=encoder, **SMALL)
     assert frames.shape == (15, 32, 32, 3)
-    assert [(tuple(i.shape), crop) for i, crop in encoder.calls] == [((1, 32, 32, 3), False)] * 2
-    last_of_window_0 = frames[8]                                       # window 1 continues from frames 4..8
-    assert torch.allclose(encoder.calls[0][0][0], last_of_window_0, atol=1e-6)
+    assert len(encoder.seen) == 2 and all(layer == -2 for _, layer in encoder.seen)
+    last_of_window_0 = frames[8].permute(2, 0, 1) * 2 - 1             # window 1 continues from frames 4..8
+    torch.testing.assert_close(encoder.seen[0][0], official_clip_pixels(last_of_window_0), atol=1e-5, rtol=0)
     infinitetalk, _, _ = sampler.sample(model, vae, embeds, positive, negative, image, clip_vision_output=clip,
                                         clip_vision=encoder, **SMALL)
-    assert len(encoder.calls) == 2 and not torch.equal(infinitetalk, frames)   # unused by infinitetalk
+    assert len(encoder.seen) == 2 and not torch.equal(infinitetalk, frames)   # precomputed features win
     with pytest.raises(NodeInputError, match="input 'clip_vision'"):
         sampler.sample(model, vae, embeds, positive, negative, image, clip_vision_output=clip,
-                       continuation="multitalk", clip_vision=FakeClipVision(TINY_I2V.clip_dim + 1, rng), **SMALL)
+                       continuation="multitalk", clip_vision=FakeComfyClipVision(rng, TINY_I2V.clip_dim + 1), **SMALL)
     with pytest.raises(NodeInputError, match="continuation"):
         sampler.sample(model, vae, embeds, positive, negative, image, continuation="loop", **SMALL)
+
+# ---- dubbing, chaining, size buckets ------------------------------------------------------------------------
+
+def _moving_video(rng, count, height=40, width=48):
+    """A video whose frames differ clearly: a bright bar that moves one step per frame over random texture."""
+    video = torch.rand(count, height, width, 3, generator=rng) * 0.5
+    for i in range(count):
+        video[i, :, (3 * i) % width] = 1.0
+    return video
+
+
+def test_one_frame_video_and_a_still_video_give_the_image_to_video_result(parts, rng):
+    model, vae = parts
+    embeds, positive, negative, image, clip = _graph_inputs(rng, frames=11)
+    sampler = WanTalkInfiniteTalkSampler()
+    still, _, _ = sampler.sample(model, vae, embeds, positive, negative, image, clip_vision_output=clip, **SMALL)
+    listed, _, _ = sampler.sample(model, vae, embeds, positive, negative, [image[0]], clip_vision_output=clip,
+                                  **SMALL)
+    held, _, _ = sampler.sample(model, vae, embeds, positive, negative, image.expand(6, -1, -1, -1),
+                                clip_vision_output=clip, video_fps=10.0, **SMALL)
+    assert torch.equal(still, listed) and torch.equal(still, held)
+
+
+def test_dubbing_conditions_each_window_on_the_video_frame_at_its_start_time(parts, rng):
+    model, vae = parts
+    embeds, positive, negative, _, _ = _graph_inputs(rng, frames=15)  # windows start at 0, 4, 8
+    video, fps = _moving_video(rng, 5), 12.5                            # 0.4 s: shorter than the 0.6 s audio
+    encoder = FakeComfyClipVision(rng, TINY_I2V.clip_dim)
+    frames, audio, _ = WanTalkInfiniteTalkSampler().sample(model, vae, embeds, positive, negative, video,
+                                                           clip_vision=encoder, video_fps=fps, **SMALL)
+    assert frames.shape == (15, 32, 32, 3) and audio["waveform"].shape[-1] == 15 * 640
+    # Independently: window start s (25 fps) shows the frame covering time s / 25, i.e. floor(s * 12.5 / 25);
+    # start 8 is at 0.32 s -> frame 4; the video's last frame (4) is held past its end.
+    expected = [0, 2, 4]
+    seen = [pixels for pixels, _ in encoder.seen]
+    assert len(seen) == len(expected)
+    fitted = [fit_frames(video[i].permute(2, 0, 1)[None], 32, 32)[0] * 2 - 1 for i in range(5)]
+    for pixels, index in zip(seen, expected):
+        torch.testing.assert_close(pixels, official_clip_pixels(fitted[index]), atol=1e-6, rtol=0)
+    still_first = WanTalkInfiniteTalkSampler().sample(model, vae, embeds, positive, negative, video[:1],
+                                                      clip_vision=encoder, **SMALL)[0]
+    assert not torch.equal(still_first, frames)                        # the later frames changed the video
+
+
+def test_chained_samplers_equal_one_sampler_on_the_whole_audio(parts, rng):
+    model, vae = parts
+    embeds, positive, negative, image, clip = _graph_inputs(rng, frames=19)   # windows at 0, 4, 8, 12
+    sampler = WanTalkInfiniteTalkSampler()
+    whole, whole_audio, _ = sampler.sample(model, vae, embeds, positive, negative, image, clip_vision_output=clip,
+                                           **SMALL)
+    first, first_audio, _ = sampler.sample(model, vae, embeds, positive, negative, image, clip_vision_output=clip,
+                                           **dict(SMALL, max_frames=9))
+    rest, rest_audio, _ = sampler.sample(model, vae, embeds, positive, negative, image, clip_vision_output=clip,
+                                         previous_frames=first, **SMALL)
+    assert first.shape[0] == 9 and rest.shape[0] == 10
+    assert torch.equal(torch.cat([first, rest]), whole)
+    torch.testing.assert_close(torch.cat([first_audio["waveform"], rest_audio["waveform"]], -1),
+                               whole_audio["waveform"])
+
+
+def test_size_bucket_follows_the_start_images_aspect_ratio(parts, rng, monkeypatch):
+    from wantalk.multitalk import buckets
+    model, vae = parts
+    monkeypatch.setitem(buckets.BUCKETS, "infinitetalk-480", {"0.50": (32, 64), "1.00": (48, 48), "2.00": (64, 32)})
+    embeds, positive, negative, _, clip = _graph_inputs(rng, frames=5)
+    tall = torch.rand(1, 70, 40, 3, generator=rng)                     # 1.75: the 2.00 bucket
+    frames, _, _ = WanTalkInfiniteTalkSampler().sample(model, vae, embeds, positive, negative, tall,
+                                                       clip_vision_output=clip, size="infinitetalk-480", **SMALL)
+    assert frames.shape == (5, 64, 32, 3)
+
+
+def test_dubbing_and_chaining_input_errors_name_the_input(parts, rng):
+    model, vae = parts
+    embeds, positive, negative, image, clip = _graph_inputs(rng, frames=9)
+    sampler = WanTalkInfiniteTalkSampler()
+
+    def run(**kw):
+        args = dict(dict(SMALL, start_image=image), **kw)
+        return sampler.sample(model, vae, embeds, positive, negative, **args)
+    with pytest.raises(NodeInputError, match="input 'start_image'.*empty"):
+        run(start_image=[])
+    with pytest.raises(NodeInputError, match="input 'start_image'.*empty"):
+        run(start_image=torch.zeros(0, 40, 48, 3))
+    with pytest.raises(NodeInputError, match="input 'start_image'.*frame 1 is 40x48 but frame 0 is 48x40"):
+        run(start_image=[image[0], torch.rand(48, 40, 3, generator=rng)])
+    for fps in (0.0, -25.0, float("nan")):
+        with pytest.raises(NodeInputError, match="input 'video_fps'"):
+            run(start_image=_moving_video(rng, 3), video_fps=fps)
+    with pytest.raises(NodeInputError, match="input 'previous_frames'.*4 frames.*motion_frames = 5"):
+        run(previous_frames=torch.rand(4, 32, 32, 3, generator=rng))
+    with pytest.raises(NodeInputError, match="input 'previous_frames'.*is 48x32 but this sampler makes 32x32"):
+        run(previous_frames=torch.rand(6, 32, 48, 3, generator=rng))
+    with pytest.raises(NodeInputError, match="input 'continuation'.*dubbing"):
+        run(start_image=_moving_video(rng, 3), continuation="multitalk")
