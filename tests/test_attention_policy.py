@@ -237,3 +237,25 @@ def test_fa4_refusal_falls_back_in_the_dispatch(sm90_chain, monkeypatch, rng, ca
     assert len(cudnn_calls) == 2
     assert all(rel_err(out, reference(q, k, v)) < TOL[torch.float16] for out in outs)
     assert sum("head dim not supported" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_unusable_packages_are_not_imported_for_calls_their_contract_refuses(sm90_chain, rng):
+    """The contract is checked before availability: a kernel that could not serve the call anyway never has its
+    (possibly slow, JIT-compiling) package imported."""
+    asked = []
+
+    def unavailable():
+        asked.append(1)
+        return "not installed"
+    fa4 = Kernel("flash_attn_4", on_cpu(FA4), kernels._flash_attn_4, unavailable)
+    cudnn, _ = stand_in("sdpa_cudnn", CONTRACTS["sdpa_cudnn"])
+    q, k, v = (torch.randn(1, n, 2, 64, generator=rng) for n in (8, 16, 16))   # float32: FA4's contract refuses
+    with stand_in_kernels(fa4, cudnn):
+        dispatch._unavailable.clear()
+        assert select_kernel(q, k, v) == "sdpa_native"
+    assert asked == []
+
+
+def test_cudnn_is_unavailable_on_rocm(monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    assert "cuDNN" in kernels._cudnn_unavailable()

@@ -275,7 +275,8 @@ def _candidates(mode: str, call: Call):
     named = _MODE_HEADS[mode]
     for position, name in enumerate(kernel_chain(mode, call.device_type, call.capability)):
         kernel = KERNELS[name]
-        reason = (_unavailable_reason(kernel) or kernel.contract.rejection(call)
+        # the contract first: it is cheap, and it spares importing a package that could not serve the call anyway
+        reason = (kernel.contract.rejection(call) or _unavailable_reason(kernel)
                   or _refused.get((name, call)))
         if reason is None and name not in named and min(call.kv_lens) < kernel.contract.auto_from_kv_len:
             reason = f"key length < {kernel.contract.auto_from_kv_len}: the next kernel is faster there"

@@ -244,6 +244,12 @@ def _sdpa_direct(op_name: str, with_bias: bool):
     return run
 
 
+def _cudnn_unavailable():
+    # ROCm builds have no cuDNN attention op: calling it would be an error, not a decline
+    return "cuDNN not available in this torch build" if torch.version.hip or not torch.backends.cudnn.is_available() \
+        else None
+
+
 def _flash_module():
     return _import("flash_attn_interface") or _import("flash_attn")
 
@@ -397,7 +403,7 @@ def _sage_kernel() -> Kernel:
 
 KERNELS: dict[str, Kernel] = {
     "sdpa_cudnn": Kernel("sdpa_cudnn", CONTRACTS["sdpa_cudnn"],
-                         _sdpa_direct("_scaled_dot_product_cudnn_attention", with_bias=True)),
+                         _sdpa_direct("_scaled_dot_product_cudnn_attention", with_bias=True), _cudnn_unavailable),
     "sdpa_flash": Kernel("sdpa_flash", CONTRACTS["sdpa_flash"],
                          _sdpa_direct("_scaled_dot_product_flash_attention", with_bias=False)),
     "sdpa_efficient": Kernel("sdpa_efficient", CONTRACTS["sdpa_efficient"], _sdpa("EFFICIENT_ATTENTION")),
