@@ -8,19 +8,10 @@ import torch
 
 from _common import import_pack
 
-# city96's llama.cpp patch leaves these Wan tensors unquantized (convert.py keeps 1-D, small and modulation in F32)
-CITY96_UNQUANTIZED = ("modulation", "patch_embedding.", "text_embedding.", "time_projection.", "time_embedding.",
-                      "img_emb.", "head.")
-
-
 def quantized_by_city96(key: str, shape: tuple, qtype: str) -> bool:
     import_pack()
-    from wantalk.wanvideo.kernels.gguf_dequant import BLOCK_FORMATS
-    numel = 1
-    for d in shape:
-        numel *= d
-    return (len(shape) == 2 and numel > 1024 and not any(k in key for k in CITY96_UNQUANTIZED)
-            and shape[1] % BLOCK_FORMATS[qtype][0] == 0)
+    from wantalk.wanvideo.gguf import city96_quantizes
+    return city96_quantizes(key, shape, qtype)
 
 
 def blocks_for(weight: torch.Tensor, qtype: str, generator: torch.Generator) -> torch.Tensor:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from wantalk.fp8_optimization import FP8Linear, GGUFLinear  # noqa: E402
 from wantalk.wanvideo.checkpoint import CheckpointError  # noqa: E402
+from wantalk.wanvideo.gguf import city96_quantizes  # noqa: E402
 from wantalk.wanvideo.kernels import gguf_dequant as gd  # noqa: E402
 from wantalk.wanvideo.loader import load_wan_model  # noqa: E402
 from wantalk.wanvideo.lora import LoraError  # noqa: E402
@@ -21,10 +22,6 @@ from tiny_models import TINY_I2V, make_tiny_lora, tiny_infinitetalk, tiny_wan  #
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
-# city96 convert.py / llama.cpp quantize patch: what stays unquantized in a Wan file.
-KEEP_F32 = (".modulation",)
-NOT_QUANTIZED = ("modulation", "patch_embedding.", "text_embedding.", "time_projection.", "time_embedding.",
-                 "img_emb.", "head.")
 M_VARIANT_HIGHER = {"Q4_K": "Q6_K", "Q5_K": "Q6_K"}  # `_M` files: attention v and ffn.2 one type up
 
 
@@ -84,14 +81,11 @@ def test_dequantize_on_gpu_matches_reference(qtype):
 def _tensor_type(key: str, value: torch.Tensor, qtype: str, m_variant: bool) -> str:
     """convert.py: 1-D, <= 1024 values and `.modulation` -> F32; the rest F16/BF16; llama-quantize then quantizes
     the block linears (K types need rows of whole 256-blocks, else F16), `_M` one type up for v and ffn.2."""
-    if value.dim() == 1 or value.numel() <= 1024 or any(k in key for k in KEEP_F32):
+    if value.dim() == 1 or value.numel() <= 1024 or ".modulation" in key:
         return "F32"
-    if any(k in key for k in NOT_QUANTIZED) or value.dim() != 2:
-        return "F16"
     if m_variant and (key.endswith(".v.weight") or key.endswith(".ffn.2.weight")):
         qtype = M_VARIANT_HIGHER.get(qtype, qtype)
-    block, _ = gd.BLOCK_FORMATS[qtype]
-    return qtype if value.shape[1] % block == 0 else "F16"
+    return qtype if city96_quantizes(key, tuple(value.shape), qtype) else "F16"
 
 
 def write_city96_gguf(path: str, sd: dict, qtype: str, *, m_variant=False, arch="wan", prefix="",
@@ -304,3 +298,29 @@ def test_nan_block_scale_is_refused_naming_the_tensor(tmp_path, rng):
         f.write(np.array([np.nan], dtype=np.float16).tobytes())
     with pytest.raises(CheckpointError, match=r"'blocks.1.ffn.2.weight' \(Q4_K\) has 1 non-finite"):
         load_wan_model(path)
+
+
+def test_14b_infinitetalk_q4_k_plans_under_12_gb_with_block_swap():
+    """The full-size layout (official key listing) as a city96 Q4_K file, planned from its headers alone: the
+    layer plan keeps the blocks (Q4_K bytes) and the memory plan fits a 12 GB card (1e9 bytes) at 480x832x81 by
+    streaming some blocks. (The GPU run of the same load: bench/gguf_14b.py.)"""
+    import re
+    from wantalk.wanvideo import memory_plan as mp
+    from wantalk.wanvideo.loader import plan_model
+    listing = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "keys", "keys_infinitetalk.txt")
+    shapes = {}
+    for line in open(listing):
+        key, shape = line.rstrip("\n").split("\t")[:2]
+        shapes[key] = tuple(int(x) for x in re.findall(r"\d+", shape))
+    stored = {k: "Q4_K" for k, shape in shapes.items() if city96_quantizes(k, shape, "Q4_K")}
+    planned = plan_model(shapes, None, stored=stored)
+    layers = [e for e in planned.plan.values() if e.storage == "Q4_K"]
+    assert len(layers) == len([k for k in stored if k.startswith("blocks.")]) and len(layers) >= 40 * 11
+    bf16_bytes = 2 * sum(int(np.prod(shape)) for shape in shapes.values())
+    assert planned.weight_bytes < 0.33 * bf16_bytes  # Q4_K blocks: 4.5 bits a weight; embeddings, head in bf16
+    cfg, sizes = planned.model.cfg, mp.ModelBytes.of(planned.model)
+    run = mp.RunSettings(mp.video_tokens(81, 480, 832))
+    swapped = mp.choose_blocks_to_swap(cfg, sizes, run, 12 * 10**9)
+    plan = mp.plan_memory(cfg, sizes, run, blocks_to_swap=swapped)
+    assert 0 < swapped < cfg.num_layers and plan.peak <= 12 * 10**9
+    assert sizes.dequant_temp == cfg.dim * cfg.ffn_dim * 2  # a GGUF FFN weight dequantized to bf16 while it runs

@@ -32,6 +32,22 @@ SUPPORTED_TYPES = tuple(PLAIN_FORMATS) + tuple(BLOCK_FORMATS)
 TYPE_MARKER = "gguf_type"  # aux key carrying the block format of a quantized tensor
 
 
+# Wan tensors city96's llama.cpp patch never quantizes (convert.py also keeps 1-D, <= 1024-value and modulation
+# tensors in F32)
+CITY96_UNQUANTIZED = ("modulation", "patch_embedding.", "text_embedding.", "time_projection.", "time_embedding.",
+                      "img_emb.", "head.")
+
+
+def city96_quantizes(key: str, shape: tuple[int, ...], qtype: str) -> bool:
+    """Whether city96's tools store tensor `key` in the block type `qtype` (else F32/F16/BF16): 2-D, more than
+    1024 values, not in `CITY96_UNQUANTIZED`, rows of whole blocks. For test files and bench stand-ins."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return (len(shape) == 2 and numel > 1024 and not any(k in key for k in CITY96_UNQUANTIZED)
+            and shape[1] % BLOCK_FORMATS[qtype][0] == 0)
+
+
 def is_gguf(path: str) -> bool:
     """True when the file starts with the GGUF magic."""
     try:
