@@ -438,6 +438,12 @@ def test_sdpa_refusal_phrases_become_unsupported():
     assert isinstance(kernels._refusal(RuntimeError("No available kernel. Aborting execution.")),
                       kernels.AttentionUnsupported)
     assert kernels._refusal(RuntimeError("CUDA error: an illegal memory access was encountered")) is None
+    with pytest.raises(kernels.AttentionUnsupported, match="No available kernel"):
+        with kernels._sdpa_refusals_decline():
+            raise RuntimeError("No available kernel. Aborting execution.")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        with kernels._sdpa_refusals_decline():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
 def test_mode_names_and_chains():

@@ -206,6 +206,18 @@ def _refusal(err: RuntimeError) -> AttentionUnsupported | None:
     return AttentionUnsupported(text.splitlines()[0][:200]) if any(p in text for p in _SDPA_REFUSALS) else None
 
 
+@contextmanager
+def _sdpa_refusals_decline():
+    """A pinned SDPA backend refusing its inputs becomes AttentionUnsupported; any other error stays itself."""
+    try:
+        yield
+    except RuntimeError as err:
+        refusal = _refusal(err)
+        if refusal is None:
+            raise
+        raise refusal from err
+
+
 def _sdpa(backend_name: str | None):
     """SDPA pinned to one backend (None: PyTorch's own choice, used on CPU only)."""
     def run(q, k, v, *, scale, mask):
@@ -213,14 +225,8 @@ def _sdpa(backend_name: str | None):
         if backend_name is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        try:
-            with sdpa_kernel(getattr(SDPBackend, backend_name)):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
-        except RuntimeError as err:
-            refusal = _refusal(err)
-            if refusal is None:
-                raise
-            raise refusal from err
+        with _sdpa_refusals_decline(), sdpa_kernel(getattr(SDPBackend, backend_name)):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
     return run
 
 
@@ -233,13 +239,8 @@ def _sdpa_direct(op_name: str, with_bias: bool):
         if mask is not None or q.shape[1] != k.shape[1]:
             return general(q, k, v, scale=scale, mask=mask)
         op = getattr(torch.ops.aten, op_name)
-        try:
+        with _sdpa_refusals_decline():
             out = op(q, k, v, None, False, scale=scale) if with_bias else op(q, k, v, scale=scale)
-        except RuntimeError as err:
-            refusal = _refusal(err)
-            if refusal is None:
-                raise
-            raise refusal from err
         return out[0]
     return run
 
