@@ -352,6 +352,7 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
         validation.wan_model(node, "model", model, "infinitetalk")
         validation.wan_vae(node, "vae", vae)
         validation.of_type(node, "audio_embeds", audio_embeds, AudioEmbeds, "Audio Embeds (wantalk)")
+        validation.speakers_fit(node, "audio_embeds", model, len(audio_embeds.talk.features))
         video = conditioning_video(node, "start_image", start_image)
         if size != CUSTOM:
             height, width = closest_bucket(size, *video.shape[1:3])

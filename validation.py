@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
 from . import host
-from .nodes_common import SEED_INPUT, NodeInputError
+from .nodes_common import NodeInputError
 
-SEED_MAX = SEED_INPUT[1]["max"]
-MAX_VIDEO_SIDE = 4096
 IMAGE_SLACK = 0.02          # overshoot of resampled images that is clipped (with a warning) rather than refused
 IMAGE_SCALE_LIMIT = 2.0     # beyond this a float IMAGE is on another scale (0..255): refused
 SMALL_IMAGE_SIDE = 64       # a start/reference image smaller than this is probably a mistake
@@ -79,16 +78,6 @@ def widgets(node: str, input_types: dict, values: dict) -> None:
             raise NodeInputError(node, name, f"expected true or false, got {value!r}.")
 
 
-def seed(node: str, value, name: str = "seed") -> int:
-    return number(node, name, value, 0, SEED_MAX, integer=True)
-
-
-def video_size(node: str, width, height) -> tuple[int, int]:
-    """Width and height as positive whole numbers of pixels (the multiple-of-16 rule is the sampler's)."""
-    return (number(node, "width", width, 16, MAX_VIDEO_SIDE, integer=True),
-            number(node, "height", height, 16, MAX_VIDEO_SIDE, integer=True))
-
-
 # ---- tensors ----------------------------------------------------------------------------------------------------
 
 def finite(node: str, name: str, tensor: torch.Tensor, what: str = "values") -> torch.Tensor:
@@ -131,15 +120,6 @@ def image(node: str, name: str, picture) -> torch.Tensor:
         warn(node, f"input '{name}' has values from {low:.3f} to {high:.3f}, outside 0..1; they are clipped.")
         return picture.clamp(0, 1)
     return picture
-
-
-def single_image(node: str, name: str, picture) -> torch.Tensor:
-    """The first image of an IMAGE batch, checked; warns when a batch was given or the picture is tiny."""
-    picture = image(node, name, picture)
-    if picture.shape[0] > 1:
-        warn(node, f"input '{name}' is a batch of {picture.shape[0]} images; only the first is used.")
-    small_picture(node, name, picture)
-    return picture[:1]
 
 
 def small_picture(node: str, name: str, picture: torch.Tensor) -> None:
@@ -259,3 +239,16 @@ def of_type(node: str, name: str, value, cls: type, made_by: str):
     if not isinstance(value, cls):
         raise NodeInputError(node, name, f"got {type(value).__name__}; expected the output of {made_by}.")
     return value
+
+
+def speakers_fit(node: str, name: str, model, speakers: int) -> None:
+    """Warn when two speakers go to what looks like the single-speaker InfiniteTalk model: both have the same
+    layout (nothing in the weights tells them apart), only the published file and folder names say 'single'."""
+    if speakers < 2:
+        return
+    singles = [p for p in getattr(model, "source_paths", ())
+               if "single" in os.path.basename(p).lower() or "single" in os.path.basename(os.path.dirname(p)).lower()]
+    if singles:
+        warn(node, f"input '{name}' has two speakers but the model was loaded from '{singles[0]}', which looks like "
+             f"the single-speaker InfiniteTalk model; use the multi-speaker weights (e.g. "
+             f"Wan2_1-InfiniteTalk_Multi_14B) for two people.")

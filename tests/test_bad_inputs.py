@@ -133,14 +133,6 @@ def test_zero_or_negative_width_is_refused(parts, rng, width):
         sample(parts, graph_inputs(rng), width=width)
 
 
-def test_batch_of_start_images_warns_that_only_the_first_is_used(parts, rng, warnings_seen):
-    inputs = graph_inputs(rng)
-    inputs["start_image"] = torch.rand(3, 40, 48, 3, generator=rng)
-    sample(parts, inputs)
-    assert any(f"[wantalk {IT}] input 'start_image' is a batch of 3 images; only the first is used" in w
-               for w in warnings_seen)
-
-
 # ---- 11. each widget error names its own input ---------------------------------------------------------------
 
 @pytest.mark.parametrize("widget,value,expected", [
@@ -378,3 +370,16 @@ def test_loader_widgets_are_named(model_folders):
         WanTalkBlockSwap().configure(None, 1.5, 1)
     with pytest.raises(NodeInputError, match=r"Load Wan VAE\] input 'precision': unknown value 'fp64'"):
         WanTalkVAELoader().load("v.safetensors", "fp64")
+
+
+def test_two_speakers_on_the_single_speaker_model_warn(parts, rng, warnings_seen, monkeypatch):
+    monkeypatch.setattr(parts[0], "source_paths", ("/models/diffusion_models/wan_i2v_14b.safetensors",
+                                                   "/models/model_patches/Wan2_1-InfiniteTalk_Single_14B.safetensors"),
+                        raising=False)
+    inputs = graph_inputs(rng, speakers=2)
+    sample(parts, inputs, width=64)
+    assert any("input 'audio_embeds' has two speakers but the model was loaded from '/models/model_patches/Wan2_1-"
+               "InfiniteTalk_Single_14B.safetensors', which looks like the single-speaker" in w for w in warnings_seen)
+    warnings_seen.clear()
+    sample(parts, graph_inputs(rng, speakers=1))
+    assert not any("two speakers" in w for w in warnings_seen)
