@@ -228,6 +228,9 @@ class WanTalkAudioEmbeds:
         else:
             raise NodeInputError(node, "audio_encoder", "connect the wav2vec2 encoder ('Load wav2vec2 (wantalk)'), "
                                  "or ComfyUI's Audio Encoder Encode output to encoded_audio_1.")
+        for index, feature in enumerate(features, 1):
+            source = "audio_encoder" if audio_encoder is not None else f"encoded_audio_{index}"
+            validation.finite(node, source, feature, f"feature values (speaker {index})")
         frames = min(f.shape[0] for f in features)
         features = [f[:frames] * audio_scale for f in features]
         mixed = fit_length(sum(tracks), frames * SAMPLES_PER_FRAME)

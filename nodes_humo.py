@@ -148,6 +148,7 @@ class WanTalkHuMoEmbeds:
             bands = humo_bands(hidden.float().cpu())
         except ValueError as exc:
             raise NodeInputError(node, "whisper" if whisper is not None else "encoded_audio", str(exc)) from None
+        validation.finite(node, "whisper" if whisper is not None else "encoded_audio", bands, "band values")
         if num_frames > 0:
             bands, track = fit_length(bands, num_frames), fit_length(track, num_frames * SAMPLES_PER_FRAME)
         frames = bands.shape[0]

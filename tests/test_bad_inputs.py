@@ -383,3 +383,37 @@ def test_two_speakers_on_the_single_speaker_model_warn(parts, rng, warnings_seen
     warnings_seen.clear()
     sample(parts, graph_inputs(rng, speakers=1))
     assert not any("two speakers" in w for w in warnings_seen)
+
+
+def test_nan_in_native_encoder_outputs(rng):
+    from wantalk.nodes_audio import WanTalkAudioEmbeds
+    from wantalk.nodes_humo import WanTalkHuMoEmbeds
+    clip = {"waveform": speech_clip(rng, 0.4), "sample_rate": 16000}
+    layers = [torch.randn(1, 20, CHANNELS, generator=rng) for _ in range(LAYERS + 1)]
+    layers[3] = with_nan(layers[3])
+    with pytest.raises(NodeInputError, match=r"Audio Embeds\] input 'encoded_audio_1': contains 1 NaN/inf feature "
+                                             r"values \(speaker 1\)"):
+        WanTalkAudioEmbeds().embed(clip, False, 1.0, 0, "para", encoded_audio_1={"encoded_audio_all_layers": layers})
+    whisper_layers = [torch.randn(1, 20, 64, generator=rng) for _ in range(33)]
+    whisper_layers[30] = with_nan(whisper_layers[30])
+    with pytest.raises(NodeInputError, match=r"HuMo Embeds\] input 'encoded_audio': contains \d+ NaN/inf band values"):
+        WanTalkHuMoEmbeds().embed(clip, 0, encoded_audio={"encoded_audio_all_layers": whisper_layers,
+                                                          "audio_samples": 6400})
+
+
+def test_warn_user_shows_the_warning_on_the_running_node(monkeypatch):
+    """In ComfyUI the warning goes to the executing node as progress text (what ComfyUI's own nodes use)."""
+    import sys
+    import types
+    sent = []
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(
+        send_progress_text=lambda text, node_id: sent.append((text, node_id))))
+    utils = types.ModuleType("comfy_execution.utils")
+    utils.get_executing_context = lambda: types.SimpleNamespace(node_id="17", prompt_id="p")
+    monkeypatch.setitem(sys.modules, "server", server)
+    monkeypatch.setitem(sys.modules, "comfy_execution", types.ModuleType("comfy_execution"))
+    monkeypatch.setitem(sys.modules, "comfy_execution.utils", utils)
+    monkeypatch.setattr(host, "_folder_paths", object())
+    host.warn_user("[wantalk X] input 'audio' is silent")
+    assert sent == [("warning: [wantalk X] input 'audio' is silent", "17")]
