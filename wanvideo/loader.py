@@ -16,7 +16,6 @@ import torch
 from . import quantization as policy
 from .checkpoint import CheckpointError, CheckpointReader, checked_tensor, config_hints, describe_foreign, strip_prefix
 from .gguf import GGUFCheckpoint, is_gguf
-from .kernels.gguf_dequant import BLOCK_FORMATS
 from .modules.model import WanConfig, WanModel
 from .modules.attention import ATTENTION_MODES
 
@@ -195,7 +194,6 @@ def plan_load(path: str, *, base_dtype=torch.bfloat16, quantization: str = "disa
     hints = config_hints(path, sources.readers[0].metadata)
     hints.update(config_overrides or {})
     stored = sources.stored_formats()
-    policy.check_gguf_quantization({k: v for k, v in stored.items() if v in BLOCK_FORMATS}, quantization)
     transforms = []
     if loras:
         _refuse_gguf_loras(loras)
@@ -250,8 +248,6 @@ def plan_model(shapes: dict[str, tuple], fetch, *, base_dtype=torch.bfloat16, qu
     the headers say, absent = dense; the mode; the device the layers will run on) and give it its module."""
     if isinstance(base_dtype, str):
         base_dtype = BASE_DTYPES[base_dtype]
-    if quantization not in policy.QUANTIZATION_MODES:
-        raise ValueError(f"unknown quantization '{quantization}'; expected one of {', '.join(policy.QUANTIZATION_MODES)}")
     cfg = infer_config(shapes, hints, source=f"'{files[0]}'")
     addon = None
     for detect in addon_detectors():
@@ -314,8 +310,6 @@ def assemble_model(shapes: dict[str, tuple], fetch, *, device="cpu", base_dtype=
                    hints: dict | None = None, files=("checkpoint",), weight_transforms=(), stored=None,
                    compute_device=None) -> WanModel:
     """`plan_model` then `materialise`: a model from shapes and a fetch function (benches, tests, workers)."""
-    if attention_mode not in ATTENTION_MODES:
-        raise ValueError(f"unknown attention_mode '{attention_mode}'; expected one of {', '.join(ATTENTION_MODES)}")
     planned = plan_model(shapes, fetch, base_dtype=base_dtype, quantization=quantization,
                          params_to_keep=params_to_keep, hints=hints, files=files, stored=stored,
                          compute_device=compute_device or device)

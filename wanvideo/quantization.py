@@ -209,6 +209,12 @@ def plan_layers(model: nn.Module, mode: str, params_to_keep: Iterable[str], stor
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"unknown quantization mode '{mode}'; expected one of {', '.join(QUANTIZATION_MODES)}")
     keep, spec, stored = tuple(params_to_keep), MODE_SPECS[mode], stored or {}
+    coarse = sorted({s for s in stored.values() if s in gguf_dequant.BLOCK_FORMATS and s not in GGUF_REQUANTIZABLE})
+    if spec.kind is not None and coarse:  # re-quantizing would round twice, for no memory gain
+        raise CheckpointError(f"quantization '{mode}' cannot be applied to GGUF weights stored as {', '.join(coarse)}: "
+                              f"they are already smaller than {mode} and would be rounded twice. Choose quantization "
+                              f"'disabled' (the GGUF blocks are used as they are); only "
+                              f"{', '.join(GGUF_REQUANTIZABLE)} files can be re-quantized at load.")
     device = torch.device(compute_device) if compute_device is not None else None
     plan = {}
     for name, module in model.named_modules():
@@ -344,19 +350,6 @@ def _nvfp4(name: str, tensor: torch.Tensor, aux: dict, shape: tuple[int, int]) -
                               f"{tuple(global_scale.shape)}-shaped or not a positive finite number; the file is corrupt.")
     scales = qf.from_blocked(blocked.view(torch.uint8), np_, kp // qf.NVFP4_BLOCK).view(torch.float8_e4m3fn)
     return Stored("nvfp4", tensor.view(torch.uint8), scales, global_scale.float().reshape(()))
-
-
-def check_gguf_quantization(gguf_types: dict[str, str], mode: str) -> None:
-    """Refuse, before any tensor is read, a mode that would re-quantize GGUF blocks coarser than Q8_0 (a second
-    rounding on top of the first, for no memory gain)."""
-    if mode == "disabled":
-        return
-    coarse = sorted({q for q in gguf_types.values() if q not in GGUF_REQUANTIZABLE})
-    if coarse:
-        raise CheckpointError(f"quantization '{mode}' cannot be applied to GGUF weights stored as "
-                              f"{', '.join(coarse)}: they are already smaller than {mode} and would be rounded "
-                              f"twice. Choose quantization 'disabled' (the GGUF blocks are used as they are); "
-                              f"only {', '.join(GGUF_REQUANTIZABLE)} files can be re-quantized at load.")
 
 
 def decode_stored(name: str, tensor: torch.Tensor, aux: dict[str, torch.Tensor], shape: tuple[int, ...]) -> Stored:
