@@ -81,6 +81,19 @@ def features_from_native(output: dict, name: str) -> torch.Tensor:
     return resampled.permute(2, 0, 1).contiguous()
 
 
+def encoding_progress():
+    """A wav2vec2 `progress(done, total)` callback: honours ComfyUI's Stop between chunks (long clips are encoded
+    in chunks of 30 s) and moves a progress bar made at the first report."""
+    bar = []
+
+    def report(done: int, total: int) -> None:
+        host.check_interrupt()
+        if not bar:
+            bar.append(host.ProgressBar(total))
+        bar[0].update(done - bar[0].current)
+    return report
+
+
 def speaker_region_masks(mask_1, mask_2) -> torch.Tensor | None:
     """`[3, H, W]` (speaker 1, speaker 2, background) from ComfyUI MASKs; one missing mask = the other's
     complement; None when neither is given (the sampler then uses the official left/right halves)."""
@@ -219,7 +232,8 @@ class WanTalkAudioEmbeds:
             tracks = arrange_speakers(tracks, two_speaker_mode)
             if num_frames > 0:
                 tracks = [fit_length(t, num_frames * SAMPLES_PER_FRAME) for t in tracks]
-            features = [encode_for_infinitetalk(audio_encoder, t, FPS).float().cpu() for t in tracks]
+            features = [encode_for_infinitetalk(audio_encoder, t, FPS, progress=encoding_progress()).float().cpu()
+                        for t in tracks]
         elif encoded_audio_1 is not None:
             features = self._native_features(encoded_audio_1, encoded_audio_2, len(tracks), two_speaker_mode)
             tracks = arrange_speakers(tracks, two_speaker_mode)

@@ -33,7 +33,9 @@ checkpoints.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -243,15 +245,131 @@ class Wav2Vec2Encoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Long clips: overlapping chunks
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Chunking:
+    """How a long clip is encoded: the CNN in chunks of `cnn_frames` (exact: the convolutions are local, and the
+    first layer's per-channel GroupNorm takes its statistics over the whole clip in a first pass), the
+    transformer in chunks that keep `frames` video frames, each computed with `context` frames of audio on
+    either side (clipped at the ends of the clip).
+
+    The transformer is the only approximation: in one pass its attention sees the whole clip. Defaults: 60 s
+    kept + 10 s of context each side (80 s windows). Every kept frame then has at least 10 s of audio on both
+    sides (as far as the clip goes), twice the 5 s span of wav2vec2's positional convolution (128 frames), and
+    each window sees 80 s of the clip: with random weights, whose attention spreads over the whole window, the
+    error falls with the window's length (docs/BENCHMARKS.md); measured against the one-pass output it stays
+    below CHUNK_TOLERANCE. A clip of at most `frames + 2 * context` frames (80 s) is encoded in one pass,
+    exactly as before."""
+    frames: int = 1500
+    context: int = 250
+    cnn_frames: int = 1500
+
+    def __post_init__(self):
+        if self.frames < 1 or self.context < 0 or self.cnn_frames < 1:
+            raise ValueError(f"Chunking needs frames >= 1, context >= 0 and cnn_frames >= 1, got {self}")
+
+    def one_pass(self, frames: int) -> bool:
+        return frames <= self.frames + 2 * self.context
+
+    def windows(self, frames: int) -> list[tuple[int, int, int, int]]:
+        """(lo, hi, start, end): compute frames [lo, hi), keep [start, end)."""
+        return [(max(0, s - self.context), min(frames, s + self.frames + self.context), s,
+                 min(frames, s + self.frames)) for s in range(0, frames, self.frames)]
+
+
+# Bound on the relative error of chunked vs one-pass layer outputs (norm of the difference over the norm of the
+# one-pass output, worst layer) with the default Chunking. Measured on random-weight encoders (bench/long_audio.py,
+# docs/BENCHMARKS.md): 0.8-8 %; random attention spreads over the whole window, so the error follows how much a
+# window's content differs from the whole clip's, a pessimistic case for trained heads, which attend more locally.
+CHUNK_TOLERANCE = 0.1
+
+Progress = Callable[[int, int], None]   # (chunks done, chunks in all); may raise to stop (ComfyUI's Stop)
+
+
+def _cnn_chunks(encoder: "Wav2Vec2Encoder", samples: int, chunk: int) -> list[tuple[int, int]]:
+    cfg = encoder.config
+    hop = math.prod(cfg.conv_strides)
+    frames = (samples - cfg.receptive_field) // hop + 1
+    return [(a, min(frames, a + chunk)) for a in range(0, frames, chunk)]
+
+
+def _first_conv_chunks(encoder: "Wav2Vec2Encoder", samples: int, chunk: int) -> list[tuple[int, int]]:
+    """Output frames of the first conv in chunks covering as many samples as `chunk` CNN frames."""
+    cfg = encoder.config
+    kernel, stride = cfg.conv_kernels[0], cfg.conv_strides[0]
+    outputs = (samples - kernel) // stride + 1
+    step = max(1, chunk * math.prod(cfg.conv_strides) // stride)
+    return [(a, min(outputs, a + step)) for a in range(0, outputs, step)]
+
+
+def _first_conv_stats(encoder: "Wav2Vec2Encoder", waveform: torch.Tensor, chunk: int, tick):
+    """Per-channel mean and variance of the first conv's output over the whole clip (its GroupNorm's
+    statistics), accumulated chunk by chunk in float64."""
+    first = encoder.feature_extractor.conv_layers[0]
+    kernel, stride = encoder.config.conv_kernels[0], encoder.config.conv_strides[0]
+    total = total_sq = None
+    chunks = _first_conv_chunks(encoder, waveform.shape[-1], chunk)
+    for a, b in chunks:
+        y = first.conv(waveform[:, None, a * stride:(b - 1) * stride + kernel]).double()
+        part, part_sq = y.sum(dim=-1), (y * y).sum(dim=-1)
+        total, total_sq = (part, part_sq) if total is None else (total + part, total_sq + part_sq)
+        tick()
+    outputs = chunks[-1][1]
+    mean = total / outputs
+    return mean, (total_sq / outputs - mean * mean).clamp_min(0)
+
+
+def cnn_features_chunked(encoder: "Wav2Vec2Encoder", waveform: torch.Tensor, chunking: Chunking,
+                         tick=lambda: None) -> torch.Tensor:
+    """`Wav2Vec2Encoder.cnn_features` computed in chunks of `chunking.cnn_frames` output frames; equal to the
+    one-pass result up to float rounding. Memory: one chunk's activations plus the `[B, frames, C]` output."""
+    cfg = encoder.config
+    hop, field = math.prod(cfg.conv_strides), cfg.receptive_field
+    layers = encoder.feature_extractor.conv_layers
+    norm = layers[0].layer_norm
+    mean, var = _first_conv_stats(encoder, waveform, chunking.cnn_frames, tick)
+    scale = norm.weight.double() / torch.sqrt(var + norm.eps)
+    shift = norm.bias.double() - mean * scale
+    out = []
+    for a, b in _cnn_chunks(encoder, waveform.shape[-1], chunking.cnn_frames):
+        x = layers[0].conv(waveform[:, None, a * hop:(b - 1) * hop + field])
+        x = F.gelu((x * scale[..., None].to(x.dtype) + shift[..., None].to(x.dtype)))
+        for layer in layers[1:]:
+            x = layer(x)
+        out.append(x.transpose(1, 2))
+        tick()
+    return torch.cat(out, dim=1)
+
+
+def layer_outputs_chunked(encoder: "Wav2Vec2Encoder", features: torch.Tensor, chunking: Chunking,
+                          tick=lambda: None) -> torch.Tensor:
+    """`Wav2Vec2Encoder.layer_outputs` for `[1, frames, C]` features in overlapping chunks, as
+    `[frames, layers, hidden]` float32 on the CPU (an hour at 25 fps is 3.3 GB: it should not sit in VRAM)."""
+    frames = features.shape[1]
+    cfg = encoder.config
+    out = torch.empty(frames, cfg.num_layers, cfg.hidden_size, dtype=torch.float32)
+    for lo, hi, start, end in chunking.windows(frames):
+        hidden = encoder.layer_outputs(features[:, lo:hi])[0, :, start - lo:end - lo]
+        out[start:end] = hidden.transpose(0, 1).float().cpu()
+        tick()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # InfiniteTalk embedding and per-frame windows
 # ----------------------------------------------------------------------------------------------
 
 def encode_for_infinitetalk(encoder: Wav2Vec2Encoder, waveform_16k_mono: torch.Tensor, fps: float = 25,
-                            *, do_normalize: bool = False) -> torch.Tensor:
+                            *, do_normalize: bool = False, chunking: Chunking = Chunking(),
+                            progress: Progress | None = None) -> torch.Tensor:
     """Audio embedding `[n_frames, layers, hidden]` with n_frames = int(T / 16000 · fps) (REFERENCE.md 5.5).
 
     `waveform_16k_mono` is the (loudness-normalised) 16 kHz mono clip `[T]`. `do_normalize` applies the HF
-    feature extractor's zero-mean unit-variance normalisation; chinese-wav2vec2-base does not use it."""
+    feature extractor's zero-mean unit-variance normalisation; chinese-wav2vec2-base does not use it.
+    Clips longer than one chunk are encoded in overlapping chunks (`Chunking`; float32 on the CPU), calling
+    `progress(done, total)` after each chunk: it may raise to stop within one chunk."""
     wav = waveform_16k_mono
     if wav.dim() != 1:
         raise ValueError(f"encode_for_infinitetalk: expected a mono 16 kHz waveform [samples], got shape "
@@ -266,9 +384,29 @@ def encode_for_infinitetalk(encoder: Wav2Vec2Encoder, waveform_16k_mono: torch.T
     x = wav.to(device=weight.device, dtype=torch.float32)
     if do_normalize:
         x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+    x = x.to(weight.dtype)[None]
+    if chunking.one_pass(n_frames):
+        with torch.no_grad():
+            hidden = encoder(x, num_frames=n_frames)
+        if progress is not None:
+            progress(1, 1)
+        return hidden[0].transpose(0, 1)
+    if x.shape[-1] < encoder.config.receptive_field:
+        encoder.cnn_features(x)  # raises the short-clip message
+    total = (len(_first_conv_chunks(encoder, x.shape[-1], chunking.cnn_frames))
+             + len(_cnn_chunks(encoder, x.shape[-1], chunking.cnn_frames)) + len(chunking.windows(n_frames)))
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
     with torch.no_grad():
-        hidden = encoder(x.to(weight.dtype)[None], num_frames=n_frames)
-    return hidden[0].transpose(0, 1)
+        features = cnn_features_chunked(encoder, x, chunking, tick)
+        features = F.interpolate(features.transpose(1, 2), size=n_frames, mode="linear",
+                                 align_corners=True).transpose(1, 2)
+        return layer_outputs_chunked(encoder, features, chunking, tick)
 
 
 def audio_windows(features: torch.Tensor, start: int, count: int, window: int = 5) -> torch.Tensor:

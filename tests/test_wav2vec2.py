@@ -1,6 +1,8 @@
 """wav2vec2 audio encoder (multitalk/wav2vec2.py): numerics vs an independent float64 reference, the published
 key layout at real size, InfiniteTalk's interpolate-before-encoder embedding, frame windows, loading."""
+import gc
 import math
+import os
 
 import pytest
 import torch
@@ -260,3 +262,136 @@ def test_loader_rejects_other_models(tmp_path, rng):
     broken = {k: v for k, v in sd.items() if k != "encoder.layers.1.final_layer_norm.bias"}
     with pytest.raises(CheckpointError, match="missing.*final_layer_norm.bias"):
         load_wav2vec2(_save(broken, tmp_path / "broken.safetensors", extras=False))
+
+
+# ---------------------------------------------------------------- long clips: overlapping chunks (issue 15)
+
+def test_cnn_in_chunks_equals_one_pass_including_the_clip_wide_group_norm(rng):
+    """The first conv's GroupNorm normalises each channel over the whole clip: chunks must use clip-wide
+    statistics. A clip whose loudness changes along the way makes per-chunk statistics visibly wrong."""
+    from wantalk.multitalk.wav2vec2 import Chunking, cnn_features_chunked
+    model, _ = tiny_encoder(TINY, rng)
+    wav = torch.randn(1, 20011, generator=rng) * torch.linspace(0.1, 3.0, 20011)
+    reference = model.cnn_features(wav)
+    got = cnn_features_chunked(model, wav, Chunking(cnn_frames=97))
+    assert got.shape == reference.shape
+    assert rel_err(got, reference) < 1e-5
+    per_chunk = torch.cat([model.cnn_features(wav[:, a * 20:(b - 1) * 20 + TINY.receptive_field])
+                           for a, b in ((0, 500), (500, reference.shape[1]))], dim=1)
+    assert rel_err(per_chunk, reference) > 1e-2  # what the first pass is for
+
+
+def test_chunk_windows_keep_every_frame_once_with_context():
+    from wantalk.multitalk.wav2vec2 import Chunking
+    chunking = Chunking(frames=7, context=3)
+    kept = []
+    for lo, hi, start, end in chunking.windows(30):
+        assert 0 <= lo <= start < end <= hi <= 30
+        assert start - lo == min(3, start) and hi - end == min(3, 30 - end)
+        kept += range(start, end)
+    assert kept == list(range(30))
+    assert chunking.one_pass(13) and not chunking.one_pass(14)
+    with pytest.raises(ValueError, match="frames >= 1"):
+        Chunking(frames=0)
+
+
+def long_speech(seconds: int, rng) -> torch.Tensor:
+    """Synthetic speech of any length: a 20 s speech-like clip (tiny_models.synth_speech), time-reversed every
+    other time, at varying levels."""
+    from tiny_models import synth_speech
+    clip = synth_speech(20, seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+    parts = [(clip if i % 2 else clip.flip(0)) * (0.3 + torch.rand(1, generator=rng)) for i in range(-(-seconds // 20))]
+    return torch.cat(parts)[:seconds * 16000]
+
+
+def test_chunked_encoding_matches_one_pass_within_the_stated_tolerance(rng):
+    """2 minutes (3000 frames, 2 transformer chunks) on the tiny 12-layer encoder: every layer's output within
+    CHUNK_TOLERANCE (relative L2) of the one-pass result; a clip of one chunk is encoded exactly as before."""
+    from tiny_models import tiny_wav2vec2
+    from wantalk.multitalk.wav2vec2 import CHUNK_TOLERANCE, Chunking
+    model, _ = tiny_wav2vec2(torch.Generator().manual_seed(0))
+    wav = long_speech(120, torch.Generator().manual_seed(0))
+    one_pass = encode_for_infinitetalk(model, wav, chunking=Chunking(frames=10**6))
+    calls = []
+    chunked = encode_for_infinitetalk(model, wav, progress=lambda done, total: calls.append((done, total)))
+    assert chunked.shape == one_pass.shape == (3000, 12, 64)
+    worst = ((chunked - one_pass).norm(dim=(0, 2)) / one_pass.norm(dim=(0, 2))).max().item()
+    assert 1e-6 < worst < CHUNK_TOLERANCE  # an approximation, and a close one
+    total = calls[0][1]
+    assert calls == [(i, total) for i in range(1, total + 1)] and total > 4
+    short = wav[:80 * 16000]
+    reference = model(short[None], num_frames=2000)[0].transpose(0, 1)
+    assert torch.equal(encode_for_infinitetalk(model, short), reference)
+
+
+class PeakRss:
+    """Peak resident memory of this process above its level at start, sampled every 2 ms in a thread."""
+
+    def __init__(self):
+        import threading
+        self.base = self.peak = self._rss()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _run(self):
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def grown(self) -> int:
+        return self.peak - self.base
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to sample memory")
+def test_ten_minutes_of_speech_in_bounded_memory_and_stops_within_one_chunk(rng):
+    """10 minutes on the tiny encoder: memory beyond the output stays at the level of one chunk's, and a Stop
+    seen by the progress callback (as ComfyUI's check_interrupt raises) ends the encode within one chunk."""
+    import threading
+    import time
+    from tiny_models import tiny_wav2vec2
+    model, _ = tiny_wav2vec2(rng)
+    wav = long_speech(600, rng)
+    gc.collect()
+    with PeakRss() as one_chunk:  # what one chunk of 80 s needs, encoded in one pass
+        encode_for_infinitetalk(model, wav[:80 * 16000])
+    gc.collect()
+    with PeakRss() as whole:
+        features = encode_for_infinitetalk(model, wav)
+    output = features.numel() * 4 + 30000 * 16 * 4 * 2  # the embedding, the CNN features (and interpolated)
+    assert features.shape == (15000, 12, 64)
+    assert whole.grown < output + 3 * one_chunk.grown + 64 * 2**20, (whole.grown, output, one_chunk.grown)
+    del features
+
+    class Stop(Exception):
+        pass
+
+    stop_at, seen = [], []
+
+    def progress(done, total):
+        seen.append(time.perf_counter())
+        if stop_at:
+            raise Stop
+    timer = threading.Timer(1.0, lambda: stop_at.append(time.perf_counter()))
+    start = time.perf_counter()
+    timer.start()
+    with pytest.raises(Stop):
+        encode_for_infinitetalk(model, wav, progress=progress)
+    latency = time.perf_counter() - stop_at[0]
+    chunk_seconds = max(b - a for a, b in zip([start] + seen, seen))
+    assert latency <= chunk_seconds + 0.05, (latency, chunk_seconds)
+    print(f"10 min: memory beyond the output {(whole.grown - output) / 2**20:.0f} MiB (one 80 s chunk "
+          f"{one_chunk.grown / 2**20:.0f} MiB); Stop honoured after {latency:.3f} s (longest chunk "
+          f"{chunk_seconds:.3f} s)")
