@@ -188,10 +188,11 @@ class WhisperEncoder(nn.Module):
 
 
 @torch.no_grad()
-def whisper_hidden_states(encoder: WhisperEncoder, audio_16k: torch.Tensor) -> torch.Tensor:
+def whisper_hidden_states(encoder: WhisperEncoder, audio_16k: torch.Tensor, progress=None) -> torch.Tensor:
     """`[T50, num_layers + 1, d]` hidden states at 50 fps, HuMo's way (audio_processor_whisper.py):
     chunks of `chunk_samples` (30 s), each zero-padded and log-mel'd on its own, encoded, states stacked,
-    chunks concatenated, truncated to `2 * (len // 640)` frames. On the encoder's device and dtype."""
+    chunks concatenated, truncated to `2 * (len // 640)` frames. On the encoder's device and dtype.
+    `progress(done, total)` is called after each chunk (it may raise to stop, as ComfyUI's Stop does)."""
     audio = _mono_1d(audio_16k)
     n = audio.shape[0]
     frames = 2 * (n // SAMPLES_PER_VIDEO_FRAME)
@@ -200,11 +201,14 @@ def whisper_hidden_states(encoder: WhisperEncoder, audio_16k: torch.Tensor) -> t
                          "(one video frame at 25 fps)")
     cfg, device = encoder.config, encoder.conv1.weight.device
     pieces = []
-    for start in range(0, n, cfg.chunk_samples):
+    starts = range(0, n, cfg.chunk_samples)
+    for done, start in enumerate(starts, 1):
         chunk = audio[start:start + cfg.chunk_samples].to(device)
         chunk = F.pad(chunk, (0, cfg.chunk_samples - chunk.shape[0]))
         states = encoder(log_mel_spectrogram(chunk, cfg.n_mels)[None])
         pieces.append(torch.stack(states, dim=2)[0])
+        if progress is not None:
+            progress(done, len(starts))
     return torch.cat(pieces)[:frames]
 
 
