@@ -167,10 +167,14 @@ class ProgressBar:
                 self._bar.update_absolute(self.current, self.total)
 
 
+WARNING_EVENT = "wantalk.warning"  # shown as a toast by web/wantalk_warnings.js
+
+
 def warn_user(message: str) -> None:
-    """A warning the user should see although the run goes on: logged, and shown on the running node in ComfyUI
-    (PromptServer.send_progress_text, the text ComfyUI's own nodes show under a node). Outside ComfyUI, or when
-    the server is not running, only logged."""
+    """A warning the user should see although the run goes on: logged, and in ComfyUI shown under the running node
+    (PromptServer.send_progress_text, as ComfyUI's own nodes do) and as a toast (the custom event WARNING_EVENT,
+    which the pack's front-end extension turns into `app.extensionManager.toast.add`; ComfyUI has no built-in
+    server-side toast). Outside ComfyUI, or when the server is not running, only logged."""
     log.warning(message)
     if _folder_paths is None:
         return
@@ -178,7 +182,10 @@ def warn_user(message: str) -> None:
         from comfy_execution.utils import get_executing_context  # type: ignore
         from server import PromptServer  # type: ignore
         context = get_executing_context()
-        if context is not None and getattr(PromptServer, "instance", None) is not None:
-            PromptServer.instance.send_progress_text(f"warning: {message}", context.node_id)
+        server = getattr(PromptServer, "instance", None)
+        if context is not None and server is not None:
+            server.send_progress_text(f"warning: {message}", context.node_id)
+            server.send_sync(WARNING_EVENT, {"message": message, "node": context.node_id},
+                             getattr(server, "client_id", None))
     except Exception as exc:  # pragma: no cover - depends on the ComfyUI version; the log line is already out
         log.debug("wantalk: could not show the warning in ComfyUI: %s", exc)

@@ -408,7 +408,8 @@ def test_warn_user_shows_the_warning_on_the_running_node(monkeypatch):
     sent = []
     server = types.ModuleType("server")
     server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(
-        send_progress_text=lambda text, node_id: sent.append((text, node_id))))
+        send_progress_text=lambda text, node_id: sent.append((text, node_id)),
+        send_sync=lambda event, data, sid: sent.append((event, data, sid)), client_id="c1"))
     utils = types.ModuleType("comfy_execution.utils")
     utils.get_executing_context = lambda: types.SimpleNamespace(node_id="17", prompt_id="p")
     monkeypatch.setitem(sys.modules, "server", server)
@@ -416,4 +417,5 @@ def test_warn_user_shows_the_warning_on_the_running_node(monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy_execution.utils", utils)
     monkeypatch.setattr(host, "_folder_paths", object())
     host.warn_user("[wantalk X] input 'audio' is silent")
-    assert sent == [("warning: [wantalk X] input 'audio' is silent", "17")]
+    assert sent == [("warning: [wantalk X] input 'audio' is silent", "17"),
+                    ("wantalk.warning", {"message": "[wantalk X] input 'audio' is silent", "node": "17"}, "c1")]
