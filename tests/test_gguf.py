@@ -150,6 +150,7 @@ def test_tiny_i2v_gguf_loads_and_matches_its_dequantized_weights(tmp_path, rng, 
                                       (n.endswith(".v") or n.endswith("ffn.2")) else qtype)
                           for n, m in layers.items())
     assert model.cfg == TINY_I2V
+    assert f"{qtype} " in model.quant_report.summary() and (not m_variant or "Q6_K " in model.quant_report.summary())
     # memory holds the file's blocks: every quantized tensor's bytes as stored
     reader = gguf.GGUFReader(path)
     stored = {t.name.removeprefix("model.diffusion_model."): t.n_bytes for t in reader.tensors}

@@ -100,9 +100,12 @@ class QuantReport:
     kept_linears: list[str] = field(default_factory=list)   # linear layers kept in the base dtype
     quantized_bytes: int = 0
     kept_bytes: int = 0
+    storage: dict[str, int] = field(default_factory=dict)  # quantized linear layers per storage format
 
     def summary(self) -> str:
-        return (f"{self.mode}: {len(self.quantized)} linear layers quantized ({self.quantized_bytes / 2**30:.2f} GiB), "
+        formats = ", ".join(f"{name} {count}" for name, count in sorted(self.storage.items()))
+        return (f"{self.mode}: {len(self.quantized)} linear layers quantized ({formats + '; ' if formats else ''}"
+                f"{self.quantized_bytes / 2**30:.2f} GiB), "
                 f"{len(self.kept)} parameters kept in high precision ({self.kept_bytes / 2**30:.2f} GiB)")
 
     def details(self) -> str:
@@ -248,6 +251,7 @@ def apply_plan(model: nn.Module, plan: dict[str, LayerPlan], mode: str, params_t
         _set_submodule(model, name, entry.make_layer(linear, base_dtype))
         quantized.add(name)
         report.quantized.append(name)
+        report.storage[entry.storage] = report.storage.get(entry.storage, 0) + 1
         report.quantized_bytes += entry.weight_bytes(linear.out_features, linear.in_features, base_dtype)
     for pname, p in list(model.named_parameters()) + list(model.named_buffers()):
         module_name, _, leaf = pname.rpartition(".")
