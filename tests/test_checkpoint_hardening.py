@@ -95,17 +95,19 @@ def test_stray_config_json_in_a_shared_folder_is_ignored(tmp_path, weights, capl
     with caplog.at_level(logging.WARNING, logger="wantalk"):
         model = load_wan_model(first)
     assert model.cfg.num_heads == TINY_I2V.num_heads
-    assert "config.json' is ignored for 'a.safetensors': the folder holds other checkpoints" in caplog.text
+    assert "config.json' is ignored for 'a.safetensors': a config.json names no model file" in caplog.text
 
 
-def test_config_that_belongs_to_the_file_is_used_and_logged(tmp_path, weights, caplog):
-    (tmp_path / "own").mkdir()
-    path = write(tmp_path / "own" / "m.safetensors", weights)
-    (tmp_path / "own" / "config.json").write_text(json.dumps({"num_heads": 4, "dim": 5120}))
+def test_config_that_names_the_file_is_used_and_logged(tmp_path, weights, caplog):
+    path = write(tmp_path / "m.safetensors", weights)
+    write(tmp_path / "other.safetensors", weights)
+    (tmp_path / "m.config.json").write_text(json.dumps({"num_heads": 4, "dim": 5120}))
     with caplog.at_level(logging.INFO, logger="wantalk"):
         model = load_wan_model(path)
+        other = load_wan_model(str(tmp_path / "other.safetensors"))
     assert model.cfg.num_heads == 4 and "config values from the file's own metadata/config: {'num_heads': 4}" in \
         caplog.text
+    assert other.cfg.num_heads == TINY_I2V.num_heads
 
 
 # ---- non-finite weights ------------------------------------------------------------------------------------------

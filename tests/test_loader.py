@@ -179,7 +179,7 @@ def test_head_count_needs_a_hint_when_not_inferable(tmp_path, rng):
     with pytest.raises(CheckpointError, match="attention heads"):
         load_wan_model(path)
     assert load_wan_model(path, config_overrides={"num_heads": 2}).cfg.num_heads == 2
-    with open(tmp_path / "config.json", "w") as f:
+    with open(tmp_path / "h.config.json", "w") as f:     # a config that names the file
         json.dump({"num_heads": 2, "dim": 96}, f)
     assert load_wan_model(path).cfg.num_heads == 2
 

@@ -216,7 +216,6 @@ def checked_tensor(tensor: torch.Tensor, key: str, source: str, device=None, err
 
 # key -> (type, lowest, highest): a crafted num_heads 0 divides by zero, a text_len of 1e12 allocates terabytes.
 CONFIG_HINT_BOUNDS = {"num_heads": (int, 1, 1024), "text_len": (int, 1, 4096), "eps": (float, 1e-12, 1e-2)}
-CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".bin", ".ckpt")
 
 
 def validated_hints(hints: dict, source: str) -> dict:
@@ -236,27 +235,22 @@ def validated_hints(hints: dict, source: str) -> dict:
 
 
 def _own_config_file(path: str) -> str | None:
-    """A config beside `path` that belongs to it: `<name>.config.json`, or `config.json` in a folder that holds no
-    other checkpoint (the Hugging Face layout). A config.json shared by a folder of models belongs to none."""
+    """The config beside `path` that names it, `<name>.config.json`. A plain config.json beside it names no file:
+    in a shared model folder it would change every model there, so it is ignored (with a warning)."""
     folder, name = os.path.split(os.path.abspath(path))
     named = os.path.join(folder, os.path.splitext(name)[0] + ".config.json")
     if os.path.isfile(named):
         return named
     shared = os.path.join(folder, "config.json")
-    if not os.path.isfile(shared):
-        return None
-    others = [f for f in os.listdir(folder) if f != name and f.lower().endswith(CHECKPOINT_SUFFIXES)]
-    if others:
-        log.warning("wantalk: '%s' is ignored for '%s': the folder holds other checkpoints too ('%s'), so it does "
-                    "not belong to this file. Rename it to '%s' to use it for this file.", shared, name, others[0],
-                    os.path.basename(named))
-        return None
-    return shared
+    if os.path.isfile(shared):
+        log.warning("wantalk: '%s' is ignored for '%s': a config.json names no model file. To give this file "
+                    "num_heads/text_len/eps, name the config '%s'.", shared, name, os.path.basename(named))
+    return None
 
 
 def config_hints(path: str, metadata: dict | None) -> dict:
     """num_heads / text_len / eps that belong to the checkpoint at `path`: its own safetensors metadata 'config',
-    then a config beside it that belongs to it (`_own_config_file`); validated, and logged when used."""
+    then the config beside it that names it (`_own_config_file`); validated, and logged when used."""
     hints = {}
     raw = (metadata or {}).get("config")
     if raw:

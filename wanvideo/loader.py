@@ -59,7 +59,7 @@ def _head_count(dim: int, hints: dict) -> int:
     if dim % 128 == 0:
         return dim // 128  # every published Wan 2.1 model uses head_dim 128
     raise CheckpointError(f"cannot infer the number of attention heads for model dim {dim} (not a multiple of 128); "
-                          f"pass config_overrides={{'num_heads': N}} or put a config.json beside the file.")
+                          f"pass config_overrides={{'num_heads': N}} or put <file name>.config.json beside the file.")
 
 
 def infer_config(shapes: dict[str, tuple], hints: dict | None = None, source: str = "checkpoint") -> WanConfig:
