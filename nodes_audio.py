@@ -248,6 +248,9 @@ class WanTalkAudioEmbeds:
         frames = min(f.shape[0] for f in features)
         features = [f[:frames] * audio_scale for f in features]
         mixed = fit_length(sum(tracks), frames * SAMPLES_PER_FRAME)
+        for name, mask in (("mask_1", mask_1), ("mask_2", mask_2)):
+            if isinstance(mask, torch.Tensor):
+                validation.finite(node, name, mask, "mask values")
         masks = speaker_region_masks(mask_1, mask_2) if len(features) == 2 else None
         embeds = AudioEmbeds(TalkAudio(features, masks), {"waveform": mixed[None, None], "sample_rate": TARGET_RATE})
         return (embeds, embeds.audio, frames)

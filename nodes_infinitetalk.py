@@ -235,7 +235,11 @@ class WanTalkLoadEmbeddings:
         path = os.path.join(host.output_directory(), EMBEDDINGS_FOLDER, os.path.basename(embeddings))
         if not os.path.isfile(path):
             raise NodeInputError(node, "embeddings", f"'{path}' does not exist; create it with Save Embeddings.")
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise NodeInputError(node, "embeddings", f"'{path}' cannot be read as safetensors ({exc}); save the "
+                                 f"embeddings again with Save Embeddings.") from None
         missing = [k for k in ("positive", "negative") if k not in tensors]
         if missing:
             raise NodeInputError(node, "embeddings", f"'{path}' lacks {missing}; it was not written by Save "

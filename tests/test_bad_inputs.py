@@ -419,3 +419,22 @@ def test_warn_user_shows_the_warning_on_the_running_node(monkeypatch):
     host.warn_user("[wantalk X] input 'audio' is silent")
     assert sent == [("warning: [wantalk X] input 'audio' is silent", "17"),
                     ("wantalk.warning", {"message": "[wantalk X] input 'audio' is silent", "node": "17"}, "c1")]
+
+
+def test_nan_in_a_speaker_mask(wav2vec2, rng):
+    clip = {"waveform": speech_clip(rng), "sample_rate": 16000}
+    mask = torch.zeros(1, 32, 32)
+    mask[0, :, :16] = 1
+    with pytest.raises(NodeInputError, match=r"Audio Embeds\] input 'mask_2': contains 1 NaN/inf mask values"):
+        embeds(wav2vec2, clip, audio_2=clip, mask_1=mask, mask_2=with_nan(1 - mask, 40))
+
+
+def test_damaged_embeddings_file(model_folders, monkeypatch):
+    from wantalk.nodes_infinitetalk import WanTalkLoadEmbeddings
+    monkeypatch.chdir(model_folders)
+    folder = model_folders / "output" / "wantalk_embeddings"
+    folder.mkdir(parents=True)
+    (folder / "bad.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{\"a\": [1, 2, 3]}")
+    with pytest.raises(NodeInputError, match=r"Load Embeddings\] input 'embeddings': '.*bad\.safetensors' cannot be "
+                                             "read as safetensors"):
+        WanTalkLoadEmbeddings().load("bad.safetensors")
