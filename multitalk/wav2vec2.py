@@ -250,40 +250,46 @@ class Wav2Vec2Encoder(nn.Module):
 
 @dataclass(frozen=True)
 class Chunking:
-    """How a long clip is encoded: the CNN in chunks of `cnn_frames` (exact: the convolutions are local, and the
-    first layer's per-channel GroupNorm takes its statistics over the whole clip in a first pass), the
-    transformer in chunks that keep `frames` video frames, each computed with `context` frames of audio on
-    either side (clipped at the ends of the clip).
+    """How a long clip is encoded, in pieces that bound memory and give progress and Stop points.
 
-    The transformer is the only approximation: in one pass its attention sees the whole clip. Defaults: 60 s
-    kept + 10 s of context each side (80 s windows). Every kept frame then has at least 10 s of audio on both
-    sides (as far as the clip goes), twice the 5 s span of wav2vec2's positional convolution (128 frames), and
-    each window sees 80 s of the clip: with random weights, whose attention spreads over the whole window, the
-    error falls with the window's length (docs/BENCHMARKS.md); measured against the one-pass output it stays
-    below CHUNK_TOLERANCE. A clip of at most `frames + 2 * context` frames (80 s) is encoded in one pass,
-    exactly as before."""
-    frames: int = 1500
-    context: int = 250
+    - The CNN in chunks of `cnn_frames` output frames: exact (the convolutions are local; the first layer's
+      per-channel GroupNorm takes its statistics over the whole clip in a first pass).
+    - Up to `one_pass` video frames (80 s): the whole clip in one pass, exactly as before.
+    - Up to `exact` frames (10 min): the transformer layer by layer over the whole clip, its attention in blocks
+      of `block` queries against every key. Exact (float rounding only), memory linear in the length, time still
+      quadratic: 10 minutes of audio is 15,000 frames.
+    - Longer: overlapping windows keeping `window` frames (5 min) with `context` frames (1 min) of audio on either
+      side, each encoded as above. The only approximation: a frame's attention sees its window (7 min), not the
+      whole clip, so the cost grows linearly. With random weights, whose attention spreads over everything, the
+      error follows how much a window's content differs from the whole clip's (docs/BENCHMARKS.md); trained
+      heads attend more locally. The 1 min context is 12x the span of the positional convolution (128 frames)."""
+    one_pass: int = 2000
+    exact: int = 15000
+    block: int = 2000
+    window: int = 7500
+    context: int = 1500
     cnn_frames: int = 1500
 
     def __post_init__(self):
-        if self.frames < 1 or self.context < 0 or self.cnn_frames < 1:
-            raise ValueError(f"Chunking needs frames >= 1, context >= 0 and cnn_frames >= 1, got {self}")
-
-    def one_pass(self, frames: int) -> bool:
-        return frames <= self.frames + 2 * self.context
+        if min(self.block, self.window, self.cnn_frames) < 1 or self.context < 0 or self.one_pass > self.exact:
+            raise ValueError(f"Chunking needs block, window and cnn_frames >= 1, context >= 0 and one_pass <= "
+                             f"exact, got {self}")
 
     def windows(self, frames: int) -> list[tuple[int, int, int, int]]:
-        """(lo, hi, start, end): compute frames [lo, hi), keep [start, end)."""
-        return [(max(0, s - self.context), min(frames, s + self.frames + self.context), s,
-                 min(frames, s + self.frames)) for s in range(0, frames, self.frames)]
+        """(lo, hi, start, end): encode frames [lo, hi), keep [start, end). One window up to `exact` frames."""
+        if frames <= self.exact:
+            return [(0, frames, 0, frames)]
+        return [(max(0, s - self.context), min(frames, s + self.window + self.context), s,
+                 min(frames, s + self.window)) for s in range(0, frames, self.window)]
+
+    def steps(self, frames: int, layers: int) -> int:
+        """Progress steps of the transformer: one per block of queries per layer per window."""
+        return sum(layers * -(-(hi - lo) // self.block) for lo, hi, _, _ in self.windows(frames))
 
 
-# Bound on the relative error of chunked vs one-pass layer outputs (norm of the difference over the norm of the
-# one-pass output, worst layer) with the default Chunking. Measured on random-weight encoders (bench/long_audio.py,
-# docs/BENCHMARKS.md): 0.8-8 %; random attention spreads over the whole window, so the error follows how much a
-# window's content differs from the whole clip's, a pessimistic case for trained heads, which attend more locally.
-CHUNK_TOLERANCE = 0.1
+# Worst-layer relative error (norm of the difference over the norm of the one-pass output) of clips longer than
+# Chunking.exact, measured on random-weight encoders (bench/long_audio.py); shorter clips are exact.
+WINDOW_TOLERANCE = 0.1
 
 Progress = Callable[[int, int], None]   # (chunks done, chunks in all); may raise to stop (ComfyUI's Stop)
 
@@ -343,17 +349,36 @@ def cnn_features_chunked(encoder: "Wav2Vec2Encoder", waveform: torch.Tensor, chu
     return torch.cat(out, dim=1)
 
 
+def _layer_in_query_blocks(layer: "_EncoderLayer", x: torch.Tensor, block: int, tick) -> torch.Tensor:
+    """`_EncoderLayer.forward` with the attention computed for `block` queries at a time against all keys: the
+    same numbers, without one call over the whole clip."""
+    attn = layer.attention
+    b, n, _ = x.shape
+    k = attn.k_proj(x).view(b, n, attn.num_heads, -1)
+    v = attn.v_proj(x).view(b, n, attn.num_heads, -1)
+    out = torch.empty_like(x)
+    for a in range(0, n, block):
+        rows = x[:, a:a + block]
+        q = attn.q_proj(rows).view(b, rows.shape[1], attn.num_heads, -1)
+        h = layer.layer_norm(rows + attn.out_proj(attention(q, k, v).reshape(b, rows.shape[1], -1)))
+        out[:, a:a + block] = layer.final_layer_norm(h + layer.feed_forward(h))
+        tick()
+    return out
+
+
 def layer_outputs_chunked(encoder: "Wav2Vec2Encoder", features: torch.Tensor, chunking: Chunking,
                           tick=lambda: None) -> torch.Tensor:
-    """`Wav2Vec2Encoder.layer_outputs` for `[1, frames, C]` features in overlapping chunks, as
-    `[frames, layers, hidden]` float32 on the CPU (an hour at 25 fps is 3.3 GB: it should not sit in VRAM)."""
+    """`Wav2Vec2Encoder.layer_outputs` for `[1, frames, C]` features, window by window and layer by layer
+    (`Chunking`), as `[frames, layers, hidden]` float32 on the CPU (an hour at 25 fps is 3.3 GB: not for VRAM)."""
     frames = features.shape[1]
-    cfg = encoder.config
+    cfg, transformer = encoder.config, encoder.encoder
     out = torch.empty(frames, cfg.num_layers, cfg.hidden_size, dtype=torch.float32)
     for lo, hi, start, end in chunking.windows(frames):
-        hidden = encoder.layer_outputs(features[:, lo:hi])[0, :, start - lo:end - lo]
-        out[start:end] = hidden.transpose(0, 1).float().cpu()
-        tick()
+        x = encoder.feature_projection(features[:, lo:hi])
+        x = transformer.layer_norm(x + transformer.pos_conv_embed(x))
+        for index, layer in enumerate(transformer.layers):
+            x = _layer_in_query_blocks(layer, x, chunking.block, tick)
+            out[start:end, index] = x[0, start - lo:end - lo].float().cpu()
     return out
 
 
@@ -368,8 +393,8 @@ def encode_for_infinitetalk(encoder: Wav2Vec2Encoder, waveform_16k_mono: torch.T
 
     `waveform_16k_mono` is the (loudness-normalised) 16 kHz mono clip `[T]`. `do_normalize` applies the HF
     feature extractor's zero-mean unit-variance normalisation; chinese-wav2vec2-base does not use it.
-    Clips longer than one chunk are encoded in overlapping chunks (`Chunking`; float32 on the CPU), calling
-    `progress(done, total)` after each chunk: it may raise to stop within one chunk."""
+    Clips longer than `chunking.one_pass` frames are encoded in pieces (`Chunking`; float32 on the CPU), calling
+    `progress(done, total)` after each piece: it may raise to stop within one piece."""
     wav = waveform_16k_mono
     if wav.dim() != 1:
         raise ValueError(f"encode_for_infinitetalk: expected a mono 16 kHz waveform [samples], got shape "
@@ -385,7 +410,7 @@ def encode_for_infinitetalk(encoder: Wav2Vec2Encoder, waveform_16k_mono: torch.T
     if do_normalize:
         x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
     x = x.to(weight.dtype)[None]
-    if chunking.one_pass(n_frames):
+    if n_frames <= chunking.one_pass:
         with torch.no_grad():
             hidden = encoder(x, num_frames=n_frames)
         if progress is not None:
@@ -394,7 +419,8 @@ def encode_for_infinitetalk(encoder: Wav2Vec2Encoder, waveform_16k_mono: torch.T
     if x.shape[-1] < encoder.config.receptive_field:
         encoder.cnn_features(x)  # raises the short-clip message
     total = (len(_first_conv_chunks(encoder, x.shape[-1], chunking.cnn_frames))
-             + len(_cnn_chunks(encoder, x.shape[-1], chunking.cnn_frames)) + len(chunking.windows(n_frames)))
+             + len(_cnn_chunks(encoder, x.shape[-1], chunking.cnn_frames))
+             + chunking.steps(n_frames, encoder.config.num_layers))
     done = [0]
 
     def tick():
