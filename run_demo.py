@@ -1,6 +1,6 @@
 """wantalk demo: the InfiniteTalk graph on tiny generated weights, on the CPU, writing an mp4 with sound.
 
-    python run_demo.py [--out output] [--seconds 3.5]
+    python run_demo.py [--out output] [--seconds 3.5] [--seed 0]
 
 It builds tiny random models with the real file layouts (Wan I2V DiT, InfiniteTalk add-on, VAE, wav2vec2) in a
 temporary folder, draws a face, synthesises a speech-like clip, and runs the same nodes a ComfyUI graph runs:
@@ -11,15 +11,20 @@ shows that the whole pipeline runs (windows, motion frames, colour match, audio 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import math
 import os
 import sys
 import tempfile
 import time
 
-import torch
+STARTED = time.perf_counter()  # before torch is imported: the wall time the demo prints includes the imports
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULTS = {"seconds": 3.5}
+FPS = 25
 
 
 def import_pack():
@@ -38,8 +43,20 @@ def import_pack():
     return sys.modules["wantalk"], tiny_models
 
 
-def generate(work_dir: str, *, seconds: float = 3.5, height: int = 64, width: int = 64, steps: int = 6,
-             frame_window: int = 81, motion_frames: int = 9, seed: int = 0):
+@contextlib.contextmanager
+def model_folders(root: str):
+    """Resolve model names in `root`/<kind> while the demo runs (outside ComfyUI the pack reads its model folders
+    from host's fallback root, $WANTALK_MODELS or ./models, fixed at import)."""
+    from wantalk import host
+    previous, host._FALLBACK_ROOT = host._FALLBACK_ROOT, root
+    try:
+        yield
+    finally:
+        host._FALLBACK_ROOT = previous
+
+
+def generate(work_dir: str, *, seconds: float = DEFAULTS["seconds"], height: int = 64, width: int = 64,
+             steps: int = 4, frame_window: int = 33, motion_frames: int = 5, seed: int = 0):
     """Run the InfiniteTalk graph on tiny weights; returns (IMAGE frames `[N, H, W, 3]`, AUDIO, fps)."""
     _, tiny = import_pack()
     from wantalk.nodes_audio import WanTalkAudioEmbeds, WanTalkAudioEncoderLoader
@@ -47,20 +64,26 @@ def generate(work_dir: str, *, seconds: float = 3.5, height: int = 64, width: in
     from wantalk.nodes_model_loading import WanTalkModelLoader
     from safetensors.torch import load_file
 
-    files = tiny.write_tiny_infinitetalk_files(os.path.join(work_dir, "models"), seed)
-    model, _ = WanTalkModelLoader().load(files["diffusion_models"], "fp32", "disabled", "auto", "main_device",
-                                         addon_model=files["model_patches"])
-    vae, = WanTalkVAELoader().load(files["vae"], "fp32")
-    encoder, = WanTalkAudioEncoderLoader().load(files["audio_encoders"], "fp32", "cpu")
+    models = os.path.join(work_dir, "models")
+    tiny.write_tiny_infinitetalk_files(models, seed, vae_dim=4)
+    names = tiny.TINY_FILES
+    with model_folders(models):
+        model, _ = WanTalkModelLoader().load(names["diffusion_models"], "fp32", "disabled", "auto", "main_device",
+                                             addon_model=names["model_patches"])
+        vae, = WanTalkVAELoader().load(names["vae"], "fp32")
+        encoder, = WanTalkAudioEncoderLoader().load(names["audio_encoders"], "fp32", "cpu")
 
     speech = {"waveform": tiny.synth_speech(seconds, seed=seed)[None, None], "sample_rate": 16000}
-    embeds, _, _ = WanTalkAudioEmbeds().embed(speech, True, 1.0, 0, "para", audio_encoder=encoder)
+    embeds, _, _ = WanTalkAudioEmbeds().embed(speech, normalize_loudness=True, audio_scale=1.0, num_frames=0,
+                                             two_speaker_mode="para", audio_encoder=encoder)
     stand_in = load_file(tiny.make_tiny_embeddings(os.path.join(work_dir, "embeddings.safetensors"), seed))
     portrait = tiny.procedural_portrait(height + height // 4, width)[None].permute(0, 2, 3, 1)
     return WanTalkInfiniteTalkSampler().sample(
-        model, vae, embeds, [[stand_in["positive"], {}]], [[stand_in["negative"], {}]], portrait, width, height,
-        steps, 7.0, "infinitetalk_euler", 5.0, 4.0, seed, frame_window, motion_frames, 1.0, 0, False,
-        clip_vision_output=ClipVisionEmbeds(stand_in["clip_vision"]))
+        model=model, vae=vae, audio_embeds=embeds, positive=[[stand_in["positive"], {}]],
+        negative=[[stand_in["negative"], {}]], start_image=portrait, width=width, height=height, steps=steps,
+        shift=7.0, scheduler="infinitetalk_euler", text_scale=5.0, audio_scale=4.0, seed=seed,
+        frame_window=frame_window, motion_frames=motion_frames, color_correction=1.0, max_frames=0,
+        save_windows=False, clip_vision_output=ClipVisionEmbeds(stand_in["clip_vision"]))
 
 
 def write_mp4(path: str, images: torch.Tensor, audio: dict, fps: float) -> str:
@@ -91,22 +114,35 @@ def write_mp4(path: str, images: torch.Tensor, audio: dict, fps: float) -> str:
     return path
 
 
-def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="output", help="folder for the mp4 (default ./output)")
-    parser.add_argument("--seconds", type=float, default=3.5, help="length of the synthesised speech")
-    parser.add_argument("--seed", type=int, default=0)
+def seconds_of_speech(text: str) -> float:
+    """--seconds: at least one video frame (1/25 s) of a finite length."""
+    value = float(text)
+    if not math.isfinite(value) or value < 1 / FPS:
+        raise argparse.ArgumentTypeError(f"{text}: the speech must last at least one frame (1/{FPS:g} s = "
+                                         f"{1 / FPS:g} s), e.g. --seconds 3.5")
+    return value
+
+
+def main(argv=None, started: float | None = None) -> str:
+    started = time.perf_counter() if started is None else started
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="output", help="folder for wantalk_demo.mp4")
+    parser.add_argument("--seconds", type=seconds_of_speech, default=DEFAULTS["seconds"],
+                        help="length of the synthesised speech, hence of the video (25 fps)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny weights, the speech and the noise")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    start = time.perf_counter()
+    # Tiny tensors: one thread is fastest. More threads spend the time synchronising (and spin while another
+    # process holds the other core), which made the demo 5x slower on a busy 2-core machine.
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="wantalk-demo-") as work:
         images, audio, fps = generate(work, seconds=args.seconds, seed=args.seed)
     path = write_mp4(os.path.join(args.out, "wantalk_demo.mp4"), images, audio, fps)
     seconds = audio["waveform"].shape[-1] / audio["sample_rate"]
     print(f"wrote {path}: {images.shape[0]} frames {images.shape[2]}x{images.shape[1]} at {fps:g} fps, "
-          f"{seconds:.2f} s of sound, in {time.perf_counter() - start:.0f} s")
+          f"{seconds:.2f} s of sound; wall time {time.perf_counter() - started:.1f} s")
     return path
 
 
 if __name__ == "__main__":
-    main()
+    main(started=STARTED)

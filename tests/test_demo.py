@@ -1,5 +1,6 @@
 """The README's main job (run_demo.py) on an even smaller setting: the whole InfiniteTalk graph on tiny generated
-weights gives one frame per 40 ms of the synthesised speech, and the mp4 carries both streams."""
+weights gives one frame per 40 ms of the synthesised speech, and the mp4 carries both streams; its command line
+refuses a speech too short for one frame and shows its defaults."""
 import importlib
 
 import pytest
@@ -37,3 +38,18 @@ def test_demo_writes_an_mp4_with_sound(demo_output, tmp_path):
     # lossy, but the first frame must be recognisably the generated one
     first = torch.from_numpy(decoded[0]).float() / 255
     assert (first - images[0]).abs().mean() < 0.1
+
+
+@pytest.mark.parametrize("seconds", ["0", "0.01", "-1", "nan"])
+def test_demo_refuses_a_speech_shorter_than_one_frame(seconds, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_demo.main(["--seconds", seconds, "--out", "unused"])
+    assert exit_info.value.code == 2
+    assert "at least one frame" in capsys.readouterr().err
+
+
+def test_demo_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        run_demo.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 3.5)" in text and "(default: output)" in text and "(default: 0)" in text

@@ -128,8 +128,9 @@ def make_tiny_models(models_dir: str, seed: int = 0) -> dict:
     return dict(REAL_TO_TINY)
 
 
-def write_tiny_infinitetalk_files(models_dir: str, seed: int = 0) -> dict:
-    """The tiny InfiniteTalk model files (no LoRA); returns {folder: path}."""
+def write_tiny_infinitetalk_files(models_dir: str, seed: int = 0, vae_dim: int = 8) -> dict:
+    """The tiny InfiniteTalk model files (no LoRA); returns {folder: path}. vae_dim: base width of the VAE (its
+    full-resolution layers dominate the run time of a tiny graph; 4 is the narrowest that loads)."""
     g = torch.Generator().manual_seed(seed)
     _, sd = tiny_infinitetalk(g, config=tiny_graph_infinitetalk_config())
     addon = {k: v for k, v in sd.items() if any(m in k for m in ADDON_KEY_MARKERS)}
@@ -137,7 +138,7 @@ def write_tiny_infinitetalk_files(models_dir: str, seed: int = 0) -> dict:
     path = lambda kind: os.path.join(models_dir, kind, TINY_FILES[kind])
     save_state_dict(base, path("diffusion_models"), dtype=torch.bfloat16)
     save_state_dict(addon, path("model_patches"), dtype=torch.float16)
-    save_state_dict(tiny_vae(g)[1], path("vae"))
+    save_state_dict(tiny_vae(g, dim=vae_dim)[1], path("vae"))
     save_state_dict(tiny_wav2vec2(g)[1], path("audio_encoders"), prefix="wav2vec2.")
     return {kind: path(kind) for kind in TINY_FILES if kind != "loras"}
 
