@@ -35,6 +35,8 @@ def resolve_addon(name: str) -> str:
     for kind in ("model_patches", "diffusion_models"):
         try:
             return host.model_path(kind, name)
+        except host.ModelPathError:
+            raise  # outside every model folder: the same answer for each kind
         except FileNotFoundError:
             continue
     raise FileNotFoundError(f"add-on file '{name}' is neither in models/model_patches nor in models/diffusion_models")

@@ -438,3 +438,13 @@ def test_damaged_embeddings_file(model_folders, monkeypatch):
     with pytest.raises(NodeInputError, match=r"Load Embeddings\] input 'embeddings': '.*bad\.safetensors' cannot be "
                                              "read as safetensors"):
         WanTalkLoadEmbeddings().load("bad.safetensors")
+
+
+def test_addon_path_outside_the_folders_is_named(model_folders):
+    from wantalk.nodes_model_loading import WanTalkModelLoader
+    (model_folders / "models" / "diffusion_models").mkdir()
+    (model_folders / "models" / "diffusion_models" / "m.safetensors").write_bytes(b"x")
+    with pytest.raises(NodeInputError, match=r"Load Wan Model\] input 'addon_model': model_patches file name "
+                                             r"'\.\./\.\./secret\.safetensors' points outside"):
+        WanTalkModelLoader().load("m.safetensors", "bf16", "disabled", "auto", "main_device",
+                                  addon_model="../../secret.safetensors")
