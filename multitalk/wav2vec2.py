@@ -160,10 +160,18 @@ class _SelfAttention(nn.Module):
         self.v_proj = operations.Linear(dim, dim, device=device, dtype=dtype)
         self.out_proj = operations.Linear(dim, dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape
-        q, k, v = (proj(x).view(b, n, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.k_proj(x).view(b, n, self.num_heads, -1), self.v_proj(x).view(b, n, self.num_heads, -1)
+
+    def attend(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output for the positions `rows` (some or all of the sequence) over every key."""
+        b, n, _ = rows.shape
+        q = self.q_proj(rows).view(b, n, self.num_heads, -1)
         return self.out_proj(attention(q, k, v).reshape(b, n, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, *self.keys_values(x))
 
 
 class _FeedForward(nn.Module):
@@ -187,9 +195,13 @@ class _EncoderLayer(nn.Module):
         self.feed_forward = _FeedForward(cfg, **kw)
         self.final_layer_norm = kw["operations"].LayerNorm(cfg.hidden_size, **ln)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer_norm(x + self.attention(x))
+    def forward_rows(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The layer's output at the positions `rows`, given the keys and values of the whole sequence."""
+        x = self.layer_norm(rows + self.attention.attend(rows, k, v))
         return self.final_layer_norm(x + self.feed_forward(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_rows(x, *self.attention.keys_values(x))
 
 
 class _Transformer(nn.Module):
@@ -352,16 +364,10 @@ def cnn_features_chunked(encoder: "Wav2Vec2Encoder", waveform: torch.Tensor, chu
 def _layer_in_query_blocks(layer: "_EncoderLayer", x: torch.Tensor, block: int, tick) -> torch.Tensor:
     """`_EncoderLayer.forward` with the attention computed for `block` queries at a time against all keys: the
     same numbers, without one call over the whole clip."""
-    attn = layer.attention
-    b, n, _ = x.shape
-    k = attn.k_proj(x).view(b, n, attn.num_heads, -1)
-    v = attn.v_proj(x).view(b, n, attn.num_heads, -1)
+    k, v = layer.attention.keys_values(x)
     out = torch.empty_like(x)
-    for a in range(0, n, block):
-        rows = x[:, a:a + block]
-        q = attn.q_proj(rows).view(b, rows.shape[1], attn.num_heads, -1)
-        h = layer.layer_norm(rows + attn.out_proj(attention(q, k, v).reshape(b, rows.shape[1], -1)))
-        out[:, a:a + block] = layer.final_layer_norm(h + layer.feed_forward(h))
+    for a in range(0, x.shape[1], block):
+        out[:, a:a + block] = layer.forward_rows(x[:, a:a + block], k, v)
         tick()
     return out
 
