@@ -4,7 +4,7 @@ Every layer computes `x @ W^T + b` with W stored quantized and the bias in the b
 - default: dequantize W to the activation dtype and `F.linear` (any device; the CPU path);
 - `fast`: FP8 tensor-core matmul through `torch._scaled_mm` with row-wise scales, the activation quantized
   by ONE fused Triton pass (per-row amax + cast) - no eager amax/divide/cast chain, which eats the gain
-  (KERNELS.md 7-8). NVFP4 weights take it too, re-expressed as E4M3 by a Triton kernel on the fly; on Blackwell
+  (docs/NOTES.md §6.1). NVFP4 weights take it too, re-expressed as E4M3 by a Triton kernel on the fly; on Blackwell
   they first try a native block-scaled FP4 GEMM (`wanvideo/kernels/nvfp4_native.py`, self-checked per device).
   When FP8 compute or Triton is missing, the layer logs once and takes the default path.
 Layers hold no state that changes between calls: CFG passes and batch sizes are independent.
@@ -24,7 +24,7 @@ from .wanvideo.kernels import quant_formats as qf
 log = logging.getLogger("wantalk")
 
 FAST_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
-# Hopper's fast FP8 accumulation: row-wise GEMMs measured 1323 vs 1161 TFLOP/s (KERNELS.md 4.1); bench/linear.py
+# Hopper's fast FP8 accumulation: row-wise GEMMs measured 1323 vs 1161 TFLOP/s (docs/NOTES.md §6.1); bench/linear.py
 # --exact-accum measures the other setting.
 USE_FAST_ACCUM = True
 _reported: set[str] = set()

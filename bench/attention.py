@@ -103,7 +103,7 @@ def main():
         if args.layout == "nhd":   # views of linear outputs, as the model passes them
             q, k, v = (torch.randn(b, n, h * d, device="cuda", dtype=torch.bfloat16, generator=g).view(b, n, h, d)
                        for n in (lq, lk, lk))
-        else:                      # [B, H, L, D] storage (the layout of KERNELS.md section 7.2)
+        else:                      # [B, H, L, D] storage (the layout measured in docs/NOTES.md §5.2)
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
                        for n in (lq, lk, lk))
         rows = torch.randperm(lq, device="cuda", generator=g)[:256]

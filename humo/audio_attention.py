@@ -1,4 +1,4 @@
-"""HuMo's per-block audio cross-attention (`audio_cross_attn_wrapper`, REFERENCE.md section 6).
+"""HuMo's per-block audio cross-attention (`audio_cross_attn_wrapper`, docs/NOTES.md §4.1).
 
 After the text cross-attention and before the FFN, un-gated: `x = x + o(attn(q, k, v))` with
 `q = norm_q(q(norm1_audio(x)))` and `k = norm_k(k(audio))`, `v = v(audio)`. Each latent frame's h*w video tokens

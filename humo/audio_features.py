@@ -1,4 +1,4 @@
-"""HuMo's audio conditioning tensors from Whisper hidden states (REFERENCE.md section 6).
+"""HuMo's audio conditioning tensors from Whisper hidden states (docs/NOTES.md §4.2).
 
 `humo_bands`: 33 hidden states at 50 fps -> 5 bands at 25 fps (HuMo `audio_emb_enc`).
 `humo_audio_windows`: one 8-frame window of bands per latent frame (HuMo `get_audio_emb_window`),

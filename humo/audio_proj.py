@@ -1,6 +1,6 @@
 """HuMo's audio projection: one 8-frame window of Whisper bands per latent frame -> 16 audio tokens.
 
-REFERENCE.md section 6 (HuMo audio_proj.py): flatten the window (8 x 5 bands x 1280) -> relu(Linear 512) ->
+docs/NOTES.md §4.1 (HuMo audio_proj.py): flatten the window (8 x 5 bands x 1280) -> relu(Linear 512) ->
 relu(Linear 512) -> Linear 16*1536 -> tokens -> LayerNorm(1536). Each layer sits in a `.layer` child, as in the
 official `DummyAdapterLayer`, so the checkpoint keys load as they are.
 """

@@ -1,5 +1,5 @@
 """HuMo-1.7B's way of seeing the reference image: its latents replace the last frames of the noisy latents in the
-passes that show it (zeros in the others), instead of entering through `y` (REFERENCE.md section 6,
+passes that show it (zeros in the others), instead of entering through `y` (docs/NOTES.md §4.3,
 generate_1_7B.py). Plugged into the shared loop as a model wrapper, a conditioning and a guidance plan.
 
 Guidance TIA (4 passes): `v = s_i (tia - ta) + s_a (ta - t) + s_t (t - neg) + neg`, where ta/t/neg see zero

@@ -1,5 +1,5 @@
 """HuMo as a Wan model add-on: its config, recognition from checkpoint shapes, and the factories the loader uses
-to build `audio_proj` and the per-block `audio_cross_attn_wrapper` (REFERENCE.md section 6).
+to build `audio_proj` and the per-block `audio_cross_attn_wrapper` (docs/NOTES.md §4.1).
 
 HuMo-17B is Wan I2V-14B shaped (36 input channels: the reference image enters through `y`) without the CLIP
 branch; HuMo-1.7B is Wan T2V-1.3B shaped (16 channels: the reference latent is written into `x`).

@@ -1,6 +1,6 @@
 """HuMo generation: reference images, the zero-video latent, guidance plans and the (long-audio) window loop.
 
-Official HuMo (generate.py, REFERENCE.md section 6): reference images are fitted into the frame on white,
+Official HuMo (generate.py, docs/NOTES.md §4.3): reference images are fitted into the frame on white,
 VAE-encoded one by one and appended as the LAST latent frames, with the 4-channel mask 1 there; `y` holds the
 zero-video latent before them (`y_null` holds it everywhere); every frame gets an audio window, the reference
 frames zero windows. TIA guidance runs 3 passes per step; UniPC 50 steps, shift 5, 97 frames at 25 fps.

@@ -1,7 +1,7 @@
 """Whisper-large-v3 audio ENCODER, its log-mel front end and its loader, without `transformers`.
 
 HuMo conditions on all 33 hidden states of HF `WhisperModel.encoder(..., output_hidden_states=True)`
-(REFERENCE.md section 6). Numerics follow HF: the hidden states are the embedding output, the outputs of
+(docs/NOTES.md §4.2). Numerics follow HF: the hidden states are the embedding output, the outputs of
 layers 0..30, and the output of layer 31 AFTER the final `layer_norm` (HF appends the normed state last;
 ComfyUI's whisper encoder does the same). The log-mel follows HF `WhisperFeatureExtractor` (torch path):
 periodic Hann STFT (centered, reflect padding), last frame dropped, Slaney mel filters, log10 clamped to

@@ -1,4 +1,4 @@
-"""Per-block audio cross-attention of InfiniteTalk / MultiTalk (REFERENCE.md 5.4).
+"""Per-block audio cross-attention of InfiniteTalk / MultiTalk (docs/NOTES.md §3.3).
 
 Each latent frame's h*w video tokens attend to that frame's own audio tokens (32 per speaker); no gate.
 With two speakers, every video token gets a 1-D RoPE position from the speaker it looks at in the first

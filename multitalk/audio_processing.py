@@ -1,4 +1,4 @@
-"""Audio preparation for the InfiniteTalk audio encoder: mono, 16 kHz, loudness (REFERENCE.md 5.5).
+"""Audio preparation for the InfiniteTalk audio encoder: mono, 16 kHz, loudness (docs/NOTES.md §3.4).
 
 The official pipeline reads audio with `librosa.load(path, sr=16000)` (channel mean, then band-limited
 resampling) and normalises it to -23 LUFS with pyloudnorm (ITU-R BS.1770-4; skipped when |loudness| > 100,

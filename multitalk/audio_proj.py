@@ -1,6 +1,6 @@
 """InfiniteTalk's audio projection: per-video-frame wav2vec2 windows -> 32 audio tokens per latent frame.
 
-REFERENCE.md 5.3. The VAE packs 4 video frames into each latent frame after the first, so latent frame j >= 1
+docs/NOTES.md §3.2. The VAE packs 4 video frames into each latent frame after the first, so latent frame j >= 1
 sees the contiguous audio frames 4j-5 .. 4j+2 (8 of them), gathered from the windows of its video frames.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ video dubbing, and continuing an earlier sampler's video.
 
 Each window of `frame_window` frames (81) is denoised with its own audio; its first `motion_frames` frames are
 the last frames of the video so far. The audio advances by `frame_window - motion_frames` per window. Two ways
-to continue a window (`LongVideoSettings.continuation`, REFERENCE.md 5.6):
+to continue a window (`LongVideoSettings.continuation`, docs/NOTES.md §3.5):
 - "infinitetalk": `y` holds the window's reference frame; the motion frames (9) are VAE-encoded and pinned clean
   before and after every step (in the first window the reference frame's own latent, encoded alone).
 - "multitalk": `y` holds the motion frames (official 25) with the I2V mask over them; their latents are

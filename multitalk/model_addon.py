@@ -1,5 +1,5 @@
 """InfiniteTalk / MultiTalk as a Wan model add-on: its config, recognition from checkpoint shapes, and the
-factories the loader uses to build `audio_proj` and the per-block audio layers (REFERENCE.md 5.1-5.2).
+factories the loader uses to build `audio_proj` and the per-block audio layers (docs/NOTES.md §3.1).
 
 Single (InfiniteTalk single / MultiTalk one speaker) and multi (two speakers) files have the same keys and
 shapes, so one model serves both; the speaker count is chosen per call by the conditioning.

@@ -19,7 +19,7 @@ the weight norm as `parametrizations.weight.original0/1` (newer torch); heads su
 `project_hid.*`, `project_q.*`, `lm_head.*` and the training-only SpecAugment vector `masked_spec_embed` are
 ignored. GELU is the exact (erf) one, all LayerNorm/GroupNorm eps are 1e-5.
 
-InfiniteTalk use (REFERENCE.md 5.5, pitfall 10): the CNN features (50 per second) are linearly interpolated
+InfiniteTalk use (docs/NOTES.md §3.4): the CNN features (50 per second) are linearly interpolated
 (align_corners=True) to the video frame count int(T / 16000 · fps) BEFORE feature_projection and the
 transformer, and the outputs of the 12 layers (HF hidden_states[1:]) are kept.
 
@@ -395,7 +395,7 @@ def layer_outputs_chunked(encoder: "Wav2Vec2Encoder", features: torch.Tensor, ch
 def encode_for_infinitetalk(encoder: Wav2Vec2Encoder, waveform_16k_mono: torch.Tensor, fps: float = 25,
                             *, do_normalize: bool = False, chunking: Chunking = Chunking(),
                             progress: Progress | None = None) -> torch.Tensor:
-    """Audio embedding `[n_frames, layers, hidden]` with n_frames = int(T / 16000 · fps) (REFERENCE.md 5.5).
+    """Audio embedding `[n_frames, layers, hidden]` with n_frames = int(T / 16000 · fps) (docs/NOTES.md §3.4).
 
     `waveform_16k_mono` is the (loudness-normalised) 16 kHz mono clip `[T]`. `do_normalize` applies the HF
     feature extractor's zero-mean unit-variance normalisation; chinese-wav2vec2-base does not use it.

@@ -1,5 +1,5 @@
 """HuMo band features and per-latent audio windows (humo/audio_features.py), checked element by element
-against the formulas of REFERENCE.md section 6 written out as plain loops."""
+against the formulas of docs/NOTES.md §4.2 written out as plain loops."""
 import math
 
 import pytest

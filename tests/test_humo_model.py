@@ -1,5 +1,5 @@
 """HuMo model add-on: real-size keys of HuMo-17B and 1.7B, the audio projection and the per-block audio attention
-against float64 references written from REFERENCE.md section 6, the official call convention, loading and
+against float64 references written from docs/NOTES.md §4.1, the official call convention, loading and
 detection, the quantization policy on the audio layers, and bad inputs."""
 import math
 import os
@@ -89,7 +89,7 @@ def test_audio_projection_matches_float64(rng):
 # ---------------------------------------------------------------------------------------------- audio attention
 
 def reference_audio_residual(p, x, tokens, grid, heads):
-    """float64 from REFERENCE.md section 6: LayerNorm (affine, eps 1e-6); q = RMSNorm(Wq x), k = RMSNorm(Wk a),
+    """float64 from docs/NOTES.md §4.1: LayerNorm (affine, eps 1e-6); q = RMSNorm(Wq x), k = RMSNorm(Wk a),
     v = Wv a; per latent frame the h*w queries attend to that frame's audio tokens; o."""
     f, h, w = grid
     dim = x.shape[-1]

@@ -104,7 +104,7 @@ def test_audio_projection_matches_float64(rng):
 # ---------------------------------------------------------------------------------------------- 1-D RoPE
 
 def test_rope_1d_reference_values():
-    """REFERENCE.md section 7: q = ones, head 128, positions [0, 2, 12, 22]."""
+    """docs/NOTES.md §1.4: q = ones, head 128, positions [0, 2, 12, 22]."""
     out = rope_1d(torch.ones(1, 4, 1, 128), torch.tensor([[0.0, 2.0, 12.0, 22.0]]))[0, :, 0, :4]
     expected = torch.tensor([[1.0, 1.0, 1.0, 1.0],
                              [-1.325444221496582, 0.4931505620479584, -1.1474822759628296, 0.8266102075576782],
@@ -131,7 +131,7 @@ def test_rope_1d_matches_complex_rotation(rng):
 # ---------------------------------------------------------------------------------------------- audio attention
 
 def reference_audio_residual(p, x, tokens, grid, heads, speakers, masks=None, q_self=None, k_self=None):
-    """float64, written from REFERENCE.md 5.4: per-frame attention of h*w queries over that frame's audio
+    """float64, written from docs/NOTES.md §3.3: per-frame attention of h*w queries over that frame's audio
     tokens; with two speakers, 1-D RoPE positions from the first-frame reference attention map."""
     f, h, w = grid
     s, dim = h * w, x.shape[-1]

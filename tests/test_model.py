@@ -1,4 +1,4 @@
-"""Wan 2.1 DiT: key names at real size, reference values of REFERENCE.md section 7, call conventions."""
+"""Wan 2.1 DiT: key names at real size, reference values of docs/NOTES.md §1.4, call conventions."""
 import math
 import os
 import re

@@ -12,7 +12,7 @@ from wantalk.wanvideo.kernels import quant_formats as qf
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 # Output error against the bf16 layer (float64 reference): weight AND activation rounded to E4M3
-# (2.65% each, in quadrature ~3.75%, KERNELS.md 6/8); unscaled fp8 casts fan-in-scaled weights partly into the
+# (2.65% each, in quadrature ~3.75%, docs/NOTES.md §6.2); unscaled fp8 casts fan-in-scaled weights partly into the
 # subnormal range (4-7% weight error at K 5120-13824); NVFP4 weights 9-9.5% plus the E4M3 steps.
 FAST_BOUND = {"fp8_e4m3fn_fast": 0.08, "fp8_e4m3fn_scaled_fast": 0.05, "fp4_scaled_fast": 0.12}
 

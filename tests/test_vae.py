@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from wantalk.wanvideo.modules.vae_tiling import edge_weights, run_tiled, tile_spans
 from wantalk.wanvideo.vae import WanVAE, WanVAEConfig, load_wan_vae
 
-# REFERENCE.md 3.1 (typed here independently of the implementation)
+# docs/NOTES.md §2 (typed here independently of the implementation)
 MEAN = torch.tensor([-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
                     dtype=torch.float64).view(1, 16, 1, 1, 1)
@@ -153,7 +153,7 @@ def test_real_size_keys_and_shapes_match_official_listing(keys_dir):
             expected[key] = tuple(int(n) for n in shape.strip("(),").split(",") if n.strip())
     model = WanVAE(WanVAEConfig(), device="meta")
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
-    assert sum(p.numel() for p in model.parameters()) == 126_892_531  # REFERENCE.md 3.1
+    assert sum(p.numel() for p in model.parameters()) == 126_892_531  # docs/NOTES.md §2
 
 
 @pytest.mark.parametrize("prefix", ["", "vae.", "first_stage_model."])

@@ -1,4 +1,4 @@
-"""The Wan 2.1 video VAE: loading, encode and decode with the official numerics (REFERENCE.md section 3).
+"""The Wan 2.1 video VAE: loading, encode and decode with the official numerics (docs/NOTES.md §2).
 
 Video `[B, 3, F, H, W]` in [-1, 1] with F = 1 + 4k and H, W multiples of 8 <-> normalised latents
 `[B, 16, 1 + (F - 1) // 4, H / 8, W / 8]`. The encoder sees the first frame alone, then chunks of 4 frames;

@@ -1,6 +1,6 @@
 """8-bit attention in Triton (SageAttention2 recipe): INT8 Q.K^T, FP8 E4M3 P.V, FP32 accumulation.
 
-Why each piece (facts: /work/shared/docs/KERNELS.md, sections 0-1):
+Why each piece (facts: docs/NOTES.md §5.1, §5.3):
 - K is smoothed by subtracting a per-channel mean before INT8 quantization. q.(k - m) = q.k - q.m shifts every
   logit of a query row by the same amount, which softmax ignores: exact for ANY vector m. The mean of an evenly
   strided sample of at most `MEAN_SAMPLES` keys removes the common bias as well as the full mean does, for a

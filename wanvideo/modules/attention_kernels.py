@@ -11,8 +11,8 @@ answering "No available kernel", FlashAttention-4 refusing or failing to compile
 `AttentionUnsupported`; the dispatcher then logs it once and uses the next kernel. Every other exception is a bug
 and surfaces to the caller.
 
-Facts behind the table: `/work/shared/docs/KERNELS.md` (sageattention 1.0.6 key-length bug and in-place
-`k -= km`, SageAttention3 sm120/121 only, 16-byte vector loads; FlashAttention-4 in section 9.1) and the PyTorch
+Facts behind the table: docs/NOTES.md §5 (sageattention 1.0.6 key-length bug and in-place
+`k -= km`, SageAttention3 sm120/121 only, 16-byte vector loads; FlashAttention-4 in §5.2) and the PyTorch
 issue tracker (cuDNN SDPA:
 silently wrong with float masks of another dtype, pytorch#191612; wrong with GQA on sm100, pytorch#193893;
 mask-dependent failures, pytorch#134001, #196678; memory-efficient SDPA wrong on stride-0 k/v, #191937).
@@ -365,7 +365,7 @@ CONTRACTS: dict[str, Contract] = {
                             masks=True, gqa=True, devices=("cpu",)),
     "flash_attn": Contract(layout="NHD", dtypes=HALF, max_head_dim=256, head_dim_multiple=8, gqa=True,
                            min_capability=(8, 0)),
-    # FlashAttention-4 (`flash-attn-4` 4.0.0b36, CuTe DSL, KERNELS.md 9.1): q, k, v [B, L, H, D] fp16/bf16, last
+    # FlashAttention-4 (`flash-attn-4` 4.0.0b36, CuTe DSL, docs/NOTES.md §5.2): q, k, v [B, L, H, D] fp16/bf16, last
     # dim contiguous, base pointer and strides 16-byte aligned (else it copies them itself: we copy once instead),
     # GQA, any scale, no masks here (its mask_mod is not used). Head dims 8..256 on sm90 but 8..128 on sm100: 128
     # is the common limit. FP8 inputs only on sm100, never fed. H200, bf16, H40 D128 (docs/BENCHMARKS.md, issue 16):

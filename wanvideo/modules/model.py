@@ -1,6 +1,6 @@
 """Wan 2.1 diffusion transformer (T2V and I2V), following the official WanModel numerics.
 
-Precision contract (REFERENCE.md 1.3-1.5): the time embedding, modulation, gated residual adds and the
+Precision contract (docs/NOTES.md §1.1-1.2): the time embedding, modulation, gated residual adds and the
 head run in float32; the residual stream is float32; linear layers compute in their own dtype; RoPE
 angles come from float64 tables; attention runs in the model's compute dtype.
 

@@ -1,4 +1,4 @@
-"""Building blocks of the Wan 2.1 video VAE (REFERENCE.md section 3), with the official numerics.
+"""Building blocks of the Wan 2.1 video VAE (docs/NOTES.md §2), with the official numerics.
 
 The VAE is causal in time and runs chunk by chunk (encoder: first frame, then 4 frames; decoder: one latent
 frame). A `CausalCache` carries what each temporal convolution needs from earlier chunks, so that chunked
