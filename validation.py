@@ -34,29 +34,24 @@ def warn(node: str, message: str) -> None:
 
 # ---- widget values ----------------------------------------------------------------------------------------------
 
-def number(node: str, name: str, value, low=None, high=None, *, integer: bool = False):
-    """`value` as int (integer=True) or float, after checking it is a finite number within [low, high]."""
+def number(node: str, name: str, value, low=None, high=None, *, integer: bool = False) -> None:
+    """`value` must be a finite number (a whole one for integer=True) within [low, high]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise NodeInputError(node, name, f"expected a number, got {value!r} ({type(value).__name__}).")
-    if not math.isfinite(float(value)):
-        raise NodeInputError(node, name, f"is {value}; give a finite number.")
-    if integer:
-        if not float(value).is_integer():
+    if not isinstance(value, numbers.Integral):  # ints of any size are finite (10**400 has no float)
+        if not math.isfinite(value):
+            raise NodeInputError(node, name, f"is {value}; give a finite number.")
+        if integer and not float(value).is_integer():
             raise NodeInputError(node, name, f"expected a whole number, got {value!r}.")
-        value = int(value)
-    else:
-        value = float(value)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"between {low} and {high}" if low is not None and high is not None else (
             f"at least {low}" if low is not None else f"at most {high}")
         raise NodeInputError(node, name, f"must be {bounds}, got {value}.")
-    return value
 
 
-def choice(node: str, name: str, value, choices) -> str:
+def choice(node: str, name: str, value, choices) -> None:
     if value not in choices:
         raise NodeInputError(node, name, f"unknown value {value!r}; choose one of {', '.join(map(str, choices))}.")
-    return value
 
 
 def widgets(node: str, input_types: dict, values: dict) -> None:

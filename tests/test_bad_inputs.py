@@ -143,6 +143,7 @@ def test_zero_or_negative_width_is_refused(parts, rng, width):
     ("color_correction", 2.0, "must be between 0.0 and 1.0"),
     ("seed", 2**64, f"must be between 0 and {2**63 - 1}"),
     ("seed", -1, "must be between 0"),
+    ("seed", 10**400, "must be between 0 and"),
     ("save_windows", "yes", "expected true or false"),
 ])
 def test_bad_widget_is_reported_against_its_own_input(parts, rng, widget, value, expected):
