@@ -6,7 +6,6 @@ nodes, and return IMAGE frames plus the matching AUDIO and fps for ComfyUI's Cre
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import torch
 
 from . import host, validation
 from .humo.audio_features import humo_bands
-from .humo.pipeline import GUIDANCE_MODES, HUMO_DEFAULTS, HumoSettings, generate_humo_video, run_fingerprint
+from .humo.pipeline import GUIDANCE_MODES, HUMO_DEFAULTS, HumoSettings, generate_humo_video
 from .humo.whisper import SAMPLE_RATE, hidden_states_from_comfy, load_whisper_encoder, whisper_hidden_states
 from .multitalk import audio_processing
 from .nodes_audio import FPS, PRECISIONS, SAMPLES_PER_FRAME, fit_length
@@ -239,12 +238,7 @@ class WanTalkHuMoSampler(VideoSamplerNode):
             bar.total = windows * steps_per_window
             bar.update(1)
 
-        resume_dir = None
-        if save_windows:
-            setup = f"{model.cfg}|{getattr(model, 'quant_report', None) and model.quant_report.summary()}|{vae.config}"
-            key = setup + run_fingerprint(settings, height, width, humo_embeds.bands, text, humo_embeds.references)
-            resume_dir = os.path.join(host.output_directory(), WINDOWS_FOLDER,
-                                      hashlib.blake2b(key.encode(), digest_size=12).hexdigest())
+        resume_dir = os.path.join(host.output_directory(), WINDOWS_FOLDER) if save_windows else None  # + run key
         try:
             frames = generate_humo_video(model, vae, text, humo_embeds.bands, humo_embeds.references, height=height,
                                          width=width, settings=settings, resume_dir=resume_dir, on_step=on_step)
@@ -253,9 +247,9 @@ class WanTalkHuMoSampler(VideoSamplerNode):
         finally:
             host.soft_empty_cache()
         if frames.shape[0]:
-            bar.update(0, preview=preview_image(frames[-1]))
+            bar.update(0, preview=preview_image((frames[-1] * 255).round().to(torch.uint8)))
         waveform = humo_embeds.audio["waveform"][..., :frames.shape[0] * SAMPLES_PER_FRAME]
-        return (frames.float() / 255, {"waveform": waveform, "sample_rate": humo_embeds.audio["sample_rate"]},
+        return (frames, {"waveform": waveform, "sample_rate": humo_embeds.audio["sample_rate"]},
                 float(FPS))
 
 
