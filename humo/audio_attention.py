@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from ..wanvideo.modules.attention import attention
+from ..wanvideo.modules.frame_attention import frame_attention
 from ..wanvideo.modules.fused_ops import layer_norm_modulate
 from ..wanvideo.modules.model import QKNormAttention, compute_dtype_of, linear_in
-from ..wanvideo.parallel.sequence import frame_attention
 
 
 class HumoAudioCrossAttention(QKNormAttention):

@@ -126,13 +126,3 @@ class SequenceShard:
         out[:, :self.valid] = result[:, offset:offset + self.valid]
         return out
 
-
-def frame_attention(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, shard=None) -> torch.Tensor:
-    """Per-frame attention of the video tokens q `[B, Lq, H, D]` to the audio tokens k/v `[B, F*N, H, D]`:
-    frame f's h*w tokens see frame f's N keys. With a `SequenceShard`, q is that rank's slice."""
-    if shard is not None:
-        return shard.frame_attention(attend, q, k, v)
-    b, _, h, d = q.shape
-    f = grid[0]
-    per_frame = lambda t: t.reshape(b * f, -1, h, d)
-    return attend(per_frame(q), per_frame(k), per_frame(v)).reshape(b, -1, h, d)
