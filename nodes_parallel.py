@@ -29,6 +29,8 @@ def parse_devices(text: str, available: int) -> list[str]:
     if len(devices) < 2:
         raise NodeInputError(NODE, "gpus", f"name at least two GPUs (e.g. 0,1), got {text!r}; for one GPU remove "
                              f"this node")
+    if "cpu" in devices and any(d != "cpu" for d in devices):
+        raise NodeInputError(NODE, "gpus", f"{text!r} mixes GPUs and cpu; name GPUs only (cpu entries are for tests)")
     if len({d for d in devices if d != "cpu"}) != len([d for d in devices if d != "cpu"]):
         raise NodeInputError(NODE, "gpus", f"a GPU is named twice in {text!r}; name each GPU once")
     return devices

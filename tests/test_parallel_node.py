@@ -19,7 +19,7 @@ def test_gpu_list():
     assert parse_devices(" 0, 1,2 ", 4) == ["cuda:0", "cuda:1", "cuda:2"]
     assert parse_devices("cpu,cpu", 0) == ["cpu", "cpu"]
     for text, message in [("0", "at least two"), ("0,4", "not a GPU index"), ("0,x", "not a GPU index"),
-                          ("1,1", "named twice"), ("", "at least two")]:
+                          ("1,1", "named twice"), ("", "at least two"), ("0,cpu", "mixes GPUs and cpu")]:
         with pytest.raises(NodeInputError, match=f"input 'gpus'.*{message}"):
             parse_devices(text, 4)
 
