@@ -161,7 +161,14 @@ class Frontend:
         self.browser = browser
         browser.call("Page.navigate", url=url)
         browser.wait_for(FRONTEND_READY % json.dumps(known_node_type), FRONTEND_TIMEOUT_S, "the ComfyUI frontend")
-        time.sleep(0.5)
+        time.sleep(1.5)   # a first start (fresh user folder) opens the template browser by itself
+        self.close_dialogs()
+
+    def close_dialogs(self):
+        """Close every open dialog with its own close button, as a user does."""
+        self.browser.evaluate("(document.querySelectorAll('[role=dialog] button[aria-label=\"Close dialog\"]')"
+                              ".forEach(b => b.click()), true)")
+        self.browser.wait_for("!document.querySelector('[role=dialog]')", 10, "the dialogs to close")
 
     def load(self, ui_workflow: dict):
         self.browser.evaluate(f"app.loadGraphData({json.dumps(ui_workflow)}, true, true, 'wantalk-test')")
@@ -240,6 +247,7 @@ def thumbnails(pack_dir: str):
                     frontend.load(json.load(f))
                 browser.evaluate("app.extensionManager.command.execute('Comfy.Canvas.FitView')")
                 time.sleep(1.5)
+                frontend.close_dialogs()
                 shot = browser.call("Page.captureScreenshot", format="jpeg", quality=85,
                                     clip={"x": 60, "y": 40, "width": 1860, "height": 1040, "scale": 0.5})
                 with open(os.path.join(workflow_dir, f"{name}.jpg"), "wb") as f:
