@@ -1,6 +1,6 @@
 """HuMo at full size on the GPU (480x832, 97 frames + 1 reference frame = 26 x 1560 tokens, 40 heads of 128): the
 per-frame audio attention (16 audio keys per frame) in bf16 through every attention mode stays close to float32
-and small in memory. Run on the lent GPU: `python -m pytest tests/test_humo_gpu.py -q`."""
+and small in memory. Needs a CUDA GPU: `python -m pytest tests/test_humo_gpu.py -q`."""
 from types import SimpleNamespace
 
 import pytest

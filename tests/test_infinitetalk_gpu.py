@@ -1,6 +1,6 @@
 """InfiniteTalk at full size on the GPU (480x832, 81 frames = 21 x 1560 tokens, 40 heads of 128): the two-speaker
 reference attention map stays small in memory and matches an explicit float32 map; the whole two-speaker
-audio block in bf16 stays close to float32. Run on the lent GPU: `python -m pytest tests/test_infinitetalk_gpu.py -q`."""
+audio block in bf16 stays close to float32. Needs a CUDA GPU: `python -m pytest tests/test_infinitetalk_gpu.py -q`."""
 import pytest
 import torch
 from types import SimpleNamespace

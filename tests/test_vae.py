@@ -324,7 +324,7 @@ def test_bad_video_and_tile_arguments(vae32, rng):
         vae32.decode(torch.zeros(1, 16, 1, 4, 4), tile_size=20)
 
 
-# -- GPU (run on the lent GPU: python -m pytest tests/test_vae.py -q -m gpu) ---------------------------------
+# -- GPU (needs a CUDA GPU: python -m pytest tests/test_vae.py -q -m gpu) ---------------------------------
 
 @pytest.mark.gpu
 def test_gpu_real_size_matches_cpu_float64_and_tiles_bound_memory(rng):
