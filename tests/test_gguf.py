@@ -234,6 +234,9 @@ def test_other_architecture_is_refused(tmp_path, rng):
     write_city96_gguf(path, sd, "Q8_0", arch="flux")
     with pytest.raises(CheckpointError, match="architecture 'flux', not a Wan 2.1"):
         load_wan_model(path)
+    write_city96_gguf(path, sd, "Q8_0", arch="t5encoder")  # city96's umt5 GGUFs sit in the same download pages
+    with pytest.raises(CheckpointError, match="'t5encoder'.*text encoder: load it with ComfyUI-GGUF's CLIPLoader"):
+        load_wan_model(path)
 
 
 def test_truncated_gguf_is_refused(tmp_path, rng):

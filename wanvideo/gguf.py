@@ -28,6 +28,7 @@ from .kernels.gguf_dequant import BLOCK_FORMATS, PLAIN_FORMATS
 
 MAGIC = b"GGUF"
 WAN_ARCHITECTURE = "wan"
+TEXT_ENCODER_ARCHITECTURES = ("t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl")  # city96's text GGUFs
 SUPPORTED_TYPES = tuple(PLAIN_FORMATS) + tuple(BLOCK_FORMATS)
 TYPE_MARKER = "gguf_type"  # aux key carrying the block format of a quantized tensor
 
@@ -105,9 +106,11 @@ class GGUFCheckpoint:
         reader = _open(gguf, path)
         arch = _string_field(reader, "general.architecture")
         if arch is not None and arch != WAN_ARCHITECTURE:
+            what = ("a text encoder: load it with ComfyUI-GGUF's CLIPLoader (GGUF), type 'wan'. "
+                    if arch in TEXT_ENCODER_ARCHITECTURES else "")
             raise CheckpointError(f"'{path}' is a GGUF file of architecture '{arch}', not a Wan 2.1 diffusion model "
-                                  f"('{WAN_ARCHITECTURE}'). Choose a Wan 2.1 GGUF (e.g. city96's "
-                                  f"Wan2.1-I2V-14B-480P-gguf) or a Wan safetensors file.")
+                                  f"('{WAN_ARCHITECTURE}'); it is {what or 'another model. '}Choose a Wan 2.1 GGUF "
+                                  f"(e.g. city96's Wan2.1-I2V-14B-480P-gguf) or a Wan safetensors file.")
         self.metadata = {"gguf.architecture": arch or ""}
         size = os.path.getsize(path)
         self._tensors, self._shapes, self._types = {}, {}, {}
