@@ -59,13 +59,19 @@ CORE_NODES = {
     "CLIPVisionEncode": ("CLIP Vision Encode", [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")]),
     "CreateVideo": ("Create Video", [("VIDEO", "VIDEO")]),
     "SaveVideo": ("Save Video", [("video", "VIDEO")]),
+    "LoadVideo": ("Load Video", [("VIDEO", "VIDEO")]),
+    "GetVideoComponents": ("Get Video Components", [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT"),
+                                                    ("bit_depth", "INT")]),
+    "AudioConcat": ("Concatenate Audio", [("AUDIO", "AUDIO")]),
+    "BatchImagesNode": ("Batch Images", [("IMAGE", "IMAGE")]),
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 # Types of linked inputs of core nodes. A linked widget input (fps) keeps its widget value in the UI format; the
 # link wins in the API format.
 CORE_INPUT_TYPES = {"image": "IMAGE", "clip": "CLIP", "clip_vision": "CLIP_VISION", "images": "IMAGE",
-                    "audio": "AUDIO", "fps": "FLOAT", "video": "VIDEO"}
-WIDGET_INPUTS = {"fps"}   # linked core inputs that are widgets when unlinked
+                    "audio": "AUDIO", "fps": "FLOAT", "video": "VIDEO", "audio1": "AUDIO", "audio2": "AUDIO",
+                    "images.image0": "IMAGE", "images.image1": "IMAGE"}
+WIDGET_INPUTS = {"fps", "video_fps"}   # linked inputs that are widgets when unlinked
 
 
 def pack_nodes() -> tuple[dict, dict]:
@@ -192,6 +198,11 @@ class Graph:
         return self.nodes[node_id - 1]
 
 
+# The official input handling: the size bucket nearest the start image's aspect ratio, and the sampler encoding the
+# official CLIP input itself (the cropped frame, whole, at 224) from the CLIP vision model.
+OFFICIAL_INPUT = {"size": "infinitetalk-480"}
+
+
 def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, sampler: dict, low_vram: bool,
                   prefix: str, lora: str | None = None) -> Graph:
     """The InfiniteTalk graph; sampler: widget values of the sampler (steps, shift, guidance scales). low_vram:
@@ -212,8 +223,6 @@ def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, 
     negative = g.add("CLIPTextEncode", {"text": NEGATIVE}, {"clip": (clip, 0)}, column=1, title="Negative prompt",
                      extra_height=110)
     clip_vision = g.add("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"}, column=1)
-    clip_out = g.add("CLIPVisionEncode", {"crop": "center"}, {"clip_vision": (clip_vision, 0), "image": (image, 0)},
-                     column=1)
     encoder = g.add("WanTalkAudioEncoderLoader", {"model": "wav2vec2-chinese-base_fp16.safetensors",
                                                   "device": "cpu" if low_vram else "main_device"}, column=2)
     embed_links = {"audio_1": (audio_1, 0), "audio_encoder": (encoder, 0)}
@@ -231,9 +240,9 @@ def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, 
     if low_vram:
         model = g.add("WanTalkBlockSwap", {"blocks_to_swap": -1, "prefetch": 1}, {"model": (model, 0)}, column=2)
     vae = g.add("WanTalkVAELoader", {"vae_name": "wan_2.1_vae.safetensors"}, column=2)
-    sampler = g.add("WanTalkInfiniteTalkSampler", {**sampler, "save_windows": low_vram},
+    sampler = g.add("WanTalkInfiniteTalkSampler", {**OFFICIAL_INPUT, **sampler, "save_windows": low_vram},
                     {"model": (model, 0), "vae": (vae, 0), "audio_embeds": (embeds, 0), "positive": (positive, 0),
-                     "negative": (negative, 0), "start_image": (image, 0), "clip_vision_output": (clip_out, 0)},
+                     "negative": (negative, 0), "start_image": (image, 0), "clip_vision": (clip_vision, 0)},
                     column=3, ui_after={"seed": ["fixed"]})
     video = g.add("CreateVideo", {"fps": 25.0, "bit_depth": 8},
                   {"images": (sampler, 0), "audio": (sampler, 1), "fps": (sampler, 2)}, column=4)
@@ -307,6 +316,104 @@ def humo_workflow(name: str) -> Graph:
     return g
 
 
+def _talk_models(g: Graph, prompts: list[str]) -> dict:
+    """The shared loaders of the dubbing and chained graphs: text encoder with one prompt node per prompt and the
+    negative prompt, CLIP vision, wav2vec2, the InfiniteTalk model and the VAE."""
+    clip = g.add("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                "device": "default"}, column=1)
+    parts = {"prompts": [g.add("CLIPTextEncode", {"text": text}, {"clip": (clip, 0)}, column=1,
+                               title=f"Prompt {i + 1}" if len(prompts) > 1 else "Prompt", extra_height=80)
+                         for i, text in enumerate(prompts)]}
+    parts["negative"] = g.add("CLIPTextEncode", {"text": NEGATIVE}, {"clip": (clip, 0)}, column=1,
+                              title="Negative prompt", extra_height=110)
+    parts["clip_vision"] = g.add("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"}, column=1)
+    parts["encoder"] = g.add("WanTalkAudioEncoderLoader", {"model": "wav2vec2-chinese-base_fp16.safetensors"},
+                             column=2)
+    parts["model"] = g.add("WanTalkModelLoader", {"model": "wan2.1_i2v_480p_14B_bf16.safetensors",
+                                                  "quantization": "fp8_e4m3fn_scaled",
+                                                  "addon_model": "wan2.1_infiniteTalk_single_fp16.safetensors"},
+                           column=2)
+    parts["vae"] = g.add("WanTalkVAELoader", {"vae_name": "wan_2.1_vae.safetensors"}, column=2)
+    return parts
+
+
+def _talk_sampler(g: Graph, parts: dict, prompt: int, embeds: int, start_image: tuple, *, extra_links=None,
+                  widgets=None, title=None) -> int:
+    links = {"model": (parts["model"], 0), "vae": (parts["vae"], 0), "audio_embeds": (embeds, 0),
+             "positive": (parts["prompts"][prompt], 0), "negative": (parts["negative"], 0),
+             "start_image": start_image, "clip_vision": (parts["clip_vision"], 0), **(extra_links or {})}
+    return g.add("WanTalkInfiniteTalkSampler", {**OFFICIAL, **OFFICIAL_INPUT, **(widgets or {})}, links, column=3,
+                 ui_after={"seed": ["fixed"]}, title=title)
+
+
+def _save(g: Graph, name: str, images: tuple, audio: tuple, fps: tuple):
+    video = g.add("CreateVideo", {"fps": 25.0, "bit_depth": 8}, {"images": images, "audio": audio, "fps": fps},
+                  column=4)
+    g.add("SaveVideo", {"filename_prefix": f"video/wantalk_{name}", "format": "auto", "codec": "auto"},
+          {"video": (video, 0)}, column=4, extra_height=300)
+
+
+TALK_FILES = ["wan2.1_i2v_480p_14B_bf16.safetensors", "wan2.1_infiniteTalk_single_fp16.safetensors",
+              "wan_2.1_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision_h.safetensors",
+              "wav2vec2-chinese-base_fp16.safetensors"]
+
+
+def dubbing_workflow(name: str) -> Graph:
+    """Video dubbing: a video of a person plus new speech -> the same video with lips, face and body following the
+    new speech (official InfiniteTalk video-to-video)."""
+    g = Graph()
+    loaded = g.add("LoadVideo", {"file": "wantalk_talking.mp4"}, column=0, ui_after={"file": ["image"]},
+                   title="Video to dub", extra_height=260)
+    components = g.add("GetVideoComponents", {}, {"video": (loaded, 0)}, column=0)
+    speech = g.add("LoadAudio", {"audio": "wantalk_speech_1.wav"}, column=0, ui_after={"audio": [None, None]},
+                   title="New speech", extra_height=30)
+    parts = _talk_models(g, ["A person is talking to the camera, natural head movements and expressions."])
+    embeds = g.add("WanTalkAudioEmbeds", {}, {"audio_1": (speech, 0), "audio_encoder": (parts["encoder"], 0)},
+                   column=2, extra_height=100)
+    sampler = _talk_sampler(g, parts, 0, embeds, (components, 0), extra_links={"video_fps": (components, 2)})
+    _save(g, name, (sampler, 0), (sampler, 1), (sampler, 2))
+    g.note(model_note("InfiniteTalk video dubbing", TALK_FILES,
+                      "Connect your video and the new speech. Each 81-frame window is conditioned on the video frame "
+                      "at its start time (the video's frame rate comes from Get Video Components) and the output "
+                      "follows the new speech. The speech sets the length: a shorter video holds its last frame, a "
+                      "longer one is cut. The output has the video's aspect ratio (size infinitetalk-480: the "
+                      "official bucket; infinitetalk-720 with shift 11)."), column=3, height=420)
+    return g
+
+
+def chained_workflow(name: str) -> Graph:
+    """Two samplers, one video: the second continues the first's last frames with its own prompt and speech."""
+    g = Graph()
+    image = g.add("LoadImage", {"image": "wantalk_portrait.png"}, column=0, ui_after={"image": ["image"]},
+                  title="Start image", extra_height=260)
+    speech_1 = g.add("LoadAudio", {"audio": "wantalk_speech_1.wav"}, column=0, ui_after={"audio": [None, None]},
+                     title="Speech, part 1", extra_height=30)
+    speech_2 = g.add("LoadAudio", {"audio": "wantalk_speech_2.wav"}, column=0, ui_after={"audio": [None, None]},
+                     title="Speech, part 2", extra_height=30)
+    parts = _talk_models(g, ["A woman is talking to the camera, calm, natural head movements.",
+                             "A woman is talking to the camera and smiling, lively gestures."])
+    both = g.add("AudioConcat", {"direction": "after"}, {"audio1": (speech_1, 0), "audio2": (speech_2, 0)},
+                 column=2, title="Speech, parts 1 + 2")
+    embeds_1 = g.add("WanTalkAudioEmbeds", {}, {"audio_1": (speech_1, 0), "audio_encoder": (parts["encoder"], 0)},
+                     column=2, extra_height=100, title="Audio Embeds, part 1")
+    embeds_all = g.add("WanTalkAudioEmbeds", {}, {"audio_1": (both, 0), "audio_encoder": (parts["encoder"], 0)},
+                       column=2, extra_height=100, title="Audio Embeds, parts 1 + 2")
+    first = _talk_sampler(g, parts, 0, embeds_1, (image, 0), title="Sampler 1")
+    second = _talk_sampler(g, parts, 1, embeds_all, (image, 0), extra_links={"previous_frames": (first, 0)},
+                           title="Sampler 2 (continues 1)")
+    frames = g.add("BatchImagesNode", {}, {"images.image0": (first, 0), "images.image1": (second, 0)}, column=4)
+    audio = g.add("AudioConcat", {"direction": "after"}, {"audio1": (first, 1), "audio2": (second, 1)}, column=4)
+    _save(g, name, (frames, 0), (audio, 0), (first, 2))
+    g.note(model_note("InfiniteTalk, two chained samplers", TALK_FILES,
+                      "Sampler 2 continues Sampler 1's video (previous_frames: its last motion_frames frames start "
+                      "the first window, as inside one sampler) with another prompt and the second speech. Its "
+                      "audio embeds cover both parts (the continuation needs the speech under the frames it "
+                      "continues from); it outputs only the new frames and their audio, joined here with Batch "
+                      "Images and Concatenate Audio. Chain a third sampler the same way (its audio: all three "
+                      "parts, previous_frames: the joined video)."), column=3, height=420)
+    return g
+
+
 OFFICIAL = {"steps": 40}   # the sampler's defaults are the official settings: shift 7, text 5, audio 4
 WORKFLOWS = {  # name -> function(name) -> Graph
     "infinitetalk_single": partial(
@@ -333,14 +440,16 @@ WORKFLOWS = {  # name -> function(name) -> Graph
     "infinitetalk_distill_lora": partial(
         infinitetalk_workflow, addon="wan2.1_infiniteTalk_single_fp16.safetensors",
         quantization="fp8_e4m3fn_scaled_fast", speakers=1, low_vram=False, lora=DISTILL_LORA,
-        sampler={"steps": 6, "shift": 2.0, "text_scale": 1.0, "audio_scale": 1.0},
+        sampler={"steps": 4, "shift": 2.0, "text_scale": 1.0, "audio_scale": 2.0},
         prompt="A woman is talking to the camera, natural head movements and expressions, soft indoor light.",
         extra="Fast: the lightx2v step-distill LoRA, merged into the weights while loading (lora_mode merge, "
-              "before the fp8 quantization: no cost per step), 6 steps, shift 2, text and audio scale 1: one model "
-              "pass per step, about 10x faster than 40 steps with three passes. fp8_e4m3fn_scaled_fast needs an "
-              "RTX 40xx / H100 or newer; choose fp8_e4m3fn_scaled on older GPUs. For stronger lip sync try "
-              "audio_scale 2 (two passes per step)."),
+              "before the fp8 quantization: no cost per step), with the official InfiniteTalk README's settings: "
+              "4 steps (4-8), shift 2, text scale 1, audio scale 2 (two model passes per step), about 15x faster "
+              "than 40 steps with three passes. fp8_e4m3fn_scaled_fast needs an RTX 40xx / H100 or newer; choose "
+              "fp8_e4m3fn_scaled on older GPUs. audio_scale 1 halves the time again (one pass, weaker lip sync)."),
     "humo_17b": humo_workflow,
+    "infinitetalk_dubbing": dubbing_workflow,
+    "infinitetalk_chained": chained_workflow,
 }
 
 

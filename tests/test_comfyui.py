@@ -94,12 +94,14 @@ def test_pack_imports_cleanly(server):
 # file can stand in for them: on tiny weights their nodes are replaced by the pack's Load Embeddings node
 # reading stand-in embeddings at the tiny model's sizes (outputs: positive, negative, clip_vision_output).
 ENCODER_NODES = {"CLIPLoader", "CLIPTextEncode", "CLIPVisionLoader", "CLIPVisionEncode"}
-STAND_IN_SLOTS = {"positive": 0, "negative": 1, "clip_vision_output": 2}
+# input linked to an encoder -> (input the stand-in feeds, its output slot); a CLIP vision model becomes its features
+STAND_IN_SLOTS = {"positive": ("positive", 0), "negative": ("negative", 1),
+                  "clip_vision_output": ("clip_vision_output", 2), "clip_vision": ("clip_vision_output", 2)}
 STAND_IN_EMBEDDINGS = "wantalk_tiny.safetensors"
 # Real-size settings that would take hours on a CPU with tiny weights (832x480, 40 steps) -> tiny ones.
 TINY_SAMPLING = {"width": 64, "height": 48, "steps": 2, "frame_window": 17, "motion_frames": 5}
-TINY_SETTINGS = {"WanTalkInfiniteTalkSampler": TINY_SAMPLING, "WanTalkHuMoSampler": TINY_SAMPLING,
-                 "WanTalkVAELoader": {"precision": "fp32"}, "WanTalkWhisperLoader": {"precision": "fp32"}}
+TINY_SETTINGS = {"WanTalkInfiniteTalkSampler": {**TINY_SAMPLING, "size": "custom"},
+                 "WanTalkHuMoSampler": TINY_SAMPLING, "WanTalkVAELoader": {"precision": "fp32"}, "WanTalkWhisperLoader": {"precision": "fp32"}}
 # Nodes that need a CUDA GPU: on a CPU server (start_comfy.sh's default --cpu) each is bypassed, its consumers
 # getting the source of the named input instead (node type -> pass-through input).
 CUDA_ONLY_NODES = {"WanTalkBlockSwap": "model"}
@@ -115,9 +117,11 @@ def _tiny_api_graph(api: dict, real_to_tiny: dict, cpu_server: bool) -> tuple[di
         api = {k: node for k, node in api.items() if k not in encoders}
         api[stand_in] = {"class_type": "WanTalkLoadEmbeddings", "inputs": {"embeddings": STAND_IN_EMBEDDINGS}}
         for node in api.values():
-            for name, value in node["inputs"].items():
+            for name, value in list(node["inputs"].items()):
                 if isinstance(value, list) and value[0] in encoders:
-                    node["inputs"][name] = [stand_in, STAND_IN_SLOTS[name]]
+                    target, slot = STAND_IN_SLOTS[name]
+                    del node["inputs"][name]
+                    node["inputs"][target] = [stand_in, slot]
         changes.append(f"text/CLIP-vision encoder nodes {sorted(encoders, key=int)} -> WanTalkLoadEmbeddings "
                        f"'{STAND_IN_EMBEDDINGS}' (ComfyUI's umT5-XXL / ViT-H loaders cannot load tiny files)")
     for key in [k for k, node in api.items() if cpu_server and node["class_type"] in CUDA_ONLY_NODES]:

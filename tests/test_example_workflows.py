@@ -70,7 +70,7 @@ def test_every_model_file_has_a_download_link_and_a_tiny_stand_in(name):
     assert not tiny_free, f"no tiny stand-in for {tiny_free}: the real-ComfyUI test cannot run {name}"
 
 
-def test_distill_lora_workflow_merges_the_lora_and_runs_one_pass_per_step():
+def test_distill_lora_workflow_merges_the_lora_and_runs_the_official_readme_settings():
     api = _shipped_api("infinitetalk_distill_lora")
     lora_key, lora = _by_type(api, "WanTalkLoraSelect")
     _, loader = _by_type(api, "WanTalkModelLoader")
@@ -79,7 +79,7 @@ def test_distill_lora_workflow_merges_the_lora_and_runs_one_pass_per_step():
     assert loader["inputs"]["lora"] == [lora_key, 0] and loader["inputs"]["lora_mode"] == "merge"
     assert loader["inputs"]["quantization"] == "fp8_e4m3fn_scaled_fast"
     assert {k: sampler["inputs"][k] for k in ("steps", "shift", "text_scale", "audio_scale")} == {
-        "steps": 6, "shift": 2.0, "text_scale": 1.0, "audio_scale": 1.0}
+        "steps": 4, "shift": 2.0, "text_scale": 1.0, "audio_scale": 2.0}   # InfiniteTalk README, lightx2v
 
 
 def test_lowvram_workflow_streams_blocks_from_cpu_memory():
@@ -111,3 +111,38 @@ def test_tiny_lora_matches_every_layer_of_the_tiny_model(tmp_path, caplog):
     assert len(lora.patches) == 2 * len(modules) + sum(k.endswith(".diff") for k in keys)
     assert {p.target for p in lora.patches} >= {"blocks.1.cross_attn.k_img.weight", "blocks.0.norm3.weight",
                                                  "head.head.bias"}
+
+
+def _samplers(api: dict) -> dict:
+    return {key: node for key, node in api.items() if node["class_type"] == "WanTalkInfiniteTalkSampler"}
+
+
+@pytest.mark.parametrize("name", [n for n in BUILDER.WORKFLOWS if n != "humo_17b"])
+def test_infinitetalk_workflows_use_the_official_input_handling(name):
+    api = _shipped_api(name)
+    for sampler in _samplers(api).values():
+        clip_vision = api[sampler["inputs"]["clip_vision"][0]]
+        assert clip_vision["class_type"] == "CLIPVisionLoader"        # the sampler encodes the official CLIP input
+        assert "clip_vision_output" not in sampler["inputs"] and sampler["inputs"]["size"] == "infinitetalk-480"
+
+
+def test_dubbing_workflow_conditions_on_the_loaded_video_at_its_frame_rate():
+    api = _shipped_api("infinitetalk_dubbing")
+    (_, sampler), = _samplers(api).items()
+    components_key, components = _by_type(api, "GetVideoComponents")
+    assert api[components["inputs"]["video"][0]]["class_type"] == "LoadVideo"
+    assert sampler["inputs"]["start_image"] == [components_key, 0]
+    assert sampler["inputs"]["video_fps"] == [components_key, 2]
+
+
+def test_chained_workflow_continues_the_first_video_and_joins_both():
+    api = _shipped_api("infinitetalk_chained")
+    first, second = sorted(_samplers(api), key=int)
+    assert "previous_frames" not in api[first]["inputs"] and api[second]["inputs"]["previous_frames"] == [first, 0]
+    assert api[first]["inputs"]["positive"] != api[second]["inputs"]["positive"]
+    embeds_all = api[api[second]["inputs"]["audio_embeds"][0]]
+    both = api[embeds_all["inputs"]["audio_1"][0]]
+    assert both["class_type"] == "AudioConcat"                        # the continuation's audio covers both parts
+    assert both["inputs"]["audio1"] == api[api[first]["inputs"]["audio_embeds"][0]]["inputs"]["audio_1"]
+    _, batch = _by_type(api, "BatchImagesNode")
+    assert batch["inputs"] == {"images.image0": [first, 0], "images.image1": [second, 0]}

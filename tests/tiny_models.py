@@ -253,12 +253,31 @@ def write_png(path: str, image01: torch.Tensor) -> str:
     return path
 
 
-TINY_INPUTS = {"image": "wantalk_portrait.png", "audio_1": "wantalk_speech_1.wav", "audio_2": "wantalk_speech_2.wav"}
+def write_video(path: str, frames01: torch.Tensor, fps: int = 25) -> str:
+    """An MPEG-4 video of `[F, 3, H, W]` frames in [0, 1] (even H and W), with PyAV (ComfyUI's video library)."""
+    import av
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = frames01.shape[2], frames01.shape[3], "yuv420p"
+        for frame in frames01:
+            rgb = (frame.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+TINY_INPUTS = {"image": "wantalk_portrait.png", "audio_1": "wantalk_speech_1.wav", "audio_2": "wantalk_speech_2.wav",
+               "video": "wantalk_talking.mp4"}
 
 
 def make_tiny_inputs(input_dir: str, seconds: float = 1.2) -> dict:
-    """The start image and the two speeches the example workflows load from ComfyUI's input folder."""
+    """The start image, the two speeches and the video to dub the example workflows load from ComfyUI's input
+    folder."""
     write_png(os.path.join(input_dir, TINY_INPUTS["image"]), procedural_portrait(96, 128))
     write_wav(os.path.join(input_dir, TINY_INPUTS["audio_1"]), synth_speech(seconds, seed=1))
     write_wav(os.path.join(input_dir, TINY_INPUTS["audio_2"]), synth_speech(seconds, seed=2))
+    portrait = procedural_portrait(96, 128)      # a video to dub: the portrait drifting sideways, 25 fps
+    write_video(os.path.join(input_dir, TINY_INPUTS["video"]),
+                torch.stack([portrait.roll(2 * i, dims=2) for i in range(int(seconds * 25))]))
     return dict(TINY_INPUTS)
