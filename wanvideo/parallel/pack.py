@@ -50,8 +50,9 @@ class _Worker:
         self.rank, self.device = rank, device
         args = [sys.executable, WORKER_MAIN, str(theirs.fileno()), str(rank), str(world), device, str(port)]
         # Own session: a Ctrl+C in ComfyUI's terminal reaches ComfyUI, which stops the workers in order.
-        self.process = subprocess.Popen(args, env={**os.environ, **WORKER_ENV}, pass_fds=[theirs.fileno()],
-                                        start_new_session=True)
+        # gloo (CPU runs, the stop flag) talks over loopback unless the user chose an interface: all ranks are local.
+        env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, **WORKER_ENV}
+        self.process = subprocess.Popen(args, env=env, pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
         self.conn = Connection(ours.detach())
 
