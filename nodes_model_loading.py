@@ -11,7 +11,7 @@ from .nodes_common import CATEGORY, MODEL_TYPE, NodeInputError
 from .wanvideo.loader import BASE_DTYPES, load_wan_model, plan_load
 from .wanvideo.lora import LoraError, LoraModeError, attach_unmerged_loras
 from .wanvideo.modules.attention import ATTENTION_MODES
-from .wanvideo.quantization import DEFAULT_PARAMS_TO_KEEP, QUANTIZATION_MODES
+from .wanvideo.quantization import DEFAULT_PARAMS_TO_KEEP, QUANTIZATION_MODES, QuantizationModeError
 
 log = logging.getLogger("wantalk")
 
@@ -158,6 +158,8 @@ class WanTalkModelLoader:
                 self._unmerged = (settings, weakref.ref(wan))
         except LoraError as exc:
             raise NodeInputError(node, "lora_mode" if isinstance(exc, LoraModeError) else "lora", str(exc)) from None
+        except QuantizationModeError as exc:
+            raise NodeInputError(node, "quantization", str(exc)) from None
         except ValueError as exc:
             raise NodeInputError(node, "model" if not extra else "model/addon_model", str(exc)) from None
         except torch.cuda.OutOfMemoryError:

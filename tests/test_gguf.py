@@ -288,6 +288,9 @@ def test_loader_node_lists_and_loads_a_gguf_with_its_planned_bytes(tmp_path, rng
     assert model.layer_plan["blocks.0.ffn.0"] == model.layer_plan["blocks.1.self_attn.q"]
     assert model.layer_plan["blocks.0.ffn.0"].storage == "Q4_K" and model.layer_plan["head.head"].storage == "dense"
     assert model.source_paths == (path,)
+    with pytest.raises(ValueError, match=r"\[wantalk Load Wan Model\] input 'quantization': quantization "
+                                         r"'fp8_e4m3fn_scaled' cannot be applied to GGUF weights stored as Q4_K"):
+        node().load("wan-Q4_K.gguf", "bf16", "fp8_e4m3fn_scaled", "auto", "offload_device")
 
 
 def test_nan_block_scale_is_refused_naming_the_tensor(tmp_path, rng):

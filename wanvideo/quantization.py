@@ -49,6 +49,10 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 COMFY_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 
 
+class QuantizationModeError(CheckpointError):
+    """A `quantization` mode the file's stored formats refuse (the node reports it against that input)."""
+
+
 @dataclass(frozen=True)
 class ModeSpec:
     """What a mode means for a quantized linear layer."""
@@ -214,7 +218,7 @@ def plan_layers(model: nn.Module, mode: str, params_to_keep: Iterable[str], stor
     keep, spec, stored = tuple(params_to_keep), MODE_SPECS[mode], stored or {}
     coarse = sorted({s for s in stored.values() if s in gguf_dequant.BLOCK_FORMATS and s not in GGUF_REQUANTIZABLE})
     if spec.kind is not None and coarse:  # re-quantizing would round twice, for no memory gain
-        raise CheckpointError(f"quantization '{mode}' cannot be applied to GGUF weights stored as {', '.join(coarse)}: "
+        raise QuantizationModeError(f"quantization '{mode}' cannot be applied to GGUF weights stored as {', '.join(coarse)}: "
                               f"they are already smaller than {mode} and would be rounded twice. Choose quantization "
                               f"'disabled' (the GGUF blocks are used as they are); only "
                               f"{', '.join(GGUF_REQUANTIZABLE)} files can be re-quantized at load.")
