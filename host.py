@@ -39,7 +39,7 @@ def model_files(kind: str) -> list[str]:
             names = list(_folder_paths.get_filename_list(kind))
         except Exception:
             return []
-        return names + sorted(set(_gguf_names(kind)) - set(names))
+        return names + sorted(set(_gguf_names(kind)) - set(names)) if kind in GGUF_KINDS else names
     folder = os.path.join(_FALLBACK_ROOT, kind)
     if not os.path.isdir(folder):
         return []
@@ -48,6 +48,9 @@ def model_files(kind: str) -> list[str]:
         for name in files:
             out.append(os.path.relpath(os.path.join(root, name), folder))
     return sorted(out)
+
+
+GGUF_KINDS = ("diffusion_models", "model_patches")  # folders whose GGUF files the loader reads (models, add-ons)
 
 
 def _gguf_names(kind: str) -> list[str]:

@@ -331,3 +331,20 @@ def test_14b_infinitetalk_q4_k_plans_under_12_gb_with_block_swap():
     plan = mp.plan_memory(cfg, sizes, run, blocks_to_swap=swapped)
     assert 0 < swapped < cfg.num_layers and plan.peak <= 12 * 10**9
     assert sizes.dequant_temp == cfg.dim * cfg.ffn_dim * 2  # a GGUF FFN weight dequantized to bf16 while it runs
+
+
+def test_comfyui_lists_gguf_models_and_addons_but_not_as_loras(tmp_path, monkeypatch):
+    """ComfyUI's own lists carry only torch extensions; GGUF files are added where the loader reads them."""
+    from types import SimpleNamespace
+    from wantalk import host
+    for kind in ("diffusion_models", "model_patches", "loras"):
+        (tmp_path / kind / "sub").mkdir(parents=True)
+        (tmp_path / kind / "sub" / "m-Q4_K.gguf").write_bytes(b"GGUF")
+        (tmp_path / kind / "m.safetensors").write_bytes(b"")
+    stub = SimpleNamespace(get_filename_list=lambda kind: ["m.safetensors"],
+                           get_folder_paths=lambda kind: [str(tmp_path / kind)])
+    monkeypatch.setattr(host, "_folder_paths", stub)
+    gguf_name = os.path.join("sub", "m-Q4_K.gguf")
+    assert host.model_files("diffusion_models") == ["m.safetensors", gguf_name]
+    assert host.model_files("model_patches") == ["m.safetensors", gguf_name]
+    assert host.model_files("loras") == ["m.safetensors"]
