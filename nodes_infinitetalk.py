@@ -142,9 +142,11 @@ class WanTalkVAELoader:
                 "tooltip": "The Wan 2.1 VAE from models/vae (wan_2.1_vae.safetensors or Wan2_1_VAE_bf16.safetensors;"
                            " not the Wan 2.2 VAE)."}),
             "precision": (list(VAE_PRECISIONS), {
-                "default": "bf16",
-                "tooltip": "VAE compute precision. bf16 halves memory; fp32 is the official numerics (slower, "
-                           "more memory at 720p)."}),
+                "default": "fp32",
+                "tooltip": "VAE compute precision. fp32: the official numerics (default). Each window's motion "
+                           "frames are decoded and re-encoded, so VAE rounding carries over: against fp32, bf16 is "
+                           "off by about 2% (up to 7 of 255 levels), fp16 by 0.25% (about 1 level) "
+                           "(docs/BENCHMARKS.md, bench/vae_drift.py). bf16/fp16 halve the VAE's memory."}),
         }}
 
     RETURN_TYPES = (VAE_TYPE,)
@@ -409,7 +411,8 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
             raise NodeInputError(node, "audio_embeds/model", str(exc)) from None
         finally:
             host.soft_empty_cache()
-        waveform = audio_embeds.audio["waveform"][..., skip * SAMPLES_PER_FRAME:(skip + out.shape[0]) * SAMPLES_PER_FRAME]
+        first, last = skip * SAMPLES_PER_FRAME, (skip + out.shape[0]) * SAMPLES_PER_FRAME   # the new frames' audio
+        waveform = audio_embeds.audio["waveform"][..., first:last]
         audio = {"waveform": waveform, "sample_rate": audio_embeds.audio["sample_rate"]}
         return (out, audio, float(FPS))
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from _common import import_pack, reference_shapes, write_result
+from _common import import_pack, random_vae_state_dict, write_result
 
 
 def smooth_clip(frames: int, height: int, width: int, device) -> torch.Tensor:
@@ -42,16 +42,7 @@ def main():
     if args.vae:
         vae = load_wan_vae(args.vae, device=device, dtype=dtype)
     else:
-        gen = torch.Generator(device=device).manual_seed(0)
-
-        def random_tensor(key, shape):  # fan-in scaled weights, gammas near 1, small biases
-            r = torch.randn(shape, device=device, generator=gen)
-            if key.endswith("gamma"):
-                return 1 + 0.1 * r
-            return r / math.prod(shape[1:]) ** 0.5 if len(shape) > 1 else 0.1 * r
-
-        sd = {k: random_tensor(k, s) for k, s in reference_shapes("keys_vae.txt").items()}
-        vae = WanVAE.from_state_dict(sd, device=device, dtype=dtype)
+        vae = WanVAE.from_state_dict(random_vae_state_dict(device), device=device, dtype=dtype)
     video = smooth_clip(args.frames, args.height, args.width, device)
     result = {"bench": "vae", "weights": args.vae or "random", "dtype": args.dtype, "frames": args.frames,
               "size": f"{args.height}x{args.width}", "tile": args.tile, "overlap": args.overlap}

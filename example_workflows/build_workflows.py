@@ -239,7 +239,8 @@ def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, 
                   loader_links, column=2)
     if low_vram:
         model = g.add("WanTalkBlockSwap", {"blocks_to_swap": -1, "prefetch": 1}, {"model": (model, 0)}, column=2)
-    vae = g.add("WanTalkVAELoader", {"vae_name": "wan_2.1_vae.safetensors"}, column=2)
+    vae = g.add("WanTalkVAELoader", {"vae_name": "wan_2.1_vae.safetensors",
+                                     "precision": "bf16" if low_vram else "fp32"}, column=2)
     sampler = g.add("WanTalkInfiniteTalkSampler", {**OFFICIAL_INPUT, **sampler, "save_windows": low_vram},
                     {"model": (model, 0), "vae": (vae, 0), "audio_embeds": (embeds, 0), "positive": (positive, 0),
                      "negative": (negative, 0), "start_image": (image, 0), "clip_vision": (clip_vision, 0)},
