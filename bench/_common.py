@@ -32,6 +32,20 @@ def reference_shapes(listing: str) -> dict:
     raise FileNotFoundError(f"key listing {listing} not found under {SHARED}/reference/keys or bench/keys")
 
 
+def random_vae_state_dict(device="cpu", seed: int = 0) -> dict:
+    """Wan 2.1 VAE weights with the real shapes: fan-in scaled random weights, norm gammas near 1, small biases."""
+    import math
+    import torch
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def random_tensor(key, shape):
+        r = torch.randn(shape, device=device, generator=gen)
+        if key.endswith("gamma"):
+            return 1 + 0.1 * r
+        return r / math.prod(shape[1:]) ** 0.5 if len(shape) > 1 else 0.1 * r
+    return {k: random_tensor(k, s) for k, s in reference_shapes("keys_vae.txt").items()}
+
+
 def cuda_time(fn, warmup: int = 1, repeats: int = 3) -> list[float]:
     """Seconds per call, measured with CUDA events after warm-up."""
     import torch
