@@ -349,3 +349,32 @@ def test_dubbing_and_chaining_input_errors_name_the_input(parts, rng):
         run(previous_frames=torch.rand(6, 32, 48, 3, generator=rng))
     with pytest.raises(NodeInputError, match="input 'continuation'.*dubbing"):
         run(start_image=_moving_video(rng, 3), continuation="multitalk")
+
+
+def test_clip_vision_alone_encodes_the_official_input_of_the_start_image(parts, rng):
+    model, vae = parts
+    embeds, positive, negative, image, _ = _graph_inputs(rng, frames=9)
+    encoder = FakeComfyClipVision(rng, TINY_I2V.clip_dim)
+    WanTalkInfiniteTalkSampler().sample(model, vae, embeds, positive, negative, image, clip_vision=encoder, **SMALL)
+    fitted = fit_frames(image.permute(0, 3, 1, 2), 32, 32)[0] * 2 - 1  # the bucket-cropped frame, not a CLIP crop
+    assert len(encoder.seen) == 1
+    torch.testing.assert_close(encoder.seen[0][0], official_clip_pixels(fitted), atol=1e-6, rtol=0)
+
+
+def test_apg_option_reaches_the_guidance(parts, rng, monkeypatch):
+    from wantalk.wanvideo import guidance
+    model, vae = parts
+    inputs = _graph_inputs(rng, frames=9)
+    made = []
+    original = guidance.AdaptiveProjectedGuidance.__init__
+
+    def record(self, *args, **kwargs):
+        made.append(args)
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(guidance.AdaptiveProjectedGuidance, "__init__", record)
+    sampler = WanTalkInfiniteTalkSampler()
+    plain, _, _ = sampler.sample(model, vae, *inputs[:4], clip_vision_output=inputs[4], **SMALL)
+    assert not made
+    projected, _, _ = sampler.sample(model, vae, *inputs[:4], clip_vision_output=inputs[4], apg=True, **SMALL)
+    assert made and made[0][:2] == (SMALL["text_scale"], SMALL["audio_scale"])
+    assert projected.shape == plain.shape and not torch.equal(projected, plain)
