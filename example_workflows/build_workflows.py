@@ -198,6 +198,18 @@ class Graph:
         return self.nodes[node_id - 1]
 
 
+def load_image(g: Graph, title: str) -> int:
+    """A Load Image node in the first column (the tiny-run input name), with its upload widget."""
+    return g.add("LoadImage", {"image": "wantalk_portrait.png"}, column=0, ui_after={"image": ["image"]},
+                 title=title, extra_height=260)
+
+
+def load_speech(g: Graph, number: int, title: str) -> int:
+    """A Load Audio node in the first column reading wantalk_speech_<number>.wav."""
+    return g.add("LoadAudio", {"audio": f"wantalk_speech_{number}.wav"}, column=0, ui_after={"audio": [None, None]},
+                 title=title, extra_height=30)
+
+
 # The official input handling: the size bucket nearest the start image's aspect ratio, and the sampler encoding the
 # official CLIP input itself (the cropped frame, whole, at 224) from the CLIP vision model.
 OFFICIAL_INPUT = {"size": "infinitetalk-480"}
@@ -208,14 +220,11 @@ def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, 
     """The InfiniteTalk graph; sampler: widget values of the sampler (steps, shift, guidance scales). low_vram:
     encoders on the CPU, weights loaded to CPU RAM and streamed by Block Swap, resumable windows."""
     g = Graph()
-    image = g.add("LoadImage", {"image": "wantalk_portrait.png"}, column=0, ui_after={"image": ["image"]},
-                  title="Start image", extra_height=260)
-    audio_1 = g.add("LoadAudio", {"audio": "wantalk_speech_1.wav"}, column=0, ui_after={"audio": [None, None]},
-                    title="Speech (speaker 1)", extra_height=30)
+    image = load_image(g, "Start image")
+    audio_1 = load_speech(g, 1, "Speech (speaker 1)")
     audio_2 = None
     if speakers == 2:
-        audio_2 = g.add("LoadAudio", {"audio": "wantalk_speech_2.wav"}, column=0, ui_after={"audio": [None, None]},
-                        title="Speech (speaker 2)", extra_height=30)
+        audio_2 = load_speech(g, 2, "Speech (speaker 2)")
     clip = g.add("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
                                 "device": "cpu" if low_vram else "default"}, column=1)
     positive = g.add("CLIPTextEncode", {"text": prompt}, {"clip": (clip, 0)}, column=1, title="Prompt",
@@ -280,10 +289,8 @@ HUMO_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕�
 def humo_workflow(name: str) -> Graph:
     """HuMo-17B: text + reference image + speech (Whisper) -> video, official settings (the sampler's defaults)."""
     g = Graph()
-    image = g.add("LoadImage", {"image": "wantalk_portrait.png"}, column=0, ui_after={"image": ["image"]},
-                  title="Reference image", extra_height=260)
-    audio = g.add("LoadAudio", {"audio": "wantalk_speech_1.wav"}, column=0, ui_after={"audio": [None, None]},
-                  title="Speech", extra_height=30)
+    image = load_image(g, "Reference image")
+    audio = load_speech(g, 1, "Speech")
     clip = g.add("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
                                 "device": "default"}, column=1)
     positive = g.add("CLIPTextEncode", {"text": "A young woman with long dark hair sits in a bright living room and "
@@ -366,8 +373,7 @@ def dubbing_workflow(name: str) -> Graph:
     loaded = g.add("LoadVideo", {"file": "wantalk_talking.mp4"}, column=0, ui_after={"file": ["image"]},
                    title="Video to dub", extra_height=260)
     components = g.add("GetVideoComponents", {}, {"video": (loaded, 0)}, column=0)
-    speech = g.add("LoadAudio", {"audio": "wantalk_speech_1.wav"}, column=0, ui_after={"audio": [None, None]},
-                   title="New speech", extra_height=30)
+    speech = load_speech(g, 1, "New speech")
     parts = _talk_models(g, ["A person is talking to the camera, natural head movements and expressions."])
     embeds = g.add("WanTalkAudioEmbeds", {}, {"audio_1": (speech, 0), "audio_encoder": (parts["encoder"], 0)},
                    column=2, extra_height=100)
@@ -385,12 +391,9 @@ def dubbing_workflow(name: str) -> Graph:
 def chained_workflow(name: str) -> Graph:
     """Two samplers, one video: the second continues the first's last frames with its own prompt and speech."""
     g = Graph()
-    image = g.add("LoadImage", {"image": "wantalk_portrait.png"}, column=0, ui_after={"image": ["image"]},
-                  title="Start image", extra_height=260)
-    speech_1 = g.add("LoadAudio", {"audio": "wantalk_speech_1.wav"}, column=0, ui_after={"audio": [None, None]},
-                     title="Speech, part 1", extra_height=30)
-    speech_2 = g.add("LoadAudio", {"audio": "wantalk_speech_2.wav"}, column=0, ui_after={"audio": [None, None]},
-                     title="Speech, part 2", extra_height=30)
+    image = load_image(g, "Start image")
+    speech_1 = load_speech(g, 1, "Speech, part 1")
+    speech_2 = load_speech(g, 2, "Speech, part 2")
     parts = _talk_models(g, ["A woman is talking to the camera, calm, natural head movements.",
                              "A woman is talking to the camera and smiling, lively gestures."])
     both = g.add("AudioConcat", {"direction": "after"}, {"audio1": (speech_1, 0), "audio2": (speech_2, 0)},
