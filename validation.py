@@ -19,6 +19,7 @@ import torch
 
 from . import host
 from .nodes_common import NodeInputError
+from .wanvideo.checkpoint import nonfinite_count
 
 IMAGE_SLACK = 0.02          # overshoot of resampled images that is clipped (with a warning) rather than refused
 IMAGE_SCALE_LIMIT = 2.0     # beyond this a float IMAGE is on another scale (0..255): refused
@@ -76,12 +77,12 @@ def widgets(node: str, input_types: dict, values: dict) -> None:
 # ---- tensors ----------------------------------------------------------------------------------------------------
 
 def finite(node: str, name: str, tensor: torch.Tensor, what: str = "values") -> torch.Tensor:
-    """Refuse NaN/inf: they turn the whole video black (or into noise) without any error."""
-    if tensor.is_floating_point() or tensor.is_complex():
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise NodeInputError(node, name, f"contains {bad} NaN/inf {what} of {tensor.numel()}; the node that "
-                                 f"made it produced invalid numbers (re-run or replace it).")
+    """Refuse NaN/inf: they turn the whole video black (or into noise) without any error. One reduction, no
+    tensor-sized temporary (a dubbing video can be gigabytes)."""
+    bad = nonfinite_count(tensor)
+    if bad:
+        raise NodeInputError(node, name, f"contains {bad} NaN/inf {what} of {tensor.numel()}; the node that made "
+                             f"it produced invalid numbers (re-run or replace it).")
     return tensor
 
 
@@ -107,7 +108,7 @@ def image(node: str, name: str, picture) -> torch.Tensor:
     if not picture.is_floating_point():
         raise NodeInputError(node, name, f"has dtype {picture.dtype}; a ComfyUI IMAGE is float in 0..1.")
     finite(node, name, picture, "pixels")
-    low, high = float(picture.min()), float(picture.max())
+    low, high = (float(v) for v in torch.aminmax(picture))
     if high > IMAGE_SCALE_LIMIT or low < -IMAGE_SCALE_LIMIT:
         raise NodeInputError(node, name, f"has values from {low:g} to {high:g}; a ComfyUI IMAGE is in 0..1 (this "
                              f"looks like 0..255: divide by 255, or load it with Load Image).")
