@@ -422,3 +422,17 @@ def test_fast_path_wiring_with_emulated_kernels(rng, monkeypatch, mode):
     assert calls and out.shape == (2, 9, 48) and out.dtype == torch.bfloat16
     bound = 0.05 if mode.startswith("fp8") else 0.12
     assert 0.005 < ((out.double() - ref).norm() / ref.norm()).item() < bound
+
+
+def test_plan_decides_the_matmul_path_for_the_compute_device(tmp_path, rng, caplog):
+    """The fast path is decided once, in the plan, for the device the layers run on (not on every call)."""
+    _, sd = tiny_wan(generator=rng)
+    path = save_sd(sd, tmp_path / "wan.safetensors")
+    with caplog.at_level(logging.WARNING, logger="wantalk"):
+        model = loader.load_wan_model(path, quantization="fp8_e4m3fn_scaled_fast", config_overrides=HEADS)
+    entry = model.layer_plan[BLOCK_LINEAR]
+    assert entry.storage == "float8_e4m3fn" and entry.compute == "dequantize + matmul" and not entry.fast
+    assert model.get_submodule(BLOCK_LINEAR).fast is False
+    assert caplog.text.count("asks for fast matmuls but fp8 matmul needs a CUDA GPU") == 1
+    plan = q.plan_layers(meta_model(), "fp8_e4m3fn_scaled_fast", q.DEFAULT_PARAMS_TO_KEEP)  # device not known
+    assert plan[BLOCK_LINEAR].fast and plan[BLOCK_LINEAR].compute.startswith("fast where")

@@ -185,18 +185,26 @@ def stored_storage(dtype_name: str, aux_names: Iterable[str]) -> str:
     return FP8_STORAGE.get(dtype_name, DENSE)
 
 
-def _compute_path(storage: str, fast: bool, device: torch.device | None) -> str:
+DEQUANTIZE = "dequantize + matmul"
+PER_CALL = "fast where the activations allow (device not planned)"
+
+
+def _compute_path(storage: str, fast: bool, device: torch.device | None) -> tuple[str, str | None]:
+    """(the matmul path of a layer on `device`, why a requested fast path is not available there)."""
     from ..fp8_optimization import fp8_compute_reason
     from .kernels import nvfp4_native
     if storage == DENSE:
-        return "dense matmul"
-    if storage in gguf_dequant.BLOCK_FORMATS or not fast or device is None:
-        return "dequantize + matmul"
+        return "dense matmul", None
+    if storage in gguf_dequant.BLOCK_FORMATS or not fast:
+        return DEQUANTIZE, None
+    if device is None:
+        return PER_CALL, None
     if storage == "nvfp4" and device.type == "cuda" and nvfp4_native.available(device):
-        return "native FP4 GEMM"
-    if storage in ("nvfp4", "float8_e4m3fn") and fp8_compute_reason(device) is None:
-        return "FP8 GEMM"
-    return "dequantize + matmul"
+        return "native FP4 GEMM", None
+    if storage == "float8_e5m2":
+        return DEQUANTIZE, "fp8 matmul needs an e4m3 weight (this one is e5m2)"
+    reason = fp8_compute_reason(device)
+    return ("FP8 GEMM", None) if reason is None else (DEQUANTIZE, reason)
 
 
 def _planned_storage(stored: str, spec: ModeSpec) -> tuple[str, str]:
@@ -223,7 +231,7 @@ def plan_layers(model: nn.Module, mode: str, params_to_keep: Iterable[str], stor
                               f"'disabled' (the GGUF blocks are used as they are); only "
                               f"{', '.join(GGUF_REQUANTIZABLE)} files can be re-quantized at load.")
     device = torch.device(compute_device) if compute_device is not None else None
-    plan = {}
+    plan, slow = {}, {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -234,11 +242,17 @@ def plan_layers(model: nn.Module, mode: str, params_to_keep: Iterable[str], stor
             storage, origin = file_storage, "file"
         else:
             storage, origin = _planned_storage(file_storage, spec)
-        fast = spec.fast and storage != DENSE and storage not in gguf_dequant.BLOCK_FORMATS
+        requested = spec.fast and storage != DENSE and storage not in gguf_dequant.BLOCK_FORMATS
         scaled = spec.scaled if origin == "load" else True
         if origin == "file" and storage.startswith("float8") and spec.kind == "fp8" and getattr(torch, storage) != spec.fp8_dtype:
             log.info("wantalk: %s is stored as %s; keeping the stored format (no re-quantization)", name, storage)
-        plan[name] = LayerPlan(storage, origin, _compute_path(storage, fast, device), fast, scaled)
+        compute, unavailable = _compute_path(storage, requested, device)
+        if unavailable:
+            slow.setdefault(unavailable, name)
+        plan[name] = LayerPlan(storage, origin, compute, requested and compute != DEQUANTIZE, scaled)
+    for reason, example in slow.items():
+        log.warning("wantalk: %s asks for fast matmuls but %s (e.g. %s); those layers dequantize per call",
+                    mode, reason, example)
     return plan
 
 
