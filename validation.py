@@ -153,7 +153,7 @@ def audio_scale(node: str, name: str, audio):
         host.log.info("wantalk %s: input '%s' is %s PCM; normalised by %d", node, name, waveform.dtype, full_scale)
         return {**audio, "waveform": waveform.float() / full_scale}
     finite(node, name, waveform, "samples")
-    peak = float(waveform.abs().max()) if waveform.numel() else 0.0
+    peak = max(abs(float(v)) for v in torch.aminmax(waveform)) if waveform.numel() else 0.0
     if peak > AUDIO_PEAK_LIMIT:
         raise NodeInputError(node, name, f"has float samples up to {peak:.4g}; ComfyUI AUDIO is float in -1..1. "
                              f"This looks like integer PCM stored as float: divide by 32768 (16-bit) or 2**31 "
@@ -163,7 +163,7 @@ def audio_scale(node: str, name: str, audio):
 
 def speech_level(node: str, name: str, track: torch.Tensor) -> None:
     """Warn when the (16 kHz mono) audio is silent: the mouth will not move."""
-    rms = float(track.float().pow(2).mean().sqrt()) if track.numel() else 0.0
+    rms = float(torch.linalg.vector_norm(track.float())) / track.numel() ** 0.5 if track.numel() else 0.0
     if rms < SILENT_RMS:
         warn(node, f"input '{name}' is silent (RMS {rms:.1e}); the video will show no speech. Check the audio "
              f"file and the volume.")
