@@ -82,6 +82,10 @@ class FittedFrames:
         frame = self.video[index].permute(2, 0, 1)[None].float().cpu()
         return fit_frames(frame, self.height, self.width)[0] * 2 - 1
 
+    def engine_input(self):
+        """What the window engine takes: the one fitted frame of an image, else this lazy view of the video."""
+        return self[0] if len(self) == 1 else self
+
 
 def first_tensor(conditioning, node: str, name: str) -> torch.Tensor:
     """The embedding `[1, L, dim]` of a ComfyUI CONDITIONING (its first entry)."""
@@ -377,9 +381,7 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
                                  "conditions each window on its own motion frames, not on the video).")
         previous = self._previous(previous_frames, motion_frames, height, width, node)
         device = compute_device_for(model, node)
-        frames = video[0].permute(2, 0, 1)[None].float().cpu() if video.shape[0] == 1 else None
-        frames = fit_frames(frames, height, width)[0] * 2 - 1 if frames is not None else FittedFrames(video, height,
-                                                                                                       width)
+        frames = FittedFrames(video, height, width).engine_input()
         talk = audio_embeds.talk
         talk = type(talk)(talk.features, self._masks(talk, video, height, width, node))
         text = conditioning_from(model, positive, negative, clip_vision_output, device, node)
@@ -389,7 +391,12 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
                             "features; connect clip_vision for the official per-window features.")
         total = min(talk.num_frames, max_frames) if max_frames > 0 else talk.num_frames
         skip = 0 if previous is None else previous.shape[0]
-        windows = len(WindowGeometry(frame_window, motion_frames, total, skip).starts) if total > skip else 1
+        if total <= skip:
+            hint = ", or raise max_frames" if max_frames else ""
+            raise NodeInputError(node, "audio_embeds", f"covers {total} frames but previous_frames already has "
+                                 f"{skip}: when continuing, the audio covers the earlier video and the new part "
+                                 f"(Concatenate Audio of the earlier and the new speech{hint}).")
+        windows = len(WindowGeometry(frame_window, motion_frames, total, skip).starts)
         bar = host.ProgressBar(windows * steps)
 
         def on_step(window, _windows, step, _steps):

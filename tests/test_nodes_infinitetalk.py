@@ -347,6 +347,8 @@ def test_dubbing_and_chaining_input_errors_name_the_input(parts, rng):
         run(previous_frames=torch.rand(4, 32, 32, 3, generator=rng))
     with pytest.raises(NodeInputError, match="input 'previous_frames'.*is 48x32 but this sampler makes 32x32"):
         run(previous_frames=torch.rand(6, 32, 48, 3, generator=rng))
+    with pytest.raises(NodeInputError, match="input 'audio_embeds'.*covers 9 frames but previous_frames already has 9"):
+        run(previous_frames=torch.rand(9, 32, 32, 3, generator=rng))
     with pytest.raises(NodeInputError, match="input 'continuation'.*dubbing"):
         run(start_image=_moving_video(rng, 3), continuation="multitalk")
 
