@@ -35,8 +35,8 @@ def find_chromium() -> str | None:
 
 
 def _high_fd(fd: int) -> int:
-    """A copy of fd numbered 10 or above (so that placing the pipes on 3 and 4 in the child cannot clobber them)."""
-    high = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    """A close-on-exec copy of fd numbered 10 or above (placing the pipes on 3 and 4 in the child cannot clobber it)."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
     os.close(fd)
     return high
 
