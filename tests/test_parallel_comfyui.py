@@ -1,6 +1,6 @@
-"""The Multi-GPU node inside a real ComfyUI (two CPU workers, gloo): the InfiniteTalk example graph with the node
-between loader and sampler runs; the workers stay across prompts; Cancel ends the prompt within seconds and keeps
-them; the free-memory request stops them. Needs COMFYUI_DIR (skipped otherwise)."""
+"""The Multi-GPU node inside a real ComfyUI (two CPU workers, gloo): the InfiniteTalk and HuMo example graphs with
+the node between loader and sampler run; the workers stay across prompts; Cancel ends the prompt within seconds and
+keeps them; the free-memory request stops them. Needs COMFYUI_DIR (skipped otherwise)."""
 import json
 import os
 import time
@@ -12,7 +12,8 @@ from comfy_server import ComfyServer, comfyui_dir
 
 pytestmark = pytest.mark.skipif(not comfyui_dir(), reason="COMFYUI_DIR not set: real-ComfyUI tests skipped")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "infinitetalk_single_api.json")
+WORKFLOWS = {"infinitetalk": ("infinitetalk_single_api.json", "WanTalkInfiniteTalkSampler"),
+             "humo": ("humo_17b_api.json", "WanTalkHuMoSampler")}
 
 
 def worker_pids(server) -> set[int]:
@@ -38,16 +39,17 @@ def server(tmp_path_factory):
         yield running
 
 
-def graph(server, **sampler) -> dict:
+def graph(server, workflow="infinitetalk", **sampler) -> dict:
     from test_comfyui import STAND_IN_EMBEDDINGS, _tiny_api_graph
+    name, sampler_class = WORKFLOWS[workflow]
     real_to_tiny = tiny_models.make_tiny_models(os.path.join(server.base_dir, "models"))
     tiny_models.make_tiny_inputs(os.path.join(server.base_dir, "input"))
     tiny_models.make_tiny_embeddings(os.path.join(server.base_dir, "output", "wantalk_embeddings",
                                                   STAND_IN_EMBEDDINGS))
-    with open(WORKFLOW) as f:
+    with open(os.path.join(ROOT, "example_workflows", "api", name)) as f:
         api, _ = _tiny_api_graph(json.load(f), real_to_tiny, cpu_server=True)
     loader = next(k for k, node in api.items() if node["class_type"] == "WanTalkModelLoader")
-    sampler_key = next(k for k, node in api.items() if node["class_type"] == "WanTalkInfiniteTalkSampler")
+    sampler_key = next(k for k, node in api.items() if node["class_type"] == sampler_class)
     api["900"] = {"class_type": "WanTalkMultiGPU", "inputs": {"model": [loader, 0], "gpus": "cpu,cpu",
                                                               "guidance_groups": 0}}
     api[sampler_key]["inputs"].update(model=["900", 0], **sampler)
@@ -80,3 +82,8 @@ def test_multi_gpu_node_in_comfyui(server):
     while worker_pids(server) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not worker_pids(server), "the free-memory request should stop the workers"
+
+
+def test_humo_graph_on_the_multi_gpu_node(server):
+    server.run_prompt(graph(server, "humo", seed=4))
+    assert len(worker_pids(server)) == 2
