@@ -281,17 +281,17 @@ def test_one_frame_video_and_a_still_video_give_the_image_to_video_result(parts,
 def test_dubbing_conditions_each_window_on_the_video_frame_at_its_start_time(parts, rng):
     model, vae = parts
     embeds, positive, negative, _, _ = _graph_inputs(rng, frames=15)  # windows start at 0, 4, 8
-    video, fps = _moving_video(rng, 5), 12.5                            # 0.4 s: shorter than the 0.6 s audio
+    video, fps = _moving_video(rng, 4), 12.5                            # 0.32 s: shorter than the 0.6 s audio
     encoder = FakeComfyClipVision(rng, TINY_I2V.clip_dim)
     frames, audio, _ = WanTalkInfiniteTalkSampler().sample(model, vae, embeds, positive, negative, video,
                                                            clip_vision=encoder, video_fps=fps, **SMALL)
     assert frames.shape == (15, 32, 32, 3) and audio["waveform"].shape[-1] == 15 * 640
     # Independently: window start s (25 fps) shows the frame covering time s / 25, i.e. floor(s * 12.5 / 25);
-    # start 8 is at 0.32 s -> frame 4; the video's last frame (4) is held past its end.
-    expected = [0, 2, 4]
+    # start 8 is at 0.32 s, the video's end (frame 4 does not exist): its last frame, 3, is held.
+    expected = [0, 2, 3]
     seen = [pixels for pixels, _ in encoder.seen]
     assert len(seen) == len(expected)
-    fitted = [fit_frames(video[i].permute(2, 0, 1)[None], 32, 32)[0] * 2 - 1 for i in range(5)]
+    fitted = [fit_frames(video[i].permute(2, 0, 1)[None], 32, 32)[0] * 2 - 1 for i in range(4)]
     for pixels, index in zip(seen, expected):
         torch.testing.assert_close(pixels, official_clip_pixels(fitted[index]), atol=1e-6, rtol=0)
     still_first = WanTalkInfiniteTalkSampler().sample(model, vae, embeds, positive, negative, video[:1],
