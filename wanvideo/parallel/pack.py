@@ -95,6 +95,9 @@ class WorkerPack:
         if self.layout is None:
             raise RuntimeError("configure the pack (model and layout) before running steps")
         if not self.running:
+            if self.workers:
+                log.warning("wantalk: a multi-GPU worker exited since the last step (exit codes %s); restarting all",
+                            [w.process.poll() for w in self.workers])
             self.stop()
             port = _free_port()
             self.workers = [_Worker(r, len(self.devices), d, port) for r, d in enumerate(self.devices)]
