@@ -4,6 +4,7 @@ every token's arithmetic being the same). Faults: a worker killed mid-window giv
 recovers; an interrupt stops every worker within a second or two and the pack stays usable."""
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -192,13 +193,18 @@ def test_killed_worker_is_a_clear_error_and_the_next_run_recovers(models, pack2)
     noise = torch.randn(1, 16, *GRID)
     pack2.configure(Layout(1, 2), tiny.recipe)
     parallel = ParallelModel(tiny.model, lambda: pack2)
-
-    def kill_after_first_step(i, _latent):
-        if i == 0:
-            os.kill(pack2.pids()[1], signal.SIGKILL)
-
-    with pytest.raises(WorkerFailed, match=r"worker 1 \(cpu, pid \d+\) died during a denoising step \(exit code -9\)"):
-        sample(parallel, cond, plan, noise, on_step=kill_after_first_step)
+    pack2.ensure_ready()
+    victim = pack2.pids()[1]
+    killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))   # while a step is in flight
+    pack2.pace_s = 0.2
+    killer.start()
+    try:
+        with pytest.raises(WorkerFailed, match=rf"worker 1 \(cpu, pid {victim}\) died during a denoising step "
+                                               rf"\(exit code -9\)"):
+            sample(parallel, cond, plan, noise)
+    finally:
+        killer.join()
+        pack2.pace_s = 0.0
     assert not pack2.workers
     expected = sample(tiny.model, cond, plan, noise)
     got = sample(parallel, cond, plan, noise)

@@ -31,6 +31,7 @@ WORKER_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_m
 WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 STOP_GRACE_S = 5.0    # how long stopped workers may take to answer before the pack is torn down
 EXIT_GRACE_S = 5.0    # how long a worker may take to exit before it is killed
+FAILED_GRACE_S = 1.0  # the same after a failure (the others may be stuck in a collective with the failed one)
 POLL_S = 0.05         # how often a wait checks for an interrupt
 
 
@@ -111,14 +112,14 @@ class WorkerPack:
             log.info("wantalk: %d multi-GPU workers ready (%d guidance x %d sequence) in %.1fs", len(self.workers),
                      self.layout.guidance, self.layout.sequence, time.perf_counter() - t0)
 
-    def stop(self) -> None:
-        """Ask every worker to exit, kill those that do not; safe to call at any time."""
+    def stop(self, grace_s: float = EXIT_GRACE_S) -> None:
+        """Ask every worker to exit, kill those that do not within `grace_s`; safe to call at any time."""
         for w in self.workers:
             try:
                 w.conn.send_bytes(messages.encode({"kind": "exit"}))
             except OSError:
                 pass
-        deadline = time.monotonic() + EXIT_GRACE_S
+        deadline = time.monotonic() + grace_s
         for w in self.workers:
             if w.exit_code(max(0.0, deadline - time.monotonic())) is None:
                 w.process.kill()
@@ -178,7 +179,7 @@ class WorkerPack:
             rank, reply = errors[0]
             log.error("wantalk: multi-GPU worker %d failed during %s:\n%s", rank, what, reply["trace"])
             if self.layout.sequence > 1 or what == "loading":  # peers may be stuck in a collective
-                self.stop()
+                self.stop(FAILED_GRACE_S)
             raise WorkerFailed(f"multi-GPU worker {rank} failed during {what}: {reply['message']}")
         if any(reply["kind"] == "stopped" for reply in replies.values()):
             raise WorkerFailed(f"the multi-GPU workers stopped during {what} without an interrupt from this process")
@@ -186,7 +187,7 @@ class WorkerPack:
 
     def _fail(self, worker: _Worker, what: str):
         code = worker.exit_code()
-        self.stop()
+        self.stop(FAILED_GRACE_S)
         raise WorkerFailed(f"multi-GPU {worker.describe()} died during {what} (exit code {code}); all workers were "
                            f"stopped, the next run starts them again (and reloads the model).")
 
@@ -207,4 +208,4 @@ class WorkerPack:
         if pending or lost:
             log.warning("wantalk: %d multi-GPU workers did not stop within %.0fs; stopping the pack",
                         len(pending) + lost, STOP_GRACE_S)
-            self.stop()
+            self.stop(FAILED_GRACE_S)
