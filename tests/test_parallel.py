@@ -187,7 +187,7 @@ def test_interrupt_stops_every_worker_and_the_pack_stays(models, pack2):
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= BOUND
 
 
-def test_killed_worker_is_a_clear_error_and_the_next_run_recovers(models, pack2):
+def test_killed_worker_is_a_clear_error_and_the_next_run_recovers(models, pack2, caplog):
     tiny = models["infinitetalk"]
     cond, plan = infinitetalk_run(tiny.model, 1)
     noise = torch.randn(1, 16, *GRID)
@@ -209,6 +209,13 @@ def test_killed_worker_is_a_clear_error_and_the_next_run_recovers(models, pack2)
     expected = sample(tiny.model, cond, plan, noise)
     got = sample(parallel, cond, plan, noise)
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= BOUND
+    # A worker that dies between runs: the next step finds it, says so and restarts the pack.
+    idle = pack2.workers[0].process
+    idle.kill()
+    idle.wait()
+    got = sample(parallel, cond, plan, noise)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= BOUND
+    assert "exited since the last step (exit codes [-9, None]); restarting all" in caplog.text
 
 
 def test_head_count_not_divisible_is_a_clear_error(pack3, tmp_path):
