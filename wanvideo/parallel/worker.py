@@ -170,5 +170,8 @@ def _to(value, device):
 
 def main(fd: int, rank: int, world: int, device: str, port: int) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[wantalk worker {rank}] %(message)s")
-    torch.set_num_threads(max(1, int(os.environ.get("WANTALK_WORKER_THREADS", "1"))))
+    # CPU workers (tests) share few cores: one thread each unless told otherwise; GPU workers keep torch's default.
+    threads = os.environ.get("WANTALK_WORKER_THREADS") or ("1" if device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
     serve(Connection(fd), rank, world, device, port)
