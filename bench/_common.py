@@ -21,7 +21,8 @@ def import_pack(name: str = "wantalk"):
 
 def reference_shapes(listing: str) -> dict:
     """Key -> shape from one of shared/reference/keys/*.txt (or bench/keys/ when shared/ is absent)."""
-    for folder in (os.path.join(SHARED, "reference", "keys"), os.path.join(ROOT, "bench", "keys")):
+    for folder in (os.path.join(SHARED, "reference", "keys"), os.path.join(ROOT, "bench", "keys"),
+                   os.path.join(ROOT, "tests", "data", "keys")):
         path = os.path.join(folder, listing)
         if os.path.isfile(path):
             out = {}
