@@ -23,8 +23,9 @@ def parse_devices(text: str, available: int) -> list[str]:
             devices.append("cpu")
             continue
         if not item.isdigit() or int(item) >= available:
-            raise NodeInputError(NODE, "gpus", f"'{item}' is not a GPU index of this machine (it has {available} "
-                                 f"CUDA GPUs: 0..{available - 1}); write e.g. 0,1")
+            have = f"it has {available} CUDA GPUs: 0..{available - 1}" if available else "it has no CUDA GPU"
+            raise NodeInputError(NODE, "gpus", f"'{item}' is not a GPU index of this machine ({have}); write e.g. "
+                                 f"0,1, or remove this node")
         devices.append(f"cuda:{item}")
     if len(devices) < 2:
         raise NodeInputError(NODE, "gpus", f"name at least two GPUs (e.g. 0,1), got {text!r}; for one GPU remove "

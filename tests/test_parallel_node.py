@@ -22,6 +22,8 @@ def test_gpu_list():
                           ("1,1", "named twice"), ("", "at least two"), ("0,cpu", "mixes GPUs and cpu")]:
         with pytest.raises(NodeInputError, match=f"input 'gpus'.*{message}"):
             parse_devices(text, 4)
+    with pytest.raises(NodeInputError, match="has no CUDA GPU"):
+        parse_devices("0,1", 0)
 
 
 def test_layout_choice():
