@@ -28,6 +28,7 @@ def official_clip_pixels(frame: torch.Tensor, size: int = CLIP_SIZE) -> torch.Te
     return (pixels - mean) / std
 
 
+@torch.no_grad()
 def encode_official(clip_vision, frame: torch.Tensor) -> torch.Tensor:
     """Penultimate-layer CLIP features `[1, 257, 1280]` of `frame` (`[3, H, W]`, [-1, 1]) as the official code
     computes them, with ComfyUI's CLIP_VISION model (its `model` on our pixels, after ComfyUI loads it)."""

@@ -51,7 +51,7 @@ class FakeComfyClipVision:
 
     def __init__(self, rng, width: int = 8):
         self.image_size, self.patcher, self.load_device = 224, object(), torch.device("cpu")
-        self.projection = torch.randn(3, 257 * width, generator=rng)
+        self.projection = torch.randn(3, 257 * width, generator=rng).requires_grad_()   # like nn.Parameters
         self.seen = []
 
         def model(pixel_values, intermediate_output):
@@ -69,6 +69,6 @@ def test_encode_official_feeds_the_official_pixels_to_comfys_model(rng):
     frame = torch.rand(3, 64, 48, generator=rng) * 2 - 1
     features = encode_official(clip, frame)
     (pixels, layer), = clip.seen
-    assert layer == -2 and features.shape == (1, 257, 8)
+    assert layer == -2 and features.shape == (1, 257, 8) and not features.requires_grad   # no autograd graph
     torch.testing.assert_close(pixels, official_clip_pixels(frame))
     torch.testing.assert_close(features, (pixels.mean((2, 3)) @ clip.projection).reshape(1, 257, 8))
