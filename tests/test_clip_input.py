@@ -72,3 +72,19 @@ def test_encode_official_feeds_the_official_pixels_to_comfys_model(rng):
     assert layer == -2 and features.shape == (1, 257, 8) and not features.requires_grad   # no autograd graph
     torch.testing.assert_close(pixels, official_clip_pixels(frame))
     torch.testing.assert_close(features, (pixels.mean((2, 3)) @ clip.projection).reshape(1, 257, 8))
+
+
+def test_a_clip_vision_without_comfys_model_gets_the_official_pixels_through_encode_image(rng):
+    seen = []
+
+    class EncodeImageOnly:
+        def encode_image(self, image, crop=True):
+            seen.append((image, crop))
+            return {"penultimate_hidden_states": image.mean((1, 2))[:, None, :].expand(1, 257, 3)}
+    frame = torch.rand(3, 40, 72, generator=rng) * 2 - 1
+    features = encode_official(EncodeImageOnly(), frame)
+    (image, crop), = seen
+    assert crop is False and image.shape == (1, 224, 224, 3) and features.shape == (1, 257, 3)
+    unit = official_clip_pixels(frame) * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(
+        1, 3, 1, 1)
+    torch.testing.assert_close(image, unit.permute(0, 2, 3, 1))
