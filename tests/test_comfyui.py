@@ -144,14 +144,20 @@ def _tiny_api_graph(api: dict, real_to_tiny: dict, cpu_server: bool) -> tuple[di
     return api, changes
 
 
-@pytest.mark.parametrize("name", API_NAMES)
-def test_api_workflow_runs_on_tiny_weights_and_writes_a_video_with_sound(name, server):
+@pytest.fixture(scope="module")
+def tiny_files(server) -> dict:
+    """Tiny models, inputs and stand-in embeddings in the server's folders (once); the real -> tiny file names."""
     real_to_tiny = tiny_models.make_tiny_models(os.path.join(server.base_dir, "models"))
     tiny_models.make_tiny_inputs(os.path.join(server.base_dir, "input"))
     tiny_models.make_tiny_embeddings(os.path.join(server.base_dir, "output", "wantalk_embeddings",
                                                   STAND_IN_EMBEDDINGS))
+    return real_to_tiny
+
+
+@pytest.mark.parametrize("name", API_NAMES)
+def test_api_workflow_runs_on_tiny_weights_and_writes_a_video_with_sound(name, server, tiny_files):
     cpu_server = all(device.get("type") == "cpu" for device in server.get("/system_stats").get("devices", []))
-    api, changes = _tiny_api_graph(_read(_api_file(name)), real_to_tiny, cpu_server)
+    api, changes = _tiny_api_graph(_read(_api_file(name)), tiny_files, cpu_server)
     print(f"{name} on tiny weights, changed:\n  " + "\n  ".join(changes))
     entry = server.run_prompt(api, timeout=PROMPT_TIMEOUT_S)
     videos = [f for f in server.output_files(entry) if f.lower().endswith(VIDEO_EXTENSIONS)]
