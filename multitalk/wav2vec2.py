@@ -299,8 +299,9 @@ class Chunking:
         return sum(layers * -(-(hi - lo) // self.block) for lo, hi, _, _ in self.windows(frames))
 
 
-# Worst-layer relative error (norm of the difference over the norm of the one-pass output) of clips longer than
-# Chunking.exact, measured on random-weight encoders (bench/long_audio.py); shorter clips are exact.
+# Bound on the worst-layer relative error (norm of the difference over the norm of the one-pass output) of clips
+# longer than Chunking.exact; measured <= 1.7e-2 on 20 min clips with random-weight encoders (bench/long_audio.py,
+# docs/BENCHMARKS.md). Shorter clips match the one pass within 1e-5 (float rounding).
 WINDOW_TOLERANCE = 0.1
 
 Progress = Callable[[int, int], None]   # (chunks done, chunks in all); may raise to stop (ComfyUI's Stop)
