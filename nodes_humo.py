@@ -17,7 +17,7 @@ from .humo.audio_features import humo_bands
 from .humo.pipeline import GUIDANCE_MODES, HUMO_DEFAULTS, HumoSettings, generate_humo_video
 from .humo.whisper import SAMPLE_RATE, hidden_states_from_comfy, load_whisper_encoder, whisper_hidden_states
 from .multitalk import audio_processing
-from .nodes_audio import FPS, PRECISIONS, SAMPLES_PER_FRAME, fit_length
+from .nodes_audio import FPS, PRECISIONS, SAMPLES_PER_FRAME, encoding_progress, fit_length
 from .nodes_infinitetalk import VAE_TYPE, WINDOWS_FOLDER, conditioning_from, preview_image
 from .nodes_common import (CATEGORY, MAX_FRAMES_INPUT, MODEL_TYPE, SAVE_WINDOWS_INPUT, SEED_INPUT, NodeInputError,
                            VideoSamplerNode)
@@ -130,7 +130,7 @@ class WanTalkHuMoEmbeds:
         validation.speech_level(node, "audio", track)
         if whisper is not None:
             validation.audio_encoder(node, "whisper", whisper, "whisper")
-            hidden = whisper_hidden_states(whisper, track)
+            hidden = whisper_hidden_states(whisper, track, progress=encoding_progress())
         elif encoded_audio is not None:
             try:
                 hidden = hidden_states_from_comfy(encoded_audio)
