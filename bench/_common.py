@@ -6,7 +6,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("WANTALK_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+KEYS = os.path.join(ROOT, "tests", "data", "keys")
 
 
 def import_pack(name: str = "wantalk"):
@@ -20,17 +20,15 @@ def import_pack(name: str = "wantalk"):
 
 
 def reference_shapes(listing: str) -> dict:
-    """Key -> shape from one of shared/reference/keys/*.txt (or bench/keys/ when shared/ is absent)."""
-    for folder in (os.path.join(SHARED, "reference", "keys"), os.path.join(ROOT, "bench", "keys"),
-                   os.path.join(ROOT, "tests", "data", "keys")):
-        path = os.path.join(folder, listing)
-        if os.path.isfile(path):
-            out = {}
-            for line in open(path):
-                key, shape = line.rstrip("\n").split("\t")[:2]
-                out[key] = tuple(int(x) for x in re.findall(r"\d+", shape))
-            return out
-    raise FileNotFoundError(f"key listing {listing} not found under {SHARED}/reference/keys or bench/keys")
+    """Key -> shape from one of the official key listings the repository carries (tests/data/keys/*.txt)."""
+    path = os.path.join(KEYS, listing)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"key listing {listing} not found in {KEYS}")
+    out = {}
+    for line in open(path):
+        key, shape = line.rstrip("\n").split("\t")[:2]
+        out[key] = tuple(int(x) for x in re.findall(r"\d+", shape))
+    return out
 
 
 def random_vae_state_dict(device="cpu", seed: int = 0) -> dict:

@@ -30,9 +30,6 @@ if ls "$FA4_WHEELS"/*.whl >/dev/null 2>&1; then
 fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
 python3 -c "import flash_attn.cute; print('flash_attn.cute imported')" 2>&1 | tail -1 | tee -a "$LOG"
-mkdir -p /root/wantalk_shared/reference
-ln -sfn "$PWD/tests/data/keys" /root/wantalk_shared/reference/keys
-export WANTALK_SHARED=/root/wantalk_shared
 LISTING=keys_infinitetalk.txt
 FP8=fp8_e4m3fn_scaled_fast
 
