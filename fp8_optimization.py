@@ -78,6 +78,9 @@ class QuantizedLinear(nn.Module):
     """Common part: shapes, the base-dtype bias, the dispatch between the fast and the dequantizing path."""
 
     format_name = "?"
+    # The dtype forward casts its input to (set by the layer plan for a layer of the model, which keeps the rule of
+    # the layer it replaces: wanvideo/modules/cast_ops.py); None: compute in the dtype the input comes in.
+    input_dtype: torch.dtype | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, compute_dtype=torch.bfloat16,
                  fast: bool = False, device=None):
@@ -118,6 +121,8 @@ class QuantizedLinear(nn.Module):
         return fp8_compute_reason(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_dtype is not None:
+            x = x.to(self.input_dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         dtype = x.dtype if x.dtype in (torch.float32, *FAST_ACTIVATION_DTYPES) else self.compute_dtype

@@ -13,7 +13,8 @@ import torch.nn as nn
 from ..wanvideo.modules.attention import attention
 from ..wanvideo.modules.frame_attention import frame_attention
 from ..wanvideo.modules.fused_ops import layer_norm_modulate
-from ..wanvideo.modules.model import QKNormAttention, compute_dtype_of, linear_in
+from ..wanvideo.modules import cast_ops
+from ..wanvideo.modules.model import QKNormAttention
 
 
 class HumoAudioCrossAttention(QKNormAttention):
@@ -24,17 +25,17 @@ class HumoAudioCrossAttention(QKNormAttention):
         `[B, F, N_a, audio_dim]` -> x's shape."""
         b = x.shape[0]
         heads = lambda t: t.reshape(b, -1, self.num_heads, self.head_dim)
-        q = heads(self.norm_q(linear_in(self.q, x)))
-        k = heads(self.norm_k(linear_in(self.k, audio_tokens)))
-        v = heads(linear_in(self.v, audio_tokens))
+        q = heads(self.norm_q(self.q(x)))
+        k = heads(self.norm_k(self.k(audio_tokens)))
+        v = heads(self.v(audio_tokens))
         attend = lambda q, k, v: attention(q, k.to(q.dtype), v.to(q.dtype))
-        return linear_in(self.o, frame_attention(attend, q, k, v, grid, shard).flatten(2))
+        return self.o(frame_attention(attend, q, k, v, grid, shard).flatten(2))
 
 
 class AudioCrossAttentionWrapper(nn.Module):
     """`audio_cross_attn_wrapper`: the input LayerNorm (affine) and the attention, under the official names."""
 
-    def __init__(self, cfg, *, device=None, dtype=None, operations=nn):
+    def __init__(self, cfg, *, device=None, dtype=None, operations=cast_ops):
         super().__init__()
         self.audio_cross_attn = HumoAudioCrossAttention(cfg.dim, cfg.num_heads, cfg.eps, device=device, dtype=dtype,
                                                         operations=operations, kv_dim=cfg.audio.output_dim)
@@ -46,7 +47,7 @@ class HumoBlockAdapter(nn.Module):
     """The per-block add-on: its child `audio_cross_attn_wrapper` is registered into each Wan block;
     `forward_in_block` returns the residual to add after the text cross-attention."""
 
-    def __init__(self, cfg, *, device=None, dtype=None, operations=nn):
+    def __init__(self, cfg, *, device=None, dtype=None, operations=cast_ops):
         super().__init__()
         self.audio_cross_attn_wrapper = AudioCrossAttentionWrapper(cfg, device=device, dtype=dtype,
                                                                    operations=operations)
@@ -58,5 +59,5 @@ class HumoBlockAdapter(nn.Module):
         tokens = inp.audio.tokens_for(x.shape[0], inp.grid).to(x.device)
         norm = wrapper.norm1_audio
         xn = layer_norm_modulate(x, norm.eps, norm.weight, norm.bias,
-                                 out_dtype=compute_dtype_of(wrapper.audio_cross_attn.q))
+                                 out_dtype=wrapper.audio_cross_attn.q.compute_dtype)
         return wrapper.audio_cross_attn(xn, tokens, inp.grid, getattr(inp, "shard", None))

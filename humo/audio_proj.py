@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..wanvideo.modules.fused_ops import layer_norm_modulate
-from ..wanvideo.modules.model import linear_in
+from ..wanvideo.modules import cast_ops
 
 
 class _Slot(nn.Module):
@@ -22,7 +22,7 @@ class _Slot(nn.Module):
 
 
 class HumoAudioProj(nn.Module):
-    def __init__(self, acfg, *, device=None, dtype=None, operations=nn):
+    def __init__(self, acfg, *, device=None, dtype=None, operations=cast_ops):
         super().__init__()
         self.context_tokens, self.output_dim = acfg.context_tokens, acfg.output_dim
         lin = lambda i, o: _Slot(operations.Linear(i, o, device=device, dtype=dtype))
@@ -33,8 +33,8 @@ class HumoAudioProj(nn.Module):
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         """windows `[B, F, 8, bands, C]` -> float32 tokens `[B, F, 16, output_dim]` (LayerNorm in float32)."""
-        h = torch.relu(linear_in(self.audio_proj_glob_1.layer, windows.flatten(2)))
-        h = torch.relu(linear_in(self.audio_proj_glob_2.layer, h))
-        tokens = linear_in(self.audio_proj_glob_3.layer, h).unflatten(-1, (self.context_tokens, self.output_dim))
+        h = torch.relu(self.audio_proj_glob_1.layer(windows.flatten(2)))
+        h = torch.relu(self.audio_proj_glob_2.layer(h))
+        tokens = self.audio_proj_glob_3.layer(h).unflatten(-1, (self.context_tokens, self.output_dim))
         norm = self.audio_proj_glob_norm.layer
         return layer_norm_modulate(tokens, norm.eps, norm.weight, norm.bias)

@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..wanvideo.modules.attention import attention, attention_policy
 from ..wanvideo.modules.frame_attention import frame_attention
 from ..wanvideo.modules.fused_ops import layer_norm_modulate, rope_reference
-from ..wanvideo.modules.model import compute_dtype_of, linear_in
+from ..wanvideo.modules import cast_ops
 
 ROPE_1D_THETA = 10000
 
@@ -107,20 +107,20 @@ class AudioCrossAttention(nn.Module):
         b = x.shape[0]
         f = grid[0]
         n_a = audio_tokens.shape[2]
-        q = linear_in(self.q_linear, x).view(b, x.shape[1], self.num_heads, self.head_dim)
-        k, v = linear_in(self.kv_linear, audio_tokens).view(b, f * n_a, 2, self.num_heads, self.head_dim).unbind(2)
+        q = self.q_linear(x).view(b, x.shape[1], self.num_heads, self.head_dim)
+        k, v = self.kv_linear(audio_tokens).view(b, f * n_a, 2, self.num_heads, self.head_dim).unbind(2)
         if q_positions is not None:
             q = rope_1d(q, q_positions, q.dtype)
             k = rope_1d(k, k_positions, k.dtype)
         out = frame_attention(attention, q, k, v, grid, shard)
-        return linear_in(self.proj, out.flatten(2))
+        return self.proj(out.flatten(2))
 
 
 class InfiniteTalkBlockAdapter(nn.Module):
     """The per-block add-on: its children (`audio_cross_attn`, `norm_x`) are registered into each Wan block;
     `forward_in_block` runs after the text cross-attention and returns the residual to add."""
 
-    def __init__(self, cfg, *, device=None, dtype=None, operations=nn):
+    def __init__(self, cfg, *, device=None, dtype=None, operations=cast_ops):
         super().__init__()
         acfg = cfg.audio
         self.audio_cross_attn = AudioCrossAttention(cfg.dim, acfg.output_dim, cfg.num_heads,
@@ -139,10 +139,10 @@ class InfiniteTalkBlockAdapter(nn.Module):
                 raise RuntimeError("two-speaker audio needs the self-attention q/k of the block (keep_qk)")
             f, h, w = inp.grid
             amap = reference_attention_map(keep_qk[0], keep_qk[1], h * w, cond.token_masks(inp.grid),
-                                           compute_dtype_of(attn.q_linear))
+                                           attn.q_linear.compute_dtype)
             q_pos = speaker_positions(amap, self.acfg.speaker_ranges, self.acfg.background_position,
                                       None if shard is None else shard.extrema)
             k_pos = audio_key_positions(tokens.shape[2], f, self.acfg.speaker_ranges, x.device).expand(x.shape[0], -1)
         xn = layer_norm_modulate(x, block.norm_x.eps, block.norm_x.weight, block.norm_x.bias,
-                                 out_dtype=compute_dtype_of(attn.q_linear))
+                                 out_dtype=attn.q_linear.compute_dtype)
         return attn(xn, tokens, inp.grid, q_pos, k_pos, shard)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..wanvideo.modules.fused_ops import layer_norm_modulate
-from ..wanvideo.modules.model import linear_in
+from ..wanvideo.modules import cast_ops
 
 
 def latent_window_index(window: int, vae_scale: int) -> tuple[list[int], list[int]]:
@@ -48,7 +48,7 @@ class AudioProjModel(nn.Module):
     """`proj1` (first frame) / `proj1_vf` (later frames) -> relu -> `proj2` -> relu -> `proj3` -> tokens,
     then LayerNorm over each token in float32 (the official autocast(float32) region)."""
 
-    def __init__(self, acfg, *, device=None, dtype=None, operations=nn):
+    def __init__(self, acfg, *, device=None, dtype=None, operations=cast_ops):
         super().__init__()
         feat = acfg.features_per_frame
         self.context_tokens, self.output_dim = acfg.context_tokens, acfg.output_dim
@@ -62,10 +62,10 @@ class AudioProjModel(nn.Module):
 
     def forward(self, first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
         """first `[P, 1, W, layers, C]`, later `[P, n, W', layers, C]` -> float32 `[P, 1 + n, tokens, output_dim]`."""
-        a = torch.relu(linear_in(self.proj1, first.flatten(2)))
-        b = torch.relu(linear_in(self.proj1_vf, later.flatten(2)))
-        h = torch.relu(linear_in(self.proj2, torch.cat([a, b], dim=1)))
-        tokens = linear_in(self.proj3, h).unflatten(-1, (self.context_tokens, self.output_dim))
+        a = torch.relu(self.proj1(first.flatten(2)))
+        b = torch.relu(self.proj1_vf(later.flatten(2)))
+        h = torch.relu(self.proj2(torch.cat([a, b], dim=1)))
+        tokens = self.proj3(h).unflatten(-1, (self.context_tokens, self.output_dim))
         if self.norm is None:
             return tokens.float()
         return layer_norm_modulate(tokens, self.norm.eps, self.norm.weight, self.norm.bias)

@@ -28,7 +28,7 @@ def test_full_size_audio_block_bf16_memory_and_closeness(mode):
     gen.seed()
     cfg = WAN_I2V_14B.with_(image_branch=False, audio=HumoConfig())
     f, h, w = GRID
-    adapter = HumoBlockAdapter(cfg, device="cuda", dtype=torch.float32, operations=torch.nn)
+    adapter = HumoBlockAdapter(cfg, device="cuda", dtype=torch.float32)
     for name, p in adapter.named_parameters():
         p.data = (torch.randn(p.shape, device="cuda", generator=gen) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 10)
                   + (1 if "norm" in name and name.endswith("weight") else 0))

@@ -72,7 +72,7 @@ def test_other_models_are_not_humo(keys_dir, listing):
 # ---------------------------------------------------------------------------------------------- audio projection
 
 def test_audio_projection_matches_float64(rng):
-    proj = HumoAudioProj(TINY_HUMO, operations=nn)
+    proj = HumoAudioProj(TINY_HUMO)
     proj.load_state_dict(random_state_dict(proj, rng))
     windows = torch.randn(2, 5, 8, 5, 6, generator=rng)
     p = {k: v.double() for k, v in proj.state_dict().items()}
@@ -113,7 +113,7 @@ def reference_audio_residual(p, x, tokens, grid, heads):
 @pytest.mark.parametrize("heads", [2, 5])
 def test_block_audio_attention_matches_float64(rng, heads):
     cfg = TINY_HUMO_17B.with_(dim=16 * heads, num_heads=heads, audio=TINY_HUMO)
-    adapter = HumoBlockAdapter(cfg, operations=nn)
+    adapter = HumoBlockAdapter(cfg)
     adapter.load_state_dict(random_state_dict(adapter, rng))
     grid = (3, 4, 6)
     x = torch.randn(1, 72, cfg.dim, generator=rng)

@@ -84,7 +84,7 @@ def test_latent_audio_windows_need_4n_plus_1_frames(rng):
 # ---------------------------------------------------------------------------------------------- audio projection
 
 def test_audio_projection_matches_float64(rng):
-    proj = AudioProjModel(TINY_AUDIO, operations=torch.nn)
+    proj = AudioProjModel(TINY_AUDIO)
     proj.load_state_dict(random_state_dict(proj, rng))
     first = torch.randn(2, 1, 5, 12, 4, generator=rng)
     later = torch.randn(2, 4, 8, 12, 4, generator=rng)
@@ -165,7 +165,7 @@ def reference_audio_residual(p, x, tokens, grid, heads, speakers, masks=None, q_
 @pytest.mark.parametrize("speakers,heads", [(1, 4), (2, 4), (2, 5)])
 def test_block_audio_attention_matches_float64(rng, speakers, heads):
     cfg = TINY_I2V.with_(dim=20 * heads, num_heads=heads, audio=TINY_AUDIO)
-    adapter = InfiniteTalkBlockAdapter(cfg, operations=torch.nn)
+    adapter = InfiniteTalkBlockAdapter(cfg)
     adapter.load_state_dict(random_state_dict(adapter, rng))
     grid = (3, 4, 6)
     length, d = 3 * 24, cfg.dim // heads

@@ -56,7 +56,7 @@ def test_policy_on_tiny_model():
         "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1",
         "head.head", "img_emb.proj.1", "img_emb.proj.3"}
     assert all(isinstance(model.get_submodule(n), FP8Linear) for n in block)
-    assert all(type(model.get_submodule(n)) is nn.Linear for n in report.kept_linears)
+    assert all(isinstance(model.get_submodule(n), nn.Linear) for n in report.kept_linears)  # dense
     assert model.blocks[0].ffn[0].compute_dtype == torch.bfloat16 and model.blocks[0].ffn[0].weight.is_meta
     assert "blocks.0.modulation" in report.kept and "blocks.0.ffn.0.bias" in report.kept
     assert "blocks.0.ffn.0.weight" not in report.kept
@@ -92,7 +92,7 @@ def test_policy_on_tiny_infinitetalk_modules():
     assert {n.rsplit(".", 1)[1] for n in audio_block} == {"q_linear", "kv_linear", "proj"}
     assert len(audio_block) == 3 * TINY_I2V.num_layers
     assert all(isinstance(model.get_submodule(n), NVFP4Linear) for n in audio_block)
-    audio_proj = [n for n, m in model.named_modules() if type(m) is nn.Linear and "audio_proj" in n]
+    audio_proj = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "audio_proj" in n]
     assert audio_proj and set(audio_proj) <= set(report.kept_linears)
 
 
@@ -277,7 +277,7 @@ def test_kj_scaled_fp8_loads_bit_exact(tmp_path, rng, mode, per_channel):
         layer = model.get_submodule(name)
         assert isinstance(layer, FP8Linear) and same_bytes(layer.weight, stored[f"{name}.weight"])
         assert torch.equal(layer.weight_scale, stored[f"{name}.scale_weight"].reshape(-1).expand(layer.out_features))
-    assert type(model.head.head) is nn.Linear  # kept layers stay dense
+    assert isinstance(model.head.head, nn.Linear)  # kept layers stay dense
     out = model.forward_batched(**tiny_inputs(rng))
     assert torch.isfinite(out).all()
 

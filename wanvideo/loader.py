@@ -16,6 +16,7 @@ import torch
 from . import quantization as policy
 from .checkpoint import CheckpointError, CheckpointReader, checked_tensor, config_hints, describe_foreign, strip_prefix
 from .gguf import GGUFCheckpoint, is_gguf
+from .modules import cast_ops
 from .modules.model import WanConfig, WanModel
 from .modules.attention import ATTENTION_MODES
 
@@ -100,7 +101,7 @@ def build_model(cfg: WanConfig, addon: AddOn | None, *, device, dtype) -> WanMod
     model = WanModel(cfg, device=device, dtype=dtype, audio_adapter_factory=factory)
     if addon:
         for name, make in addon.top_level.items():
-            model.add_module(name, make(cfg, device=device, dtype=dtype, operations=torch.nn))
+            model.add_module(name, make(cfg, device=device, dtype=dtype, operations=cast_ops))
     return model
 
 

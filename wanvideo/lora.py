@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..fp8_optimization import QuantizedLinear
 from .checkpoint import CheckpointError, CheckpointReader, checked_tensor
+from .modules.cast_ops import CastLinear, activation_dtype
 
 log = logging.getLogger("wantalk")
 
@@ -301,13 +302,15 @@ class LoraLinear(nn.Module):
     """A linear layer plus run-time LoRA terms `strength * scale * up(down(x))` (or a full `delta(x)`).
 
     It holds the same `weight`/`bias` parameters under the same names, so state-dict keys do not change; the
-    factors are non-persistent buffers, so they move with the module (block swap). Deliberately NOT an
-    `nn.Linear` subclass: the float32 paths read an `nn.Linear`'s weight directly and would skip the LoRA,
-    while any other module is called, which reaches `forward`."""
+    factors are non-persistent buffers, so they move with the module (block swap). It casts its input as the
+    layer it wraps does (wanvideo/modules/cast_ops.py), LoRA terms included: a float32 layer stays float32."""
 
     def __init__(self, linear: nn.Linear, strengths: list[float]):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.base_type = getattr(linear, "base_type", type(linear))  # what `plain()` rebuilds
+        self.casts = issubclass(self.base_type, CastLinear)
+        self.fixed_dtype = self.base_type.fixed_dtype if self.casts else None
         self.weight, self.bias = linear.weight, linear.bias
         self.strengths = strengths  # shared with the owning UnmergedLoras: strengths change without reloading
         self.terms: list[tuple[int, str, str | None, float]] = []
@@ -325,11 +328,17 @@ class LoraLinear(nn.Module):
 
     def plain(self) -> nn.Linear:
         """An nn.Linear over the current parameters (which block swap may have re-pointed)."""
-        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        linear = self.base_type(self.in_features, self.out_features, self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.fixed_dtype or activation_dtype(self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.casts:
+            x = x.to(self.compute_dtype)
         dtype = x.dtype
         y = F.linear(x, self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
         for index, first, second, scale in self.terms:

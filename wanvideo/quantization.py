@@ -29,6 +29,7 @@ from .checkpoint import CheckpointError
 from .gguf import SUPPORTED_TYPES, TYPE_MARKER, marker_qtype
 from .kernels import gguf_dequant
 from .kernels import quant_formats as qf
+from .modules.cast_ops import input_dtype_of
 
 log = logging.getLogger("wantalk")
 
@@ -162,11 +163,17 @@ class LayerPlan:
         return ModeSpec("fp8" if self.storage.startswith("float8") else "fp4").weight_bytes(n, k)
 
     def make_layer(self, linear: nn.Module, base_dtype: torch.dtype) -> nn.Module:
-        """The (meta) module that holds this storage; `linear` itself when dense."""
-        args = (linear.in_features, linear.out_features, linear.bias is not None)
-        device = linear.weight.device
+        """The (meta) module that holds this storage; `linear` itself when dense. A quantized layer casts its input
+        as `linear` would have (its compute dtype: the base dtype, or float32 for a float32 layer)."""
         if self.storage == DENSE:
             return linear
+        layer = self._quantized_layer(linear, base_dtype)
+        layer.input_dtype = input_dtype_of(linear, base_dtype)
+        return layer
+
+    def _quantized_layer(self, linear: nn.Module, base_dtype: torch.dtype) -> nn.Module:
+        args = (linear.in_features, linear.out_features, linear.bias is not None)
+        device = linear.weight.device
         if self.storage in gguf_dequant.BLOCK_FORMATS:
             return GGUFLinear(*args, qtype=self.storage, compute_dtype=base_dtype, device=device)
         if self.storage == "nvfp4":

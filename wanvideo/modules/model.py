@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import cast_ops
 from .attention import AUTO, AttentionPolicy, attention, policy_of, use_attention_policy
 from .fused_ops import layer_norm_modulate, residual_add, rms_norm_reference, rms_norm_rope
 
@@ -103,7 +103,7 @@ def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device) -> tuple[tor
 
 
 # ----------------------------------------------------------------------------------------------
-# Norms and float32 helpers
+# Norms
 # ----------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
@@ -120,26 +120,6 @@ class RMSNorm(nn.Module):
     def heads(self, x: torch.Tensor, num_heads: int, rope=None) -> torch.Tensor:
         """Normalised (and optionally rotated) `[B, L, H, D]` in x's dtype, fused on CUDA."""
         return rms_norm_rope(x, self.weight, self.eps, num_heads, x.dtype, rope)
-
-
-def linear_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run a linear layer in float32, as the official autocast(float32) regions do."""
-    if isinstance(layer, nn.Linear):
-        return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
-    return layer(x.float()).float()
-
-
-def compute_dtype_of(layer: nn.Module) -> torch.dtype:
-    """The activation dtype a (possibly quantized) linear layer computes in."""
-    dtype = getattr(layer, "compute_dtype", None) or layer.weight.dtype
-    if not dtype.is_floating_point or dtype.itemsize < 2:
-        dtype = torch.bfloat16
-    return dtype
-
-
-def linear_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a (possibly quantized) linear layer, feeding it its compute dtype."""
-    return layer(x.to(compute_dtype_of(layer)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,9 +146,9 @@ class WanSelfAttention(QKNormAttention):
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """q and k after RMSNorm and RoPE, and v: all `[B, L, H, D]` in the compute dtype."""
         b, s, _ = x.shape
-        q = self.norm_q.heads(linear_in(self.q, x), self.num_heads, rope)
-        k = self.norm_k.heads(linear_in(self.k, x), self.num_heads, rope)
-        v = linear_in(self.v, x).view(b, s, self.num_heads, self.head_dim)
+        q = self.norm_q.heads(self.q(x), self.num_heads, rope)
+        k = self.norm_k.heads(self.k(x), self.num_heads, rope)
+        v = self.v(x).view(b, s, self.num_heads, self.head_dim)
         return q, k, v
 
     def forward(self, x, rope, k_lens=None, keep_qk: list | None = None, shard=None):
@@ -177,9 +157,9 @@ class WanSelfAttention(QKNormAttention):
             keep_qk.extend([q, k if shard is None else shard.reference_keys(k)])
         if shard is not None:  # sequence parallel: x is this rank's token slice (wanvideo.parallel.sequence)
             attend = lambda q, k, v: attention(q, k, v, k_lens=k_lens)
-            return linear_in(self.o, shard.self_attention(attend, q, k, v).flatten(2))
+            return self.o(shard.self_attention(attend, q, k, v).flatten(2))
         out = attention(q, k.to(q.dtype), v.to(q.dtype), k_lens=k_lens)
-        return linear_in(self.o, out.flatten(2))
+        return self.o(out.flatten(2))
 
 
 class WanCrossAttention(QKNormAttention):
@@ -196,17 +176,17 @@ class WanCrossAttention(QKNormAttention):
     def forward(self, x, context, text_len: int):
         b = x.shape[0]
         heads = lambda t: t.view(b, -1, self.num_heads, self.head_dim)
-        q = self.norm_q.heads(linear_in(self.q, x), self.num_heads)
+        q = self.norm_q.heads(self.q(x), self.num_heads)
         txt = context[:, -text_len:]
-        k = self.norm_k.heads(linear_in(self.k, txt), self.num_heads)
-        v = heads(linear_in(self.v, txt))
+        k = self.norm_k.heads(self.k(txt), self.num_heads)
+        v = heads(self.v(txt))
         out = attention(q, k.to(q.dtype), v.to(q.dtype))
         if self.image_branch and context.shape[1] > text_len:
             img = context[:, :-text_len]
-            k_img = self.norm_k_img.heads(linear_in(self.k_img, img), self.num_heads)
-            v_img = heads(linear_in(self.v_img, img))
+            k_img = self.norm_k_img.heads(self.k_img(img), self.num_heads)
+            v_img = heads(self.v_img(img))
             out = out + attention(q, k_img.to(q.dtype), v_img.to(q.dtype))
-        return linear_in(self.o, out.flatten(2))
+        return self.o(out.flatten(2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +225,7 @@ class WanAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
         """x: float32 residual stream `[B, L, dim]` (not modified; a new tensor is returned)."""
         m = (self.modulation.float() + inp.e0).unbind(1)  # shift, scale, gate (msa), shift, scale, gate (mlp)
-        cd = compute_dtype_of(self.self_attn.q)
+        cd = self.self_attn.q.compute_dtype
         want_qk = self.audio_adapter is not None and inp.audio is not None and getattr(inp.audio, "needs_qk", False)
         keep_qk = [] if want_qk else None
         y = self.self_attn(layer_norm_modulate(x, self.eps, scale=m[1], shift=m[0], out_dtype=cd),
@@ -255,20 +235,20 @@ class WanAttentionBlock(nn.Module):
                                                                 out_dtype=cd), inp.context, self.text_len))
         if self.audio_adapter is not None and inp.audio is not None:
             x = residual_add(x, self.audio_adapter(self, x, inp, keep_qk))
-        h = linear_in(self.ffn[0], layer_norm_modulate(x, self.eps, scale=m[4], shift=m[3], out_dtype=cd))
-        return residual_add(x, linear_in(self.ffn[2], self.ffn[1](h)), m[5])
+        h = self.ffn[0](layer_norm_modulate(x, self.eps, scale=m[4], shift=m[3], out_dtype=cd))
+        return residual_add(x, self.ffn[2](self.ffn[1](h)), m[5])
 
 
 class Head(nn.Module):
     def __init__(self, dim: int, out_dim: int, patch_size, eps: float, *, device, dtype, operations):
         super().__init__()
         self.dim, self.eps = dim, eps
-        self.head = operations.Linear(dim, math.prod(patch_size) * out_dim, device=device, dtype=dtype)
+        self.head = operations.Float32Linear(dim, math.prod(patch_size) * out_dim, device=device, dtype=dtype)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim, device=device, dtype=dtype) / dim ** 0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.float()[:, None]).unbind(1)
-        return linear_fp32(self.head, layer_norm_modulate(x, self.eps, scale=scale, shift=shift))
+        return self.head(layer_norm_modulate(x, self.eps, scale=scale, shift=shift))
 
 
 class MLPProj(nn.Module):
@@ -286,7 +266,7 @@ class MLPProj(nn.Module):
     def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
         p = self.proj
         x = layer_norm_modulate(clip_fea, p[0].eps, p[0].weight, p[0].bias)
-        x = linear_in(p[3], p[2](linear_in(p[1], x)))
+        x = p[3](p[2](p[1](x)))
         return layer_norm_modulate(x, p[4].eps, p[4].weight, p[4].bias)
 
 
@@ -300,7 +280,7 @@ AudioAdapterFactory = Callable[..., nn.Module]
 class WanModel(nn.Module):
     """Wan 2.1 DiT. `forward_batched` is the pack's interface; `forward` the official call convention."""
 
-    def __init__(self, cfg: WanConfig, *, device=None, dtype=torch.bfloat16, operations=nn,
+    def __init__(self, cfg: WanConfig, *, device=None, dtype=torch.bfloat16, operations=cast_ops,
                  audio_adapter_factory: AudioAdapterFactory | None = None):
         super().__init__()
         self.cfg = cfg
@@ -310,10 +290,11 @@ class WanModel(nn.Module):
         self.text_embedding = nn.Sequential(operations.Linear(cfg.text_dim, cfg.dim, device=device, dtype=dtype),
                                             nn.GELU(approximate="tanh"),
                                             operations.Linear(cfg.dim, cfg.dim, device=device, dtype=dtype))
-        self.time_embedding = nn.Sequential(operations.Linear(cfg.freq_dim, cfg.dim, device=device, dtype=dtype),
+        self.time_embedding = nn.Sequential(operations.Float32Linear(cfg.freq_dim, cfg.dim, device=device, dtype=dtype),
                                             nn.SiLU(),
-                                            operations.Linear(cfg.dim, cfg.dim, device=device, dtype=dtype))
-        self.time_projection = nn.Sequential(nn.SiLU(), operations.Linear(cfg.dim, cfg.dim * 6, device=device, dtype=dtype))
+                                            operations.Float32Linear(cfg.dim, cfg.dim, device=device, dtype=dtype))
+        self.time_projection = nn.Sequential(nn.SiLU(), operations.Float32Linear(cfg.dim, cfg.dim * 6, device=device,
+                                                                                 dtype=dtype))
         self.blocks = nn.ModuleList([
             WanAttentionBlock(cfg, device=device, dtype=dtype, operations=operations,
                               audio_adapter=(audio_adapter_factory(cfg, device=device, dtype=dtype, operations=operations)
@@ -341,9 +322,8 @@ class WanModel(nn.Module):
     # -- pieces --------------------------------------------------------------------------------
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(e `[B, dim]`, e0 `[B, 6, dim]`), float32."""
-        e = linear_fp32(self.time_embedding[2], self.time_embedding[1](linear_fp32(self.time_embedding[0],
-                        sinusoidal_embedding_1d(self.cfg.freq_dim, t))))
-        e0 = linear_fp32(self.time_projection[1], self.time_projection[0](e)).unflatten(1, (6, self.cfg.dim))
+        e = self.time_embedding(sinusoidal_embedding_1d(self.cfg.freq_dim, t))
+        e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
         return e, e0
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
@@ -354,7 +334,7 @@ class WanModel(nn.Module):
         elif lt > self.cfg.text_len:
             context = context[:, :self.cfg.text_len]
         te = self.text_embedding
-        return linear_in(te[2], te[1](linear_in(te[0], context)))
+        return te(context)
 
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         w = self.patch_embedding.weight
