@@ -174,7 +174,7 @@ def test_layer_error_bound(mode, rng):
     assert layer.fast == mode.endswith("_fast") and layer.compute_dtype == torch.bfloat16
     x = torch.randn(3, 7, k, generator=rng)
     ref = x.double() @ w.to(torch.bfloat16).double().T  # the bias is exact in both; compare the product
-    out = layer(x) - layer.bias.float()                   # float32 input: the linear_fp32 path
+    out = layer(x) - layer.bias.float()                   # float32 input: the path of float32 layers (head, time embedding)
     assert out.dtype == torch.float32 and out.shape == (3, 7, n)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert 0.002 < err <= ERROR_BOUND[mode], err
