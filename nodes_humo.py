@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from . import host, validation
-from .humo.audio_features import humo_bands
+from .humo.audio_features import humo_bands, humo_bands_streamed
 from .humo.pipeline import GUIDANCE_MODES, HUMO_DEFAULTS, HumoSettings, generate_humo_video
-from .humo.whisper import SAMPLE_RATE, hidden_states_from_comfy, load_whisper_encoder, whisper_hidden_states
+from .humo.whisper import (SAMPLE_RATE, hidden_frames, hidden_states_from_comfy, load_whisper_encoder,
+                           whisper_window_states)
 from .multitalk import audio_processing
 from .nodes_audio import FPS, PRECISIONS, SAMPLES_PER_FRAME, encoding_progress, fit_length
 from .nodes_infinitetalk import VAE_TYPE, WINDOWS_FOLDER, conditioning_from, preview_image
@@ -130,7 +131,8 @@ class WanTalkHuMoEmbeds:
         validation.speech_level(node, "audio", track)
         if whisper is not None:
             validation.audio_encoder(node, "whisper", whisper, "whisper")
-            hidden = whisper_hidden_states(whisper, track, progress=encoding_progress())
+            # encoded window by window in the try below, each reduced to the bands as it comes (bounded memory)
+            windows = whisper_window_states(whisper, track, progress=encoding_progress())
         elif encoded_audio is not None:
             try:
                 hidden = hidden_states_from_comfy(encoded_audio)
@@ -144,7 +146,8 @@ class WanTalkHuMoEmbeds:
             raise NodeInputError(node, "whisper", "connect the encoder from Load Whisper (wantalk), or ComfyUI's "
                                  "Audio Encoder Encode output (whisper_large_v3) to encoded_audio.")
         try:
-            bands = humo_bands(hidden.float().cpu())
+            bands = (humo_bands_streamed((w.float().cpu() for w in windows), hidden_frames(track.shape[0]))
+                     if whisper is not None else humo_bands(hidden.float().cpu()))
         except ValueError as exc:
             raise NodeInputError(node, "whisper" if whisper is not None else "encoded_audio", str(exc)) from None
         validation.finite(node, "whisper" if whisper is not None else "encoded_audio", bands, "band values")

@@ -187,29 +187,41 @@ class WhisperEncoder(nn.Module):
         return tuple(states)
 
 
+def hidden_frames(samples: int) -> int:
+    """Hidden-state frames (50 fps) HuMo keeps of `samples` at 16 kHz: two per whole 25 fps video frame."""
+    return 2 * (samples // SAMPLES_PER_VIDEO_FRAME)
+
+
 @torch.no_grad()
-def whisper_hidden_states(encoder: WhisperEncoder, audio_16k: torch.Tensor, progress=None) -> torch.Tensor:
-    """`[T50, num_layers + 1, d]` hidden states at 50 fps, HuMo's way (audio_processor_whisper.py):
-    chunks of `chunk_samples` (30 s), each zero-padded and log-mel'd on its own, encoded, states stacked,
-    chunks concatenated, truncated to `2 * (len // 640)` frames. On the encoder's device and dtype.
+def whisper_window_states(encoder: WhisperEncoder, audio_16k: torch.Tensor, progress=None):
+    """Yield the hidden states `[P, num_layers + 1, d]` of each encoder window in order, HuMo's way
+    (audio_processor_whisper.py): chunks of `chunk_samples` (30 s), each zero-padded and log-mel'd on its own,
+    encoded, states stacked; the last one cut so that the windows hold `hidden_frames(len)` frames in all.
+    On the encoder's device and dtype. One window at a time, so a consumer that reduces each one holds no more.
     `progress(done, total)` is called after each chunk (it may raise to stop, as ComfyUI's Stop does)."""
     audio = _mono_1d(audio_16k)
     n = audio.shape[0]
-    frames = 2 * (n // SAMPLES_PER_VIDEO_FRAME)
+    frames = hidden_frames(n)
     if frames == 0:
         raise ValueError(f"audio has {n} samples at 16 kHz; HuMo needs at least {SAMPLES_PER_VIDEO_FRAME} "
                          "(one video frame at 25 fps)")
     cfg, device = encoder.config, encoder.conv1.weight.device
-    pieces = []
     starts = range(0, n, cfg.chunk_samples)
     for done, start in enumerate(starts, 1):
         chunk = audio[start:start + cfg.chunk_samples].to(device)
         chunk = F.pad(chunk, (0, cfg.chunk_samples - chunk.shape[0]))
         states = encoder(log_mel_spectrogram(chunk, cfg.n_mels)[None])
-        pieces.append(torch.stack(states, dim=2)[0])
+        first = (done - 1) * cfg.num_positions
+        window = torch.stack(states, dim=2)[0, :max(frames - first, 0)]
         if progress is not None:
             progress(done, len(starts))
-    return torch.cat(pieces)[:frames]
+        if window.shape[0]:
+            yield window
+
+
+def whisper_hidden_states(encoder: WhisperEncoder, audio_16k: torch.Tensor, progress=None) -> torch.Tensor:
+    """`[hidden_frames(len), num_layers + 1, d]`: all windows of `whisper_window_states` concatenated."""
+    return torch.cat(list(whisper_window_states(encoder, audio_16k, progress)))
 
 
 def hidden_states_from_comfy(output: dict, batch_index: int = 0) -> torch.Tensor:
