@@ -37,7 +37,6 @@ from ..wanvideo.sampling import Conditioning, Guidance, i2v_mask
 from ..wanvideo.schedulers import make_scheduler
 from ..wanvideo.windows import (Continuation, NoiseProvider, SeededNoise, VaeCalls, Window, WindowGeometry,
                                 run_windows, to_uint8, video_to_unit)
-from ..wanvideo.windows import window_starts  # noqa: F401  (committed nodes_infinitetalk.py still imports it here)
 from .color_match import match_colors
 from .conditioning import audio_conditioning, zero_audio_conditioning
 
