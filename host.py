@@ -6,6 +6,7 @@ from scripts and tests.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -24,8 +25,20 @@ except Exception:  # pragma: no cover - depends on the environment
 
 IN_COMFYUI = _folder_paths is not None
 
-# Fallback model folders for use outside ComfyUI: $WANTALK_MODELS/<kind>, default ./models/<kind>.
-_FALLBACK_ROOT = os.environ.get("WANTALK_MODELS", os.path.join(os.getcwd(), "models"))
+# Model folders outside ComfyUI: <root>/<kind>; root $WANTALK_MODELS, default ./models (`using_models_root` moves it).
+_models_root = os.environ.get("WANTALK_MODELS", os.path.join(os.getcwd(), "models"))
+
+
+@contextlib.contextmanager
+def using_models_root(root: str):
+    """Outside ComfyUI, resolve model names in `root`/<kind> inside the block (scripts and tests that bring their
+    own model folders); the previous root comes back after it. ComfyUI's own folders are unaffected."""
+    global _models_root
+    previous, _models_root = _models_root, os.fspath(root)
+    try:
+        yield
+    finally:
+        _models_root = previous
 
 
 class Interrupted(Exception):
@@ -40,7 +53,7 @@ def model_files(kind: str) -> list[str]:
         except Exception:
             return []
         return names + sorted(set(_gguf_names(kind)) - set(names)) if kind in GGUF_KINDS else names
-    folder = os.path.join(_FALLBACK_ROOT, kind)
+    folder = os.path.join(_models_root, kind)
     if not os.path.isdir(folder):
         return []
     out = []
@@ -91,7 +104,7 @@ def model_path(kind: str, name: str) -> str:
         path = _folder_paths.get_full_path(kind, relative)
         if path:
             return path
-    folder = os.path.abspath(os.path.join(_FALLBACK_ROOT, kind))
+    folder = os.path.abspath(os.path.join(_models_root, kind))
     path = os.path.join(folder, relative)
     if os.path.commonpath([folder, os.path.abspath(path)]) == folder and os.path.isfile(path):
         return path

@@ -11,7 +11,6 @@ shows that the whole pipeline runs (windows, motion frames, colour match, audio 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import math
 import os
@@ -43,18 +42,6 @@ def import_pack():
     return sys.modules["wantalk"], tiny_models
 
 
-@contextlib.contextmanager
-def model_folders(root: str):
-    """Resolve model names in `root`/<kind> while the demo runs (outside ComfyUI the pack reads its model folders
-    from host's fallback root, $WANTALK_MODELS or ./models, fixed at import)."""
-    from wantalk import host
-    previous, host._FALLBACK_ROOT = host._FALLBACK_ROOT, root
-    try:
-        yield
-    finally:
-        host._FALLBACK_ROOT = previous
-
-
 def generate(work_dir: str, *, seconds: float = DEFAULTS["seconds"], height: int = 64, width: int = 64,
              steps: int = 4, frame_window: int = 33, motion_frames: int = 5, seed: int = 0):
     """Run the InfiniteTalk graph on tiny weights; returns (IMAGE frames `[N, H, W, 3]`, AUDIO, fps)."""
@@ -62,12 +49,13 @@ def generate(work_dir: str, *, seconds: float = DEFAULTS["seconds"], height: int
     from wantalk.nodes_audio import WanTalkAudioEmbeds, WanTalkAudioEncoderLoader
     from wantalk.nodes_infinitetalk import ClipVisionEmbeds, WanTalkInfiniteTalkSampler, WanTalkVAELoader
     from wantalk.nodes_model_loading import WanTalkModelLoader
+    from wantalk.host import using_models_root
     from safetensors.torch import load_file
 
     models = os.path.join(work_dir, "models")
     tiny.write_tiny_infinitetalk_files(models, seed, vae_dim=4)
     names = tiny.TINY_FILES
-    with model_folders(models):
+    with using_models_root(models):
         model, _ = WanTalkModelLoader().load(names["diffusion_models"], "fp32", "disabled", "auto", "main_device",
                                              addon_model=names["model_patches"])
         vae, = WanTalkVAELoader().load(names["vae"], "fp32")

@@ -1,5 +1,6 @@
 """Make the repository importable as the package `wantalk` (it is a ComfyUI node folder, not an installed
 package), and provide shared fixtures."""
+import contextlib
 import importlib.util
 import os
 import sys
@@ -46,3 +47,12 @@ def rng():
 @pytest.fixture
 def keys_dir():
     return KEYS_DIR
+
+
+@pytest.fixture
+def use_models_root():
+    """`use_models_root(folder)`: outside ComfyUI the pack reads its model folders from `folder`/<kind> until the
+    test ends (host.using_models_root)."""
+    from wantalk import host
+    with contextlib.ExitStack() as stack:
+        yield lambda folder: stack.enter_context(host.using_models_root(folder))

@@ -198,8 +198,8 @@ def test_wrong_vae_and_wrong_embeds_into_infinitetalk_sampler(parts, rng):
 # ---- 7. paths ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def model_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr(host, "_FALLBACK_ROOT", str(tmp_path / "models"))
+def model_folders(tmp_path, use_models_root):
+    use_models_root(tmp_path / "models")
     (tmp_path / "models" / "vae" / "sub").mkdir(parents=True)
     (tmp_path / "models" / "vae" / "sub" / "good.safetensors").write_bytes(b"x")
     (tmp_path / "secret.safetensors").write_bytes(b"x")

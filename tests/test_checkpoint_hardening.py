@@ -183,11 +183,10 @@ def test_lora_with_nan_strength(tmp_path, weights, base_file, rng):
         load_wan_model(base_file, loras=[(path, float("nan"))])
 
 
-def test_lora_node_names_the_strength_input(tmp_path, weights, rng, monkeypatch):
-    from wantalk import host
+def test_lora_node_names_the_strength_input(tmp_path, weights, rng, use_models_root):
     from wantalk.nodes_common import NodeInputError
     from wantalk.nodes_lora import WanTalkLoraSelect
-    monkeypatch.setattr(host, "_FALLBACK_ROOT", str(tmp_path / "models"))
+    use_models_root(tmp_path / "models")
     (tmp_path / "models" / "loras").mkdir(parents=True)
     lora(tmp_path / "models" / "loras", weights, rng)
     with pytest.raises(NodeInputError, match=r"WanTalk LoRA\] input 'strength': is nan; give a finite number"):

@@ -271,9 +271,9 @@ def test_unknown_quant_type_is_refused(tmp_path, rng):
         load_wan_model(path)
 
 
-def test_loader_node_lists_and_loads_a_gguf_with_its_planned_bytes(tmp_path, rng, monkeypatch):
-    from wantalk import host, nodes_model_loading
-    monkeypatch.setattr(host, "_FALLBACK_ROOT", str(tmp_path))
+def test_loader_node_lists_and_loads_a_gguf_with_its_planned_bytes(tmp_path, rng, use_models_root):
+    from wantalk import nodes_model_loading
+    use_models_root(tmp_path)
     (tmp_path / "diffusion_models").mkdir()
     _, sd = tiny_wan(TINY_I2V, rng)
     path = str(tmp_path / "diffusion_models" / "wan-Q4_K.gguf")

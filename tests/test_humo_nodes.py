@@ -4,7 +4,7 @@ AUDIO_ENCODER_OUTPUT (same bands), reference images, the sampler end to end on t
 import pytest
 import torch
 
-from wantalk import host, nodes_humo
+from wantalk import nodes_humo
 from wantalk.humo.audio_features import humo_bands
 from wantalk.humo.whisper import log_mel_spectrogram, whisper_hidden_states
 from tiny_humo import TINY_HUMO_FILES, make_tiny_humo_models
@@ -19,8 +19,8 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture
-def models_dir(files, monkeypatch):
-    monkeypatch.setattr(host, "_FALLBACK_ROOT", str(files))
+def models_dir(files, use_models_root):
+    use_models_root(files)
     return files
 
 

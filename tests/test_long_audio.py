@@ -28,11 +28,11 @@ def test_whisper_reports_each_window_and_stops_at_a_raised_stop(rng):
     assert calls == [1, 2]
 
 
-def test_humo_embeds_node_shows_whisper_progress_and_honours_stop(tmp_path, monkeypatch, rng):
+def test_humo_embeds_node_shows_whisper_progress_and_honours_stop(tmp_path, monkeypatch, rng, use_models_root):
     from tiny_humo import TINY_HUMO_FILES, make_tiny_humo_models
     from wantalk import host, nodes_humo
     make_tiny_humo_models(str(tmp_path))
-    monkeypatch.setattr(host, "_FALLBACK_ROOT", str(tmp_path))
+    use_models_root(tmp_path)
     (whisper,) = nodes_humo.WanTalkWhisperLoader().load(TINY_HUMO_FILES["audio_encoders"], "fp32", "cpu")
     samples = int(3.5 * whisper.config.chunk_samples)
     clip = {"waveform": 0.1 * torch.randn(1, 1, samples, generator=rng), "sample_rate": 16000}

@@ -318,9 +318,8 @@ def test_real_size_spot_checks(keys_dir):
 # ---- nodes -----------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def models_dir(tmp_path, monkeypatch):
-    from wantalk import host
-    monkeypatch.setattr(host, "_FALLBACK_ROOT", str(tmp_path / "models"))
+def models_dir(tmp_path, use_models_root):
+    use_models_root(tmp_path / "models")
     return tmp_path / "models"
 
 

@@ -21,8 +21,8 @@ def test_every_node_input_has_a_tooltip():
 
 
 @pytest.fixture
-def models_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(host, "_FALLBACK_ROOT", str(tmp_path))
+def models_dir(tmp_path, use_models_root):
+    use_models_root(tmp_path)
     return tmp_path
 
 

@@ -25,9 +25,9 @@ LAYERS, CHANNELS = 12, 64
 
 
 @pytest.fixture
-def folders(tmp_path, monkeypatch):
+def folders(tmp_path, monkeypatch, use_models_root):
     """Model folders and the output folder of the host fallbacks, in a temporary directory."""
-    monkeypatch.setattr(host, "_FALLBACK_ROOT", str(tmp_path / "models"))
+    use_models_root(tmp_path / "models")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
