@@ -210,13 +210,33 @@ def load_speech(g: Graph, number: int, title: str) -> int:
                  title=title, extra_height=30)
 
 
+def text_prompts(g: Graph, prompts: list[str], *, negative: str = NEGATIVE, device: str = "default"):
+    """Load CLIP (the umt5 text encoder) in the second column with one prompt node per prompt and the negative
+    prompt node; returns (prompt node ids, negative node id)."""
+    clip = g.add("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                "device": device}, column=1)
+    positives = [g.add("CLIPTextEncode", {"text": text}, {"clip": (clip, 0)}, column=1,
+                       title=f"Prompt {i + 1}" if len(prompts) > 1 else "Prompt", extra_height=80)
+                 for i, text in enumerate(prompts)]
+    return positives, g.add("CLIPTextEncode", {"text": negative}, {"clip": (clip, 0)}, column=1,
+                            title="Negative prompt", extra_height=110)
+
+
+def save_video(g: Graph, name: str, images: tuple, audio: tuple, fps: tuple):
+    """Create Video and Save Video (to video/wantalk_<name>) in the last column."""
+    video = g.add("CreateVideo", {"fps": 25.0, "bit_depth": 8}, {"images": images, "audio": audio, "fps": fps},
+                  column=4)
+    g.add("SaveVideo", {"filename_prefix": f"video/wantalk_{name}", "format": "auto", "codec": "auto"},
+          {"video": (video, 0)}, column=4, extra_height=300)
+
+
 # The official input handling: the size bucket nearest the start image's aspect ratio, and the sampler encoding the
 # official CLIP input itself (the cropped frame, whole, at 224) from the CLIP vision model.
 OFFICIAL_INPUT = {"size": "infinitetalk-480"}
 
 
-def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, sampler: dict, low_vram: bool,
-                  prefix: str, lora: str | None = None) -> Graph:
+def talking_graph(name: str, *, addon: str, quantization: str, prompt: str, speakers: int, sampler: dict,
+                  low_vram: bool, lora: str | None = None) -> Graph:
     """The InfiniteTalk graph; sampler: widget values of the sampler (steps, shift, guidance scales). low_vram:
     encoders on the CPU, weights loaded to CPU RAM and streamed by Block Swap, resumable windows."""
     g = Graph()
@@ -225,12 +245,7 @@ def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, 
     audio_2 = None
     if speakers == 2:
         audio_2 = load_speech(g, 2, "Speech (speaker 2)")
-    clip = g.add("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
-                                "device": "cpu" if low_vram else "default"}, column=1)
-    positive = g.add("CLIPTextEncode", {"text": prompt}, {"clip": (clip, 0)}, column=1, title="Prompt",
-                     extra_height=80)
-    negative = g.add("CLIPTextEncode", {"text": NEGATIVE}, {"clip": (clip, 0)}, column=1, title="Negative prompt",
-                     extra_height=110)
+    (positive,), negative = text_prompts(g, [prompt], device="cpu" if low_vram else "default")
     clip_vision = g.add("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"}, column=1)
     encoder = g.add("WanTalkAudioEncoderLoader", {"model": "wav2vec2-chinese-base_fp16.safetensors",
                                                   "device": "cpu" if low_vram else "main_device"}, column=2)
@@ -254,30 +269,28 @@ def talking_graph(*, addon: str, quantization: str, prompt: str, speakers: int, 
                     {"model": (model, 0), "vae": (vae, 0), "audio_embeds": (embeds, 0), "positive": (positive, 0),
                      "negative": (negative, 0), "start_image": (image, 0), "clip_vision": (clip_vision, 0)},
                     column=3, ui_after={"seed": ["fixed"]})
-    video = g.add("CreateVideo", {"fps": 25.0, "bit_depth": 8},
-                  {"images": (sampler, 0), "audio": (sampler, 1), "fps": (sampler, 2)}, column=4)
-    g.add("SaveVideo", {"filename_prefix": f"video/{prefix}", "format": "auto", "codec": "auto"},
-          {"video": (video, 0)}, column=4, extra_height=300)
+    save_video(g, name, (sampler, 0), (sampler, 1), (sampler, 2))
     return g
 
 
-def model_note(title: str, files: list[str], text: str) -> str:
-    """Markdown: where each model file goes, with its download link, then the workflow's own text."""
+def model_note(g: Graph, title: str, files: list[str], text: str):
+    """The note under the sampler: where each model file goes, with its download link, then the workflow's own
+    text (Markdown)."""
     lines = [f"## wantalk: {title}", "", "Put the files in ComfyUI's `models/` folders:", ""]
     for name in files:
         url, folder = MODEL_URLS[name]
         lines.append(f"- **{folder}/** [{name}]({url})")
-    return "\n".join(lines + ["", text])
+    g.note("\n".join(lines + ["", text]), column=3, height=420)
 
 
 def infinitetalk_workflow(name: str, *, addon: str, lora: str | None = None, extra: str, **graph) -> Graph:
     """An InfiniteTalk graph (talking_graph's options) with its note under the sampler."""
-    g = talking_graph(prefix=f"wantalk_{name}", addon=addon, lora=lora, **graph)
+    g = talking_graph(name, addon=addon, lora=lora, **graph)
     files = ["wan2.1_i2v_480p_14B_bf16.safetensors", addon, "wan_2.1_vae.safetensors",
              "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision_h.safetensors",
              "wav2vec2-chinese-base_fp16.safetensors"] + ([lora] if lora else [])
-    g.note(model_note("InfiniteTalk", files, "The video follows the whole audio (25 fps, 81-frame windows). Connect "
-                      "your own image and speech to the Load nodes.\n\n" + extra), column=3, height=420)
+    model_note(g, "InfiniteTalk", files, "The video follows the whole audio (25 fps, 81-frame windows). Connect "
+               "your own image and speech to the Load nodes.\n\n" + extra)
     return g
 
 
@@ -291,14 +304,9 @@ def humo_workflow(name: str) -> Graph:
     g = Graph()
     image = load_image(g, "Reference image")
     audio = load_speech(g, 1, "Speech")
-    clip = g.add("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
-                                "device": "default"}, column=1)
-    positive = g.add("CLIPTextEncode", {"text": "A young woman with long dark hair sits in a bright living room and "
-                                                "talks to the camera, smiling, with natural head movement and "
-                                                "expressive lip motion."},
-                     {"clip": (clip, 0)}, column=1, title="Prompt", extra_height=80)
-    negative = g.add("CLIPTextEncode", {"text": HUMO_NEGATIVE}, {"clip": (clip, 0)}, column=1,
-                     title="Negative prompt", extra_height=110)
+    (positive,), negative = text_prompts(g, ["A young woman with long dark hair sits in a bright living room and "
+                                             "talks to the camera, smiling, with natural head movement and "
+                                             "expressive lip motion."], negative=HUMO_NEGATIVE)
     whisper = g.add("WanTalkWhisperLoader", {"model": "whisper_large_v3_fp16.safetensors"}, column=2)
     embeds = g.add("WanTalkHuMoEmbeds", {}, {"audio": (audio, 0), "whisper": (whisper, 0),
                                              "reference_images": (image, 0)}, column=2)
@@ -308,32 +316,22 @@ def humo_workflow(name: str) -> Graph:
     sampler = g.add("WanTalkHuMoSampler", {}, {"model": (model, 0), "vae": (vae, 0), "humo_embeds": (embeds, 0),
                                                "positive": (positive, 0), "negative": (negative, 0)},
                     column=3, ui_after={"seed": ["fixed"]})
-    video = g.add("CreateVideo", {"fps": 25.0, "bit_depth": 8},
-                  {"images": (sampler, 0), "audio": (sampler, 1), "fps": (sampler, 2)}, column=4)
-    g.add("SaveVideo", {"filename_prefix": f"video/wantalk_{name}", "format": "auto", "codec": "auto"},
-          {"video": (video, 0)}, column=4, extra_height=300)
-    g.note(model_note("HuMo 17B", ["humo_17B_fp16.safetensors", "wan_2.1_vae.safetensors",
-                                   "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "whisper_large_v3_fp16.safetensors"],
-                      "Text + reference image + speech to video. Official settings: 480x832 or 720x1280, 97 frames "
-                      "per window at 25 fps, UniPC 50 steps, shift 5, guidance `tia` with text 5.0 / audio 5.5 "
-                      "(HuMo-1.7B: 7.5 / 7.5, image 4.0). With a step-distill LoRA use guidance `audio_cfg` (2 "
-                      "passes) or `none` and 6-8 steps. Audio longer than 97 frames is generated in windows "
-                      "continued from the previous frames. Without a reference image choose guidance `ta`.\n\n"
-                      "fp8_e4m3fn_scaled keeps the 17B model in about 18 GB; choose disabled on 80 GB GPUs."),
-           column=3, height=420)
+    save_video(g, name, (sampler, 0), (sampler, 1), (sampler, 2))
+    model_note(g, "HuMo 17B", ["humo_17B_fp16.safetensors", "wan_2.1_vae.safetensors",
+                               "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "whisper_large_v3_fp16.safetensors"],
+               "Text + reference image + speech to video. Official settings: 480x832 or 720x1280, 97 frames "
+               "per window at 25 fps, UniPC 50 steps, shift 5, guidance `tia` with text 5.0 / audio 5.5 "
+               "(HuMo-1.7B: 7.5 / 7.5, image 4.0). With a step-distill LoRA use guidance `audio_cfg` (2 "
+               "passes) or `none` and 6-8 steps. Audio longer than 97 frames is generated in windows "
+               "continued from the previous frames. Without a reference image choose guidance `ta`.\n\n"
+               "fp8_e4m3fn_scaled keeps the 17B model in about 18 GB; choose disabled on 80 GB GPUs.")
     return g
 
 
 def _talk_models(g: Graph, prompts: list[str]) -> dict:
     """The shared loaders of the dubbing and chained graphs: text encoder with one prompt node per prompt and the
     negative prompt, CLIP vision, wav2vec2, the InfiniteTalk model and the VAE."""
-    clip = g.add("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
-                                "device": "default"}, column=1)
-    parts = {"prompts": [g.add("CLIPTextEncode", {"text": text}, {"clip": (clip, 0)}, column=1,
-                               title=f"Prompt {i + 1}" if len(prompts) > 1 else "Prompt", extra_height=80)
-                         for i, text in enumerate(prompts)]}
-    parts["negative"] = g.add("CLIPTextEncode", {"text": NEGATIVE}, {"clip": (clip, 0)}, column=1,
-                              title="Negative prompt", extra_height=110)
+    parts = dict(zip(("prompts", "negative"), text_prompts(g, prompts)))
     parts["clip_vision"] = g.add("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"}, column=1)
     parts["encoder"] = g.add("WanTalkAudioEncoderLoader", {"model": "wav2vec2-chinese-base_fp16.safetensors"},
                              column=2)
@@ -354,13 +352,6 @@ def _talk_sampler(g: Graph, parts: dict, prompt: int, embeds: int, start_image: 
                  ui_after={"seed": ["fixed"]}, title=title)
 
 
-def _save(g: Graph, name: str, images: tuple, audio: tuple, fps: tuple):
-    video = g.add("CreateVideo", {"fps": 25.0, "bit_depth": 8}, {"images": images, "audio": audio, "fps": fps},
-                  column=4)
-    g.add("SaveVideo", {"filename_prefix": f"video/wantalk_{name}", "format": "auto", "codec": "auto"},
-          {"video": (video, 0)}, column=4, extra_height=300)
-
-
 TALK_FILES = ["wan2.1_i2v_480p_14B_bf16.safetensors", "wan2.1_infiniteTalk_single_fp16.safetensors",
               "wan_2.1_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision_h.safetensors",
               "wav2vec2-chinese-base_fp16.safetensors"]
@@ -378,13 +369,13 @@ def dubbing_workflow(name: str) -> Graph:
     embeds = g.add("WanTalkAudioEmbeds", {}, {"audio_1": (speech, 0), "audio_encoder": (parts["encoder"], 0)},
                    column=2, extra_height=100)
     sampler = _talk_sampler(g, parts, 0, embeds, (components, 0), extra_links={"video_fps": (components, 2)})
-    _save(g, name, (sampler, 0), (sampler, 1), (sampler, 2))
-    g.note(model_note("InfiniteTalk video dubbing", TALK_FILES,
-                      "Connect your video and the new speech. Each 81-frame window is conditioned on the video frame "
-                      "at its start time (the video's frame rate comes from Get Video Components) and the output "
-                      "follows the new speech. The speech sets the length: a shorter video holds its last frame, a "
-                      "longer one is cut. The output has the video's aspect ratio (size infinitetalk-480: the "
-                      "official bucket; infinitetalk-720 with shift 11)."), column=3, height=420)
+    save_video(g, name, (sampler, 0), (sampler, 1), (sampler, 2))
+    model_note(g, "InfiniteTalk video dubbing", TALK_FILES,
+               "Connect your video and the new speech. Each 81-frame window is conditioned on the video frame "
+               "at its start time (the video's frame rate comes from Get Video Components) and the output "
+               "follows the new speech. The speech sets the length: a shorter video holds its last frame, a "
+               "longer one is cut. The output has the video's aspect ratio (size infinitetalk-480: the "
+               "official bucket; infinitetalk-720 with shift 11).")
     return g
 
 
@@ -407,14 +398,14 @@ def chained_workflow(name: str) -> Graph:
                            title="Sampler 2 (continues 1)")
     frames = g.add("BatchImagesNode", {}, {"images.image0": (first, 0), "images.image1": (second, 0)}, column=4)
     audio = g.add("AudioConcat", {"direction": "after"}, {"audio1": (first, 1), "audio2": (second, 1)}, column=4)
-    _save(g, name, (frames, 0), (audio, 0), (first, 2))
-    g.note(model_note("InfiniteTalk, two chained samplers", TALK_FILES,
-                      "Sampler 2 continues Sampler 1's video (previous_frames: its last motion_frames frames start "
-                      "the first window, as inside one sampler) with another prompt and the second speech. Its "
-                      "audio embeds cover both parts (the continuation needs the speech under the frames it "
-                      "continues from); it outputs only the new frames and their audio, joined here with Batch "
-                      "Images and Concatenate Audio. Chain a third sampler the same way (its audio: all three "
-                      "parts, previous_frames: the joined video)."), column=3, height=420)
+    save_video(g, name, (frames, 0), (audio, 0), (first, 2))
+    model_note(g, "InfiniteTalk, two chained samplers", TALK_FILES,
+               "Sampler 2 continues Sampler 1's video (previous_frames: its last motion_frames frames start "
+               "the first window, as inside one sampler) with another prompt and the second speech. Its "
+               "audio embeds cover both parts (the continuation needs the speech under the frames it "
+               "continues from); it outputs only the new frames and their audio, joined here with Batch "
+               "Images and Concatenate Audio. Chain a third sampler the same way (its audio: all three "
+               "parts, previous_frames: the joined video).")
     return g
 
 
