@@ -56,3 +56,21 @@ def use_models_root():
     from wantalk import host
     with contextlib.ExitStack() as stack:
         yield lambda folder: stack.enter_context(host.using_models_root(folder))
+
+
+@pytest.fixture
+def progress_bars(monkeypatch):
+    """The host.ProgressBar objects the code under test opens, in order, each with its `total` and `current`."""
+    from wantalk import host
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.current = total, 0
+            bars.append(self)
+
+        def update(self, n=1, preview=None):
+            self.current += n
+
+    monkeypatch.setattr(host, "ProgressBar", Bar)
+    return bars

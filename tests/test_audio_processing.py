@@ -203,7 +203,7 @@ def test_bad_audio_is_rejected_with_a_clear_message(rng):
         to_mono_16k(torch.randn(4000, generator=rng))
 
 
-def test_audio_embeds_node_reports_progress_and_honours_stop_per_chunk(monkeypatch):
+def test_audio_embeds_node_reports_progress_and_honours_stop_per_chunk(monkeypatch, progress_bars):
     """A clip longer than one wav2vec2 chunk (100 s > 80 s): the node's progress bar goes to its total, and a
     Stop (ComfyUI's check_interrupt raising) ends the encode at the next chunk."""
     from tiny_models import synth_speech, tiny_wav2vec2
@@ -211,20 +211,12 @@ def test_audio_embeds_node_reports_progress_and_honours_stop_per_chunk(monkeypat
     encoder = tiny_wav2vec2(torch.Generator().manual_seed(1))[0]
     speech = synth_speech(20)
     clip = {"waveform": torch.cat([speech * (0.5 + 0.1 * k) for k in range(5)])[None, None], "sample_rate": 16000}
-    bars, checks = [], []
+    checks = []
 
-    class Bar:
-        def __init__(self, total):
-            self.total, self.current = total, 0
-            bars.append(self)
-
-        def update(self, n=1, preview=None):
-            self.current += n
-
-    monkeypatch.setattr(host, "ProgressBar", Bar)
     monkeypatch.setattr(host, "check_interrupt", lambda: checks.append(1))
     _, _, frames = nodes_audio.WanTalkAudioEmbeds().embed(clip, False, 1.0, 0, "para", audio_encoder=encoder)
-    assert frames == 2500 and len(bars) == 1 and bars[0].current == bars[0].total == len(checks) > 3
+    (bar,) = progress_bars
+    assert frames == 2500 and bar.current == bar.total == len(checks) > 3
 
     class Stop(Exception):
         pass

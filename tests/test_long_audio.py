@@ -28,7 +28,8 @@ def test_whisper_reports_each_window_and_stops_at_a_raised_stop(rng):
     assert calls == [1, 2]
 
 
-def test_humo_embeds_node_shows_whisper_progress_and_honours_stop(tmp_path, monkeypatch, rng, use_models_root):
+def test_humo_embeds_node_shows_whisper_progress_and_honours_stop(tmp_path, monkeypatch, rng, use_models_root,
+                                                                  progress_bars):
     from tiny_humo import TINY_HUMO_FILES, make_tiny_humo_models
     from wantalk import host, nodes_humo
     make_tiny_humo_models(str(tmp_path))
@@ -36,23 +37,15 @@ def test_humo_embeds_node_shows_whisper_progress_and_honours_stop(tmp_path, monk
     (whisper,) = nodes_humo.WanTalkWhisperLoader().load(TINY_HUMO_FILES["audio_encoders"], "fp32", "cpu")
     samples = int(3.5 * whisper.config.chunk_samples)
     clip = {"waveform": 0.1 * torch.randn(1, 1, samples, generator=rng), "sample_rate": 16000}
-    bars, checks = [], []
-
-    class Bar:
-        def __init__(self, total):
-            self.total, self.current = total, 0
-            bars.append(self)
-
-        def update(self, n=1, preview=None):
-            self.current += n
+    checks = []
 
     class Stop(Exception):
         pass
 
-    monkeypatch.setattr(host, "ProgressBar", Bar)
     monkeypatch.setattr(host, "check_interrupt", lambda: checks.append(1))
     nodes_humo.WanTalkHuMoEmbeds().embed(clip, 0, whisper=whisper)
-    assert len(bars) == 1 and bars[0].current == bars[0].total == len(checks) == 4
+    (bar,) = progress_bars
+    assert bar.current == bar.total == len(checks) == 4
 
     def stop_on_second():
         checks.append(1)
