@@ -1,4 +1,4 @@
-"""Samplers against the official tables and solver toy (REFERENCE §4, §7; refvals*.txt), plus properties."""
+"""Samplers against values computed with the official schedulers (tables and a solver toy), plus properties."""
 import pytest
 import torch
 
@@ -28,7 +28,8 @@ INFINITETALK = {
     (8, 2.0): [1000.0, 923.15973, 833.52771, 727.61969, 600.55975, 445.30814, 251.31151, 1.998, 0.0],
     (4, 7.0): [1000.0, 933.4267, 778.29559, 6.95825, 0.0],
 }
-# Solver toy (REFERENCE §7): final sum and x[0,0,0,0,:] of the official schedulers, steps 10, shift 5.
+# The official schedulers on test_solver_toy_matches_official's toy model, steps 10, shift 5: final sum and
+# x[0,0,0,0,:].
 TOY = {
     "unipc": (0.18727052, [-0.9878637194633484, -0.9618675708770752, -0.9049675464630127]),
     "dpm++": (0.19169503, [-0.9879050850868225, -0.9619511961936951, -0.9044015407562256]),
