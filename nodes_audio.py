@@ -70,6 +70,10 @@ def features_from_native(output: dict, name: str) -> torch.Tensor:
         raise NodeInputError("Audio Embeds", name, "expected the output of ComfyUI's 'Audio Encoder Encode' with a "
                              "wav2vec2 model (it has 'encoded_audio_all_layers'); a Whisper output does not fit "
                              "InfiniteTalk.")
+    if not all(isinstance(layer, torch.Tensor) and layer.dim() == 3 and layer.shape == layers[0].shape
+               for layer in layers):
+        raise NodeInputError("Audio Embeds", name, "'encoded_audio_all_layers' must be equally shaped [1, frames, "
+                             "channels] tensors (the output of ComfyUI's Audio Encoder Encode with wav2vec2).")
     if layers[0].shape[0] != 1:
         raise NodeInputError("Audio Embeds", name, f"holds a batch of {layers[0].shape[0]} clips; encode one clip "
                              f"per speaker.")
@@ -99,6 +103,11 @@ def speaker_region_masks(mask_1, mask_2) -> torch.Tensor | None:
     complement; None when neither is given (the sampler then uses the official left/right halves)."""
     if mask_1 is None and mask_2 is None:
         return None
+    for index, mask in enumerate((mask_1, mask_2), 1):
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3)):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise NodeInputError("Audio Embeds", f"mask_{index}", f"expected a MASK [height, width] or [batch, "
+                                 f"height, width] (the mask editor or Load Image's mask), got {shape}.")
     masks = [None if m is None else (m[0] if m.dim() == 3 else m).float().cpu() > 0.5 for m in (mask_1, mask_2)]
     if masks[0] is None:
         masks[0] = ~masks[1]
@@ -217,6 +226,8 @@ class WanTalkAudioEmbeds:
         validation.widgets(node, self.INPUT_TYPES(), locals())
         if audio_encoder is not None:
             validation.audio_encoder(node, "audio_encoder", audio_encoder, "wav2vec2")
+        if audio_1 is None:
+            raise NodeInputError(node, "audio_1", "connect the speech of speaker 1 (Load Audio).")
         clips = {"audio_1": audio_1, "audio_2": audio_2}
         tracks = []
         for name, clip in clips.items():

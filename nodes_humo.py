@@ -223,6 +223,9 @@ class WanTalkHuMoSampler(VideoSamplerNode):
         validation.wan_model(node, "model", model, "humo")
         validation.wan_vae(node, "vae", vae)
         validation.of_type(node, "humo_embeds", humo_embeds, HumoEmbeds, "HuMo Embeds (wantalk)")
+        for reference in humo_embeds.references:
+            if isinstance(reference, torch.Tensor):
+                validation.finite(node, "humo_embeds", reference, "reference image values")
         if width % 16 or height % 16:
             raise NodeInputError(node, "width/height", f"{width}x{height} is not a multiple of 16; use e.g. 832x480.")
         settings = HumoSettings(frames=frame_window, motion_frames=motion_frames, steps=steps, shift=shift,

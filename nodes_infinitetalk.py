@@ -201,13 +201,19 @@ class WanTalkSaveEmbeddings:
 
     def save(self, positive, negative, name, clip_vision_output=None):
         node = "Save Embeddings"
+        validation.widgets(node, self.INPUT_TYPES(), {"name": name})
         stem = os.path.basename(name.strip()).removesuffix(".safetensors")
-        if not stem:
-            raise NodeInputError(node, "name", "give a file name, e.g. 'my_prompt'.")
+        if not stem or stem in (".", "..") or "\0" in stem:
+            raise NodeInputError(node, "name", f"give a file name, e.g. 'my_prompt' (got {name!r}).")
         tensors = {"positive": first_tensor(positive, node, "positive"),
                    "negative": first_tensor(negative, node, "negative")}
         if clip_vision_output is not None:
-            tensors["clip_vision"] = clip_vision_output["penultimate_hidden_states"][:1]
+            try:
+                tensors["clip_vision"] = clip_vision_output["penultimate_hidden_states"][:1]
+            except (KeyError, AttributeError, TypeError):
+                raise NodeInputError(node, "clip_vision_output", "expected the output of CLIP Vision Encode "
+                                     "(clip_vision_h.safetensors).") from None
+            validation.clip_features(node, "clip_vision_output", tensors["clip_vision"])
         inputs = {"positive": "positive", "negative": "negative", "clip_vision": "clip_vision_output"}
         for key, tensor in tensors.items():
             validation.finite(node, inputs[key], tensor)
@@ -238,6 +244,8 @@ class WanTalkLoadEmbeddings:
 
     def load(self, embeddings):
         node = "Load Embeddings"
+        if not isinstance(embeddings, str) or not embeddings.strip():
+            raise NodeInputError(node, "embeddings", f"choose a file from the list (got {embeddings!r}).")
         path = os.path.join(host.output_directory(), EMBEDDINGS_FOLDER, os.path.basename(embeddings))
         if not os.path.isfile(path):
             raise NodeInputError(node, "embeddings", f"'{path}' does not exist; create it with Save Embeddings.")
@@ -362,6 +370,8 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
         validation.wan_model(node, "model", model, "infinitetalk")
         validation.wan_vae(node, "vae", vae)
         validation.of_type(node, "audio_embeds", audio_embeds, AudioEmbeds, "Audio Embeds (wantalk)")
+        if not audio_embeds.talk.features:
+            raise NodeInputError(node, "audio_embeds", "holds no speaker's features; connect Audio Embeds (wantalk).")
         validation.speakers_fit(node, "audio_embeds", model, len(audio_embeds.talk.features))
         video = conditioning_video(node, "start_image", start_image)
         if size != CUSTOM:
@@ -446,7 +456,13 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
             return None
 
         def encode(frame):
-            features = encode_official(clip_vision, frame)
+            try:
+                features = encode_official(clip_vision, frame)
+            except (AttributeError, KeyError, TypeError, IndexError) as exc:
+                raise NodeInputError(node, "clip_vision", f"expected the CLIP vision model from Load CLIP Vision "
+                                     f"(clip_vision_h.safetensors), got {type(clip_vision).__name__} "
+                                     f"({type(exc).__name__}: {exc}).") from None
+            validation.clip_features(node, "clip_vision", features)
             if not model.cfg.image_branch or features.shape[-1] != model.cfg.clip_dim:
                 raise NodeInputError(node, "clip_vision", f"CLIP features of width {features.shape[-1]} do not fit "
                                      f"this model; use clip_vision_h.safetensors with an I2V model.")

@@ -44,7 +44,7 @@ class WanTalkLoraSelect:
             check_lora_file(path)
         except (FileNotFoundError, ValueError) as exc:
             raise NodeInputError("WanTalk LoRA", "lora", str(exc)) from None
-        return (tuple(prev_lora or ()) + ((path, float(strength)),),)
+        return (validation.lora_chain("WanTalk LoRA", "prev_lora", prev_lora) + ((path, float(strength)),),)
 
 
 NODE_CLASS_MAPPINGS = {"WanTalkLoraSelect": WanTalkLoraSelect}

@@ -115,7 +115,7 @@ class WanTalkModelLoader:
         node = "Load Wan Model"
         validation.widgets(node, self.INPUT_TYPES(), {"base_precision": base_precision, "quantization": quantization,
                                                       "attention_mode": attention_mode, "load_device": load_device,
-                                                      "lora_mode": lora_mode})
+                                                      "lora_mode": lora_mode, "params_to_keep": params_to_keep})
         try:
             path = host.model_path("diffusion_models", model)
         except FileNotFoundError as exc:
@@ -126,7 +126,7 @@ class WanTalkModelLoader:
                 extra.append(resolve_addon(addon_model))
             except FileNotFoundError as exc:
                 raise NodeInputError(node, "addon_model", str(exc)) from None
-        loras = tuple(lora or ())
+        loras = validation.lora_chain(node, "lora", lora)
         if loras and lora_mode == "unmerged" and quantization != "disabled":
             raise NodeInputError(node, "lora_mode", f"unmerged LoRAs cannot run on quantization '{quantization}'; "
                                  f"use lora_mode 'merge' (merged before quantization, no run-time cost).")

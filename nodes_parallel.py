@@ -83,6 +83,9 @@ class WanTalkMultiGPU:
     def configure(self, model, gpus, guidance_groups):
         if isinstance(model, hosting.ParallelModel):
             raise NodeInputError(NODE, "model", "this model already runs on several GPUs; use one Multi-GPU node")
+        if not hasattr(model, "cfg") or not hasattr(model, "blocks"):
+            raise NodeInputError(NODE, "model", f"expected the model from Load Wan Model (wantalk), got "
+                                 f"{type(model).__name__}")
         if not isinstance(guidance_groups, int) or guidance_groups < 0:
             raise NodeInputError(NODE, "guidance_groups", f"expected 0 (automatic) or a positive count, got "
                                  f"{guidance_groups!r}")

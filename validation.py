@@ -44,6 +44,9 @@ def number(node: str, name: str, value, low=None, high=None, *, integer: bool = 
             raise NodeInputError(node, name, f"is {value}; give a finite number.")
         if integer and not float(value).is_integer():
             raise NodeInputError(node, name, f"expected a whole number, got {value!r}.")
+    if integer and not isinstance(value, int):  # 32.0 or numpy.int64 would fail deep inside (slices, seeds)
+        raise NodeInputError(node, name, f"expected a whole number (Python int), got {value!r} "
+                             f"({type(value).__name__}); pass int(value).")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"between {low} and {high}" if low is not None and high is not None else (
             f"at least {low}" if low is not None else f"at most {high}")
@@ -72,6 +75,8 @@ def widgets(node: str, input_types: dict, values: dict) -> None:
             number(node, name, value, options.get("min"), options.get("max"), integer=kind == "INT")
         elif kind == "BOOLEAN" and not isinstance(value, bool):
             raise NodeInputError(node, name, f"expected true or false, got {value!r}.")
+        elif kind == "STRING" and not isinstance(value, str):
+            raise NodeInputError(node, name, f"expected text, got {value!r} ({type(value).__name__}).")
 
 
 # ---- tensors ----------------------------------------------------------------------------------------------------
@@ -118,6 +123,16 @@ def image(node: str, name: str, picture) -> torch.Tensor:
     return picture
 
 
+def lora_chain(node: str, name: str, lora) -> tuple:
+    """The `(path, strength)` pairs of a WanTalk LoRA chain (empty for None), or an error naming the input."""
+    if lora is None:
+        return ()
+    if not isinstance(lora, (tuple, list)) or not all(
+            isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) for item in lora):
+        raise NodeInputError(node, name, f"expected the output of a WanTalk LoRA node, got {lora!r:.80}.")
+    return tuple((path, strength) for path, strength in lora)
+
+
 def small_picture(node: str, name: str, picture: torch.Tensor) -> None:
     height, width = picture.shape[1:3]
     if min(height, width) < SMALL_IMAGE_SIDE:
@@ -131,7 +146,7 @@ def conditioning_tensor(node: str, name: str, tensor: torch.Tensor) -> torch.Ten
 
 def clip_features(node: str, name: str, features) -> torch.Tensor:
     """CLIP vision penultimate hidden states `[batch, tokens, width]`, finite."""
-    if not isinstance(features, torch.Tensor) or features.dim() != 3:
+    if not isinstance(features, torch.Tensor) or features.dim() != 3 or not features.numel():
         shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
         raise NodeInputError(node, name, f"expected CLIP vision features [1, 257, 1280] (CLIP Vision Encode with "
                              f"clip_vision_h), got {shape}.")
@@ -151,6 +166,8 @@ def audio_scale(node: str, name: str, audio):
     if not waveform.is_floating_point():
         full_scale = float(torch.iinfo(waveform.dtype).max) + 1
         host.log.info("wantalk %s: input '%s' is %s PCM; normalised by %d", node, name, waveform.dtype, full_scale)
+        if waveform.dtype == torch.uint8:  # 8-bit PCM (WAV) is unsigned, centred on 128
+            return {**audio, "waveform": (waveform.float() - 128) / 128}
         return {**audio, "waveform": waveform.float() / full_scale}
     finite(node, name, waveform, "samples")
     peak = max(abs(float(v)) for v in torch.aminmax(waveform)) if waveform.numel() else 0.0

@@ -32,6 +32,7 @@ _ROLLOFF = 0.95
 _KAISER_BETA = 8.6
 _MAX_BANK = 1 << 22
 _GATHER_CHUNK = 8192
+MIN_SAMPLE_RATE = 1000     # below any real audio format's rate (telephony is 8 kHz)
 
 
 class AudioInputError(ValueError):
@@ -50,6 +51,9 @@ def _as_rate(sample_rate, name: str) -> int:
         rate = int(sample_rate) if isinstance(sample_rate, float) and sample_rate.is_integer() else 0
     if isinstance(sample_rate, bool) or rate <= 0:
         raise AudioInputError(f"{name}: sample rate must be a positive integer number of Hz, got {sample_rate!r}.")
+    if rate < MIN_SAMPLE_RATE:  # 8000 samples 'at 1 Hz' would resample to 2 hours of audio
+        raise AudioInputError(f"{name}: sample rate {rate} Hz is not an audio rate (at least {MIN_SAMPLE_RATE} Hz, "
+                              f"usually 16000-48000); pass the rate the waveform was recorded at.")
     return rate
 
 
@@ -84,6 +88,10 @@ def _unpack(audio, sample_rate: int | None, name: str) -> tuple[torch.Tensor, in
             raise AudioInputError(f"{name} holds a batch of {waveform.shape[0]} clips; give one clip per input "
                                   f"(split the batch, one speaker per audio input).")
         waveform = waveform[0]
+        if waveform.shape[0] > 64 and waveform.shape[0] > waveform.shape[1]:
+            raise AudioInputError(f"{name}: the waveform has {waveform.shape[0]} channels of {waveform.shape[1]} "
+                                  f"samples; it looks channels last. ComfyUI AUDIO is [batch, channels, samples] "
+                                  f"(use waveform.transpose(1, 2)).")
     elif isinstance(audio, torch.Tensor):
         if sample_rate is None:
             raise AudioInputError(f"{name}: a bare waveform tensor needs its sample_rate.")

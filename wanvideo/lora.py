@@ -207,7 +207,12 @@ def read_lora(path: str, strength: float, names: LayerNames, index: int = 0) -> 
     """Parse one LoRA file against the model's layer names; shapes are checked, tensors stay on disk."""
     if not math.isfinite(float(strength)):
         raise LoraError(f"LoRA '{path}': strength {strength} is not a finite number; give e.g. 1.0.")
-    reader = CheckpointReader(path)
+    try:
+        reader = CheckpointReader(path)
+    except LoraError:
+        raise
+    except CheckpointError as exc:  # a damaged LoRA file is the LoRA input's fault, not the model's
+        raise LoraError(f"LoRA: {exc}") from None
     keys = reader.keys()
     unsupported = [k for k in keys if k.endswith(UNSUPPORTED_SUFFIXES)]
     if unsupported:
@@ -223,6 +228,10 @@ def read_lora(path: str, strength: float, names: LayerNames, index: int = 0) -> 
             groups.setdefault(split[0], {})[split[1]] = key
     patches = []
     for lora_module, roles in groups.items():
+        if ("up" in roles) != ("down" in roles):  # half a low-rank pair: the layer would silently go unpatched
+            have, lack = ("up", "down") if "up" in roles else ("down", "up")
+            raise LoraError(f"LoRA '{path}' is damaged: '{roles[have]}' has no matching {lack} factor; download "
+                            f"the file again.")
         module = names.resolve(lora_module)
         requests, leftover = _requests(roles)
         unmatched += leftover

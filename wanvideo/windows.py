@@ -19,6 +19,7 @@ import torch
 
 from . import host_memory
 from .block_swap import release_vram
+from .checkpoint import nonfinite_count
 from .memory_plan import MemoryPlanError
 from .resume import WindowStore
 from .sampling import denoise
@@ -191,6 +192,9 @@ def _compute(strategy, geometry, w, start, tail, noise, store, on_step, windows)
         latent = denoise(job.runner, job.noise, job.scheduler, job.cond, job.plan, pinned=job.pinned,
                          on_step=step_cb)
         del job
+        if nonfinite_count(latent):  # else a black or noise video with no error (a NaN slipped past every check)
+            raise ValueError(f"window {w + 1} of {windows} produced NaN/inf values: a model, LoRA or VAE weight or an "
+                             f"input is out of range (e.g. an extreme LoRA alpha or strength); nothing was saved.")
         decoded = strategy.finish(latent)
     except torch.cuda.OutOfMemoryError:
         raise MemoryPlanError(out_of_memory_advice(w, windows, store.folder is not None)) from None
