@@ -250,6 +250,8 @@ class WanTalkHuMoSampler(VideoSamplerNode):
                                          width=width, settings=settings, resume_dir=resume_dir, on_step=on_step)
         except ValueError as exc:
             raise NodeInputError(node, "humo_embeds/model", str(exc)) from None
+        except OSError as exc:
+            raise validation.windows_folder_error(node, resume_dir, exc) from None
         finally:
             host.soft_empty_cache()
         if frames.shape[0]:

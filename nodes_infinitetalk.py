@@ -426,6 +426,8 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
             raise
         except ValueError as exc:
             raise NodeInputError(node, "audio_embeds/model", str(exc)) from None
+        except OSError as exc:
+            raise validation.windows_folder_error(node, resume_dir, exc) from None
         finally:
             host.soft_empty_cache()
         first, last = skip * SAMPLES_PER_FRAME, (skip + out.shape[0]) * SAMPLES_PER_FRAME   # the new frames' audio

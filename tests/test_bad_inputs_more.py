@@ -254,3 +254,48 @@ def test_multi_gpu_node_given_something_else_than_a_model(model):
     model = tiny_vae(torch.Generator().manual_seed(0), dim=4)[0] if model == "vae" else model
     with pytest.raises(NodeInputError, match=r"Multi-GPU\] input 'model': expected the model from Load Wan Model"):
         WanTalkMultiGPU().configure(model, "cpu,cpu", 0)
+
+
+def test_windows_folder_that_cannot_be_used_names_save_windows(parts, rng, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "wantalk_windows").write_text("a file where the folder belongs")
+    with pytest.raises(NodeInputError, match=rf"{IT}\] input 'save_windows': the windows folder '.*wantalk_windows' "
+                                             "cannot be used"):
+        sample(parts, graph_inputs(rng), save_windows=True)
+
+
+@pytest.fixture
+def gguf_file(tmp_path):
+    import gguf
+    import numpy as np
+    writer = gguf.GGUFWriter(path=None, arch="wan")
+    writer.add_tensor("blocks.0.self_attn.q.weight", np.random.default_rng().standard_normal((4, 32), np.float32))
+    path = str(tmp_path / "model.gguf")
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_chosen_as_lora_says_what_to_use(gguf_file, tmp_path):
+    """The LoRA node saw 'neither safetensors nor a weights-only torch checkpoint (RuntimeError: mmap ...)'."""
+    from wantalk.nodes_lora import WanTalkLoraSelect
+    (tmp_path / "loras").mkdir()
+    os_path = tmp_path / "loras" / "lora.gguf"
+    os_path.write_bytes(open(gguf_file, "rb").read())
+    with host.using_models_root(str(tmp_path)):
+        with pytest.raises(NodeInputError, match=r"WanTalk LoRA\] input 'lora': '.*lora\.gguf' is a GGUF LoRA; wantalk "
+                                                 r"reads LoRAs as safetensors\. Use the LoRA's \.safetensors release"):
+            WanTalkLoraSelect().select("lora.gguf", 1.0)
+
+
+def test_gguf_chosen_as_vae_says_what_to_use(gguf_file, tmp_path):
+    from wantalk.nodes_infinitetalk import WanTalkVAELoader
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "vae.gguf").write_bytes(open(gguf_file, "rb").read())
+    with host.using_models_root(str(tmp_path)):
+        with pytest.raises(NodeInputError, match=r"Load Wan VAE\] input 'vae_name': '.*vae\.gguf' is a GGUF file; only "
+                                                 r"Load Wan Model reads GGUF .* Use the \.safetensors release"):
+            WanTalkVAELoader().load("vae.gguf", "fp32")

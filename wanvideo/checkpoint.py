@@ -83,7 +83,11 @@ class CheckpointReader:
         self._st = None
         self._sd = None
         with open(path, "rb") as f:
-            looks_safetensors = f.read(9)[8:9] == b"{"
+            start = f.read(9)
+        if start[:4] == b"GGUF":  # GGUF models are read by wanvideo.gguf; anything else here takes safetensors
+            raise CheckpointError(f"'{path}' is a GGUF file; only Load Wan Model reads GGUF (diffusion models and "
+                                  f"add-ons). Use the .safetensors release of this file.")
+        looks_safetensors = start[8:9] == b"{"
         if looks_safetensors or path.endswith((".safetensors", ".sft")):
             self._open_safetensors()
         else:

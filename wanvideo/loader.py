@@ -334,12 +334,9 @@ def _transformed(key: str, tensor: torch.Tensor, aux: dict, shape: tuple[int, ..
 
 
 def _refuse_gguf_loras(loras) -> None:
-    from .lora import LoraError
+    from .lora import refuse_gguf_lora
     for lora_path, _ in loras:
-        if is_gguf(lora_path):
-            raise LoraError(f"'{lora_path}' is a GGUF LoRA; wantalk reads LoRAs as safetensors. Use the LoRA's "
-                            f".safetensors release (GGUF LoRAs are not published for Wan 2.1; a GGUF model takes "
-                            f"safetensors LoRAs, merged while it loads).")
+        refuse_gguf_lora(lora_path)
 
 
 def _renamed(shapes: dict, fetch, stored: dict, renames: dict[str, str]):

@@ -295,8 +295,17 @@ def lora_merge_transform(loras, shapes: dict[str, tuple]):
     return merge
 
 
+def refuse_gguf_lora(path: str) -> None:
+    from .gguf import is_gguf
+    if is_gguf(path):
+        raise LoraError(f"'{path}' is a GGUF LoRA; wantalk reads LoRAs as safetensors. Use the LoRA's .safetensors "
+                        f"release (GGUF LoRAs are not published for Wan 2.1; a GGUF model takes safetensors LoRAs, "
+                        f"merged while it loads).")
+
+
 def check_lora_file(path: str) -> None:
     """Fail early (header only) when a file picked as a LoRA holds no LoRA keys."""
+    refuse_gguf_lora(path)
     keys = CheckpointReader(path).keys()
     if not any(_split_key(k) for k in keys):
         raise LoraError(f"'{path}' holds no LoRA keys (lora_A/B, lora_down/up, diff; first keys: "
