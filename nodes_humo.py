@@ -220,6 +220,7 @@ class WanTalkHuMoSampler(VideoSamplerNode):
                image_scale=HUMO_DEFAULTS.image_scale):
         node = "HuMo Sampler"
         validation.widgets(node, self.INPUT_TYPES(), locals())
+        validation.shift(node, "shift", shift)
         validation.wan_model(node, "model", model, "humo")
         validation.wan_vae(node, "vae", vae)
         validation.of_type(node, "humo_embeds", humo_embeds, HumoEmbeds, "HuMo Embeds (wantalk)")

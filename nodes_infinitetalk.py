@@ -367,6 +367,7 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
                video_fps=25.0, previous_frames=None, apg=False):
         node = "InfiniteTalk Sampler"
         validation.widgets(node, self.INPUT_TYPES(), locals())
+        validation.shift(node, "shift", shift)
         validation.wan_model(node, "model", model, "infinitetalk")
         validation.wan_vae(node, "vae", vae)
         validation.of_type(node, "audio_embeds", audio_embeds, AudioEmbeds, "Audio Embeds (wantalk)")

@@ -53,6 +53,13 @@ def number(node: str, name: str, value, low=None, high=None, *, integer: bool = 
         raise NodeInputError(node, name, f"must be {bounds}, got {value}.")
 
 
+def shift(node: str, name: str, value) -> None:
+    """The flow schedule's timestep shift must be above 0 (the widget's minimum 0 would fail in the scheduler)."""
+    if value <= 0:
+        raise NodeInputError(node, name, f"must be above 0 (Wan uses 3-5, HuMo 5, InfiniteTalk 7 at 480p and 11 at "
+                             f"720p), got {value}.")
+
+
 def choice(node: str, name: str, value, choices) -> None:
     if value not in choices:
         raise NodeInputError(node, name, f"unknown value {value!r}; choose one of {', '.join(map(str, choices))}.")

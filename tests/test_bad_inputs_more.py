@@ -299,3 +299,9 @@ def test_gguf_chosen_as_vae_says_what_to_use(gguf_file, tmp_path):
         with pytest.raises(NodeInputError, match=r"Load Wan VAE\] input 'vae_name': '.*vae\.gguf' is a GGUF file; only "
                                                  r"Load Wan Model reads GGUF .* Use the \.safetensors release"):
             WanTalkVAELoader().load("vae.gguf", "fp32")
+
+
+def test_zero_shift_is_reported_against_shift(parts, rng):
+    """The widget allows 0, which the scheduler refused: the error named 'audio_embeds/model'."""
+    with pytest.raises(NodeInputError, match=rf"{IT}\] input 'shift': must be above 0"):
+        sample(parts, graph_inputs(rng), shift=0.0)
