@@ -8,40 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wantalk import host
-from wantalk.nodes_audio import AudioEmbeds, WanTalkAudioEmbeds
+from wantalk.nodes_audio import AudioEmbeds
 from wantalk.nodes_common import NodeInputError
-from wantalk.nodes_infinitetalk import (ClipVisionEmbeds, WanTalkLoadEmbeddings, WanTalkSaveEmbeddings,
-                                        WanTalkInfiniteTalkSampler)
+from wantalk.nodes_infinitetalk import ClipVisionEmbeds, WanTalkLoadEmbeddings, WanTalkSaveEmbeddings
 from wantalk.multitalk.long_video import TalkAudio
-from tiny_models import (TINY_I2V, make_tiny_lora, synth_speech, tiny_graph_infinitetalk_config, tiny_infinitetalk,
-                         tiny_vae, tiny_wav2vec2, write_tiny_infinitetalk_files)
-
-LAYERS, CHANNELS = 12, 64
-IT = "InfiniteTalk Sampler"
-SMALL = dict(width=32, height=32, steps=1, shift=7.0, scheduler="infinitetalk_euler", text_scale=2.0,
-             audio_scale=3.0, seed=5, frame_window=5, motion_frames=1, color_correction=0.5, max_frames=0,
-             save_windows=False)
-
-
-@pytest.fixture(scope="module")
-def parts():
-    g = torch.Generator().manual_seed(2)
-    return tiny_infinitetalk(g, config=tiny_graph_infinitetalk_config())[0], tiny_vae(g)[0]
-
-
-def graph_inputs(rng, frames=5):
-    audio = {"waveform": torch.randn(1, 1, frames * 640, generator=rng), "sample_rate": 16000}
-    return dict(audio_embeds=AudioEmbeds(TalkAudio([torch.randn(frames, LAYERS, CHANNELS, generator=rng)]), audio),
-                positive=[[torch.randn(1, 6, TINY_I2V.text_dim, generator=rng), {}]],
-                negative=[[torch.randn(1, 6, TINY_I2V.text_dim, generator=rng), {}]],
-                start_image=torch.rand(1, 40, 48, 3, generator=rng),
-                clip_vision_output=ClipVisionEmbeds(torch.randn(1, 257, TINY_I2V.clip_dim, generator=rng)))
-
-
-def sample(parts, inputs, **changes):
-    model, vae = parts
-    args = {**inputs, **SMALL, **changes}
-    return WanTalkInfiniteTalkSampler().sample(args.pop("model", model), args.pop("vae", vae), **args)
+from test_bad_inputs import (IT, LAYERS, CHANNELS, embeds, graph_inputs, parts, sample,  # noqa: F401 (fixtures)
+                             speech_clip, wav2vec2)
+from tiny_models import TINY_I2V, make_tiny_lora, tiny_vae, write_tiny_infinitetalk_files
 
 
 # ---- INT widgets that are not Python ints (was TypeError in a slice / manual_seed) ----------------------------
@@ -119,43 +92,29 @@ def test_audio_embeds_without_speakers(parts, rng):
 
 # ---- Audio Embeds ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def wav2vec2():
-    return tiny_wav2vec2(torch.Generator().manual_seed(1))[0]
-
-
-def speech(rng, seconds=0.5):
-    wave = synth_speech(seconds, 16000, seed=int(torch.randint(0, 1000, (1,), generator=rng)))
-    return (0.5 * wave / wave.abs().max())[None, None]
-
-
-def embeds(audio_1, encoder=None, **extra):
-    return WanTalkAudioEmbeds().embed(audio_1, False, 1.0, 0, "para", audio_encoder=encoder, **extra)
-
-
 def test_missing_audio_1(wav2vec2):
     with pytest.raises(NodeInputError, match=r"Audio Embeds\] input 'audio_1': connect the speech of speaker 1"):
-        embeds(None, wav2vec2)
+        embeds(wav2vec2, None)
 
 
 def test_sample_rate_far_below_audio_rates_is_refused_before_any_work(wav2vec2, rng):
     """8000 samples 'at 1 Hz' were resampled to 2 hours of 16 kHz audio and encoded (195 s on the tiny encoder)."""
     with pytest.raises(NodeInputError, match=r"Audio Embeds\] input 'audio_1': audio_1: sample rate 1 Hz is not an "
                                              "audio rate"):
-        embeds({"waveform": speech(rng), "sample_rate": 1}, wav2vec2)
+        embeds(wav2vec2, {"waveform": speech_clip(rng), "sample_rate": 1})
 
 
 def test_channels_last_waveform_is_named(wav2vec2, rng):
     with pytest.raises(NodeInputError, match=r"Audio Embeds\] input 'audio_1': .* it looks channels last"):
-        embeds({"waveform": speech(rng).transpose(1, 2).repeat(1, 1, 2), "sample_rate": 16000}, wav2vec2)
+        embeds(wav2vec2, {"waveform": speech_clip(rng).transpose(1, 2).repeat(1, 1, 2), "sample_rate": 16000})
 
 
 def test_unsigned_8_bit_pcm_is_centred(wav2vec2, rng):
     """8-bit WAV is unsigned around 128: divided by 256 it kept a 0.5 offset in the output audio."""
-    wave = speech(rng)
-    reference = embeds({"waveform": wave, "sample_rate": 16000}, wav2vec2)[1]["waveform"]
+    wave = speech_clip(rng)
+    reference = embeds(wav2vec2, {"waveform": wave, "sample_rate": 16000})[1]["waveform"]
     pcm = (wave * 127 + 128).round().to(torch.uint8)
-    out = embeds({"waveform": pcm, "sample_rate": 16000}, wav2vec2)[1]["waveform"]
+    out = embeds(wav2vec2, {"waveform": pcm, "sample_rate": 16000})[1]["waveform"]
     assert float((out - reference).abs().max()) < 2 / 127   # 8-bit rounding, not a 0.5 offset
 
 
@@ -163,18 +122,18 @@ def test_unsigned_8_bit_pcm_is_centred(wav2vec2, rng):
 def test_malformed_native_encoder_output(rng, layers):
     if layers == "shapes":
         layers = [torch.randn(1, 20, CHANNELS, generator=rng) for _ in range(LAYERS)] + [torch.randn(1, 21, 32)]
-    clip = {"waveform": speech(rng), "sample_rate": 16000}
+    clip = {"waveform": speech_clip(rng), "sample_rate": 16000}
     with pytest.raises(NodeInputError, match=r"Audio Embeds\] input 'encoded_audio_1': 'encoded_audio_all_layers' "
                                              "must be equally shaped"):
-        embeds(clip, encoded_audio_1={"encoded_audio_all_layers": layers})
+        embeds(None, clip, encoded_audio_1={"encoded_audio_all_layers": layers})
 
 
 @pytest.mark.parametrize("mask", ["numpy", (1, 1, 32, 32)])
 def test_malformed_speaker_mask(wav2vec2, rng, mask):
     mask = torch.ones(1, 32, 32).numpy() if mask == "numpy" else torch.ones(mask)
-    clip = {"waveform": speech(rng), "sample_rate": 16000}
+    clip = {"waveform": speech_clip(rng), "sample_rate": 16000}
     with pytest.raises(NodeInputError, match=r"Audio Embeds\] input 'mask_1': expected a MASK \[height, width\]"):
-        embeds(clip, wav2vec2, audio_2=clip, mask_1=mask)
+        embeds(wav2vec2, clip, audio_2=clip, mask_1=mask)
 
 
 # ---- embeddings files ------------------------------------------------------------------------------------------
