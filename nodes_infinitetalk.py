@@ -8,7 +8,6 @@ IMAGE frames plus the matching AUDIO and fps for ComfyUI's Create Video -> Save 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
@@ -23,6 +22,7 @@ from .nodes_audio import AUDIO_EMBEDS_TYPE, FPS, SAMPLES_PER_FRAME, AudioEmbeds
 from .nodes_common import (CATEGORY, MAX_FRAMES_INPUT, MODEL_TYPE, SAVE_WINDOWS_INPUT, SEED_INPUT, NodeInputError,
                            VideoSamplerNode)
 from .nodes_lowvram import compute_device_for
+from .wanvideo.resume import checksum
 from .wanvideo.sampling import Conditioning
 from .wanvideo.schedulers import SCHEDULERS
 from .wanvideo.vae import load_wan_vae
@@ -478,7 +478,7 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
         if encode_clip is None:
             return ""
         features = encode_clip(frames if isinstance(frames, torch.Tensor) else frames[0])
-        return "clip:" + hashlib.blake2b(features.float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+        return "clip:" + checksum(features.float().cpu())
 
     @staticmethod
     def _masks(talk, video: torch.Tensor, height: int, width: int, node: str) -> torch.Tensor | None:
