@@ -428,7 +428,6 @@ def select_kernel(q, k, v, *, policy: AttentionPolicy | str | None = None, k_len
     return _route(q, k, v, _resolve(policy), k_lens, attn_mask, scale)[0].kernel.name
 
 
-@torch.compiler.disable   # the dispatch reads pointers, strides and k_lens values: one eager graph break
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, policy: AttentionPolicy | str | None = None,
               k_lens: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
               scale: float | None = None) -> torch.Tensor:
