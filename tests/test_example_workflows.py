@@ -62,6 +62,7 @@ def test_every_model_file_has_a_download_link_and_a_tiny_stand_in(name):
     files = {value for node in api.values() for value in node["inputs"].values()
              if isinstance(value, str) and value.endswith(".safetensors")}
     linked = {m["name"]: m for node in ui["nodes"] for m in node["properties"].get("models", [])}
+    assert files, f"{name}: no model file among the workflow's inputs"
     assert files == set(linked), f"{name}: files without a download link: {files - set(linked)}"
     for model in linked.values():
         assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
@@ -120,7 +121,9 @@ def _samplers(api: dict) -> dict:
 @pytest.mark.parametrize("name", [n for n in BUILDER.WORKFLOWS if n != "humo_17b"])
 def test_infinitetalk_workflows_use_the_official_input_handling(name):
     api = _shipped_api(name)
-    for sampler in _samplers(api).values():
+    samplers = _samplers(api)
+    assert samplers, f"{name}: no WanTalkInfiniteTalkSampler in the workflow"
+    for sampler in samplers.values():
         clip_vision = api[sampler["inputs"]["clip_vision"][0]]
         assert clip_vision["class_type"] == "CLIPVisionLoader"        # the sampler encodes the official CLIP input
         assert "clip_vision_output" not in sampler["inputs"] and sampler["inputs"]["size"] == "infinitetalk-480"
