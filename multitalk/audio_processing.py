@@ -19,6 +19,8 @@ import operator
 import torch
 import torch.nn.functional as F
 
+from ..wanvideo.checkpoint import nonfinite_count
+
 TARGET_RATE = 16000
 TARGET_LOUDNESS = -23.0
 BLOCK_SECONDS = 0.4          # BS.1770 gating block
@@ -63,7 +65,7 @@ def check_waveform(waveform: torch.Tensor, sample_rate: int, *, fps: float = 25.
     if waveform.numel() == 0 or waveform.shape[-1] == 0:
         raise AudioInputError(f"{name} is empty (waveform shape {tuple(waveform.shape)}); connect an audio clip "
                               f"that contains sound.")
-    bad = int((~torch.isfinite(waveform)).sum())
+    bad = nonfinite_count(waveform)  # one reduction, no waveform-sized mask (a dubbing track can be hours)
     if bad:
         raise AudioInputError(f"{name} contains {bad} NaN/inf samples out of {waveform.numel()}; the file is corrupt "
                               f"or an upstream node produced invalid values. Re-export or re-decode the audio.")
@@ -262,7 +264,7 @@ def integrated_loudness(x: torch.Tensor, sample_rate: int) -> float:
     if samples < BLOCK_SECONDS * sample_rate:
         raise AudioInputError(f"integrated_loudness: {samples} samples at {sample_rate} Hz are shorter than one "
                               f"{BLOCK_SECONDS * 1000:.0f} ms gating block; loudness is undefined for such a clip.")
-    if not torch.isfinite(signal).all():
+    if nonfinite_count(signal):
         raise AudioInputError("integrated_loudness: the signal contains NaN/inf samples.")
     weighted = k_weight(signal, sample_rate)
     energy = F.pad(weighted.square().cumsum(-1), (1, 0))        # [C, T + 1]

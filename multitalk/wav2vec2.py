@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..wanvideo.checkpoint import CheckpointError, CheckpointReader, checked_tensor, describe_foreign
+from ..wanvideo.checkpoint import CheckpointError, CheckpointReader, checked_tensor, describe_foreign, nonfinite_count
 from ..wanvideo.modules.attention import attention
 
 SAMPLE_RATE = 16000
@@ -406,7 +406,7 @@ def encode_for_infinitetalk(encoder: Wav2Vec2Encoder, waveform_16k_mono: torch.T
     if wav.dim() != 1:
         raise ValueError(f"encode_for_infinitetalk: expected a mono 16 kHz waveform [samples], got shape "
                          f"{tuple(wav.shape)}; convert it with audio_processing.to_mono_16k first.")
-    if wav.numel() == 0 or not torch.isfinite(wav).all():
+    if wav.numel() == 0 or nonfinite_count(wav):
         raise ValueError("encode_for_infinitetalk: the waveform is empty or contains NaN/inf samples.")
     n_frames = int(wav.shape[0] / SAMPLE_RATE * fps)
     if n_frames < 1:
