@@ -24,6 +24,7 @@ from .nodes_common import (CATEGORY, MAX_FRAMES_INPUT, MODEL_TYPE, SAVE_WINDOWS_
                            VideoSamplerNode)
 from .nodes_lowvram import compute_device_for
 from .wanvideo.schedulers import SCHEDULERS
+from .wanvideo.windows import to_uint8
 
 log = logging.getLogger("wantalk")
 
@@ -256,7 +257,7 @@ class WanTalkHuMoSampler(VideoSamplerNode):
         finally:
             host.soft_empty_cache()
         if frames.shape[0]:
-            bar.update(0, preview=preview_image((frames[-1] * 255).round().to(torch.uint8)))
+            bar.update(0, preview=preview_image(to_uint8(frames[-1])))
         waveform = humo_embeds.audio["waveform"][..., :frames.shape[0] * SAMPLES_PER_FRAME]
         return (frames, {"waveform": waveform, "sample_rate": humo_embeds.audio["sample_rate"]},
                 float(FPS))
