@@ -113,7 +113,7 @@ def conditioning_from(model, positive, negative, clip_vision_output, device, nod
     cfg = model.cfg
     context, negative_context = first_tensor(positive, node, "positive"), first_tensor(negative, node, "negative")
     for name, tensor in (("positive", context), ("negative", negative_context)):
-        validation.conditioning_tensor(node, name, tensor)
+        validation.finite(node, name, tensor, "embedding values")
         if tensor.shape[-1] != cfg.text_dim:
             raise NodeInputError(node, name, f"the text embedding has {tensor.shape[-1]} channels but the model "
                                  f"expects {cfg.text_dim} (umT5-XXL): load the text encoder with Load CLIP, "

@@ -157,10 +157,6 @@ def small_picture(node: str, name: str, picture: torch.Tensor) -> None:
              f"person will be blurry. Use a picture of at least the video size.")
 
 
-def conditioning_tensor(node: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    return finite(node, name, tensor, "embedding values")
-
-
 def clip_features(node: str, name: str, features) -> torch.Tensor:
     """CLIP vision penultimate hidden states `[batch, tokens, width]`, finite."""
     if not isinstance(features, torch.Tensor) or features.dim() != 3 or not features.numel():
