@@ -2,9 +2,9 @@
 
 The window loop keeps only the last motion frames (uint8) between windows and writes each finished window straight
 into the one float32 IMAGE tensor ComfyUI receives (4 bytes per output value, the least an IMAGE can take). That
-output grows with the video's length (about 4.8 GB per minute of 832x480 at 25 fps), so a run whose output and one
-window's working set do not fit in the available RAM is refused before sampling, with the longest `max_frames`
-that fits.
+output grows with the video's length (4.8 MB per 832x480 frame: about 7.2 GB per minute at 25 fps), so a run whose
+output and one window's working set do not fit in the available RAM is refused before sampling, with the longest
+`max_frames` that fits.
 """
 from __future__ import annotations
 
