@@ -20,9 +20,10 @@ LORA_MODES = ("merge", "unmerged")
 
 def expected_model_bytes(paths: list[str], quantization: str, base_dtype=torch.bfloat16, params_to_keep=None) -> int:
     """What the loaded model will occupy on the load device: the layer plan's bytes, from the files' headers
-    (no tensor is read; GGUF blocks and pre-quantized layers count as stored)."""
+    (no tensor is read; GGUF blocks and pre-quantized layers count as stored). Bytes do not depend on the matmul
+    path, so no compute device is planned for (nor warned about)."""
     planned, _ = plan_load(paths[0], extra_weights=tuple(paths[1:]), quantization=quantization,
-                           base_dtype=base_dtype, params_to_keep=params_to_keep)
+                           base_dtype=base_dtype, params_to_keep=params_to_keep, compute_device=None)
     return planned.weight_bytes
 
 

@@ -436,3 +436,17 @@ def test_plan_decides_the_matmul_path_for_the_compute_device(tmp_path, rng, capl
     assert caplog.text.count("asks for fast matmuls but fp8 matmul needs a CUDA GPU") == 1
     plan = q.plan_layers(meta_model(), "fp8_e4m3fn_scaled_fast", q.DEFAULT_PARAMS_TO_KEEP)  # device not known
     assert plan[BLOCK_LINEAR].fast and plan[BLOCK_LINEAR].compute.startswith("fast where")
+
+
+def test_memory_estimate_plans_no_matmul_path(tmp_path, rng, caplog):
+    """The loader node's byte estimate (run before a CUDA load) plans bytes only: it must not warn that the fast
+    path is missing on a device the layers will not run on (the load itself warns, once, when it is)."""
+    from wantalk import nodes_model_loading
+    from tiny_models import save_state_dict
+    _, sd = tiny_wan(TINY_I2V, rng)
+    path = save_state_dict(sd, str(tmp_path / "wan.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="wantalk"):
+        estimate = nodes_model_loading.expected_model_bytes([path], "fp8_e4m3fn_scaled_fast")
+    assert "asks for fast matmuls" not in caplog.text
+    loaded = loader.load_wan_model(path, quantization="fp8_e4m3fn_scaled_fast")
+    assert estimate == sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
