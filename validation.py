@@ -98,6 +98,15 @@ def finite(node: str, name: str, tensor: torch.Tensor, what: str = "values") -> 
     return tensor
 
 
+def finite_range(node: str, name: str, tensor: torch.Tensor, what: str) -> tuple[float, float]:
+    """(min, max) of a non-empty `tensor`, refusing NaN/inf as `finite` does: one pass over the tensor (the
+    extrema of a tensor with NaN/inf are not finite), the exact count only for a tensor about to be refused."""
+    low, high = (float(v) for v in torch.aminmax(tensor))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        finite(node, name, tensor, what)
+    return low, high
+
+
 def image(node: str, name: str, picture) -> torch.Tensor:
     """A ComfyUI IMAGE `[batch, height, width, 3 or 4]` as float in 0..1 (see the module docstring)."""
     if not isinstance(picture, torch.Tensor):
@@ -119,8 +128,7 @@ def image(node: str, name: str, picture) -> torch.Tensor:
         return picture.float() / 255
     if not picture.is_floating_point():
         raise NodeInputError(node, name, f"has dtype {picture.dtype}; a ComfyUI IMAGE is float in 0..1.")
-    finite(node, name, picture, "pixels")
-    low, high = (float(v) for v in torch.aminmax(picture))
+    low, high = finite_range(node, name, picture, "pixels")
     if high > IMAGE_SCALE_LIMIT or low < -IMAGE_SCALE_LIMIT:
         raise NodeInputError(node, name, f"has values from {low:g} to {high:g}; a ComfyUI IMAGE is in 0..1 (this "
                              f"looks like 0..255: divide by 255, or load it with Load Image).")
@@ -182,8 +190,7 @@ def audio_scale(node: str, name: str, audio):
         if waveform.dtype == torch.uint8:  # 8-bit PCM (WAV) is unsigned, centred on 128
             return {**audio, "waveform": (waveform.float() - 128) / 128}
         return {**audio, "waveform": waveform.float() / full_scale}
-    finite(node, name, waveform, "samples")
-    peak = max(abs(float(v)) for v in torch.aminmax(waveform)) if waveform.numel() else 0.0
+    peak = max(map(abs, finite_range(node, name, waveform, "samples"))) if waveform.numel() else 0.0
     if peak > AUDIO_PEAK_LIMIT:
         raise NodeInputError(node, name, f"has float samples up to {peak:.4g}; ComfyUI AUDIO is float in -1..1. "
                              f"This looks like integer PCM stored as float: divide by 32768 (16-bit) or 2**31 "

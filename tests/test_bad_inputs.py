@@ -266,6 +266,14 @@ def test_integer_pcm_stored_as_float_is_refused(wav2vec2, rng):
         embeds(wav2vec2, {"waveform": pcm_as_float, "sample_rate": 16000})
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_nonfinite_audio_is_named_as_such_not_as_pcm_stored_as_float(wav2vec2, rng, bad):
+    wave = speech_clip(rng).clone()
+    wave[0, 0, 123] = bad
+    with pytest.raises(NodeInputError, match=r"Audio Embeds\] input 'audio_1': contains 1 NaN/inf samples of"):
+        embeds(wav2vec2, {"waveform": wave, "sample_rate": 16000})
+
+
 def test_silence_as_speech_warns(wav2vec2, warnings_seen):
     embeds(wav2vec2, {"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000})
     assert any("[wantalk Audio Embeds] input 'audio_1' is silent" in w for w in warnings_seen)
