@@ -202,6 +202,9 @@ def test_load_wan_returns_a_handle_with_plan_report_and_sources(tmp_path, rng):
     handle = load_wan(path, quantization="fp8_e4m3fn_scaled", loras=[(lora, 0.5)], base_dtype=torch.float32)
     assert handle.config == handle.model.cfg and handle.addon is None
     assert handle.sources == (("model", path), ("lora", lora)) and handle.loras == ((lora, 0.5),)
+    # the module the nodes pass along carries the same facts, not a second computation of them
+    assert handle.model.source_paths == (path, lora) == handle.source_paths
+    assert handle.model.layer_plan is handle.plan and handle.model.quant_report is handle.report
     planned = {n for n, e in handle.plan.items() if e.quantized}
     assert planned == set(handle.report.quantized) and all(e.storage == "float8_e4m3fn" and e.origin == "load"
                                                            for n, e in handle.plan.items() if n in planned)

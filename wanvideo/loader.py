@@ -228,13 +228,14 @@ def load_wan(path: str, *, device="cpu", base_dtype=torch.bfloat16, quantization
                          "params_to_keep": params_to_keep, "extra_weights": tuple(extra_weights),
                          "config_overrides": config_overrides, "loras": tuple(tuple(x) for x in loras)}
     sources = (("model", path), *(("addon", p) for p in extra_weights), *(("lora", p) for p, _ in loras))
-    model.source_paths = tuple(p for _, p in sources)  # file identities for the resume key (wanvideo.resume)
     cfg = model.cfg
+    handle = WanHandle(model, cfg, planned.plan, planned.report, model.addon_name,
+                       tuple((p, float(s)) for p, s in loras), sources)
+    model.source_paths = handle.source_paths  # file identities for the resume key (wanvideo.resume)
     log.info("wantalk: loaded %s (%s, dim %d, %d layers%s) in %.1fs; %s", os.path.basename(path), cfg.model_type,
              cfg.dim, cfg.num_layers, f", {model.addon_name}" if model.addon_name else "",
              time.perf_counter() - t0, planned.report.summary())
-    return WanHandle(model, cfg, planned.plan, planned.report, model.addon_name,
-                     tuple((p, float(s)) for p, s in loras), sources)
+    return handle
 
 
 def load_wan_model(path: str, **kwargs) -> WanModel:
