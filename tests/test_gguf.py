@@ -212,8 +212,8 @@ def test_lora_merges_into_gguf_model_and_stays_in_blocks(tmp_path, rng):
     error = ((out - ref).norm() / ref.norm()).item()
     effect = ((without - ref).norm() / ref.norm()).item()
     assert error < 0.01 and error < effect / 10, (error, effect)
-    layers = _gguf_layers(model)
-    assert layers["blocks.0.self_attn.q"].qtype == "Q8_0" and layers["blocks.1.ffn.2"].qtype in ("Q8_0", "Q4_K")
+    layers = _gguf_layers(model)  # the tiny LoRA changes every block linear: each one went back into Q8_0 blocks
+    assert "blocks.1.ffn.2" in layers and {m.qtype for m in layers.values()} == {"Q8_0"}
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
