@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -386,7 +386,7 @@ def check_before_sampling(model: nn.Module, run: RunSettings, decode: DecodeSett
     runner = getattr(model, "block_runner", None)
     if hasattr(runner, "plan_run"):
         fused = fused_stages(torch.empty(0, device=runner.device))
-        runner.plan_run(model, RunSettings(run.tokens, run.batch, run.audio, run.two_speakers, fused), decode)
+        runner.plan_run(model, replace(run, fused=fused), decode)
         return
     device = next(model.parameters()).device
     if device.type != "cuda" or runner is not None:
