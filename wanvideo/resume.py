@@ -3,11 +3,12 @@ reuses a stale or damaged window and can be shared by two processes.
 
 The key folds in the full content of the weights in memory (every parameter and buffer, LoRA factors included,
 as raw bits: one read, no sample that a change can slip past), the VAE's weights, dtype and config, the unmerged
-LoRA strengths, every runtime setting and input tensor, and a caller's `run_identity` text (file identities of the
-model files: size, mtime and a digest of the header and sampled blocks). Each window file carries the key, its
-index, shape and a checksum of its frames; a file that fails any check is re-run with a warning naming it. Writes
-go to a unique temporary name and are renamed into place; a lock per folder makes concurrent runs take turns per
-window, so the second one loads what the first has written instead of computing it again.
+LoRA strengths, every runtime setting and input tensor, the identities of the model's files (size, mtime and a
+digest of the header and sampled blocks) and a caller's `run_identity` text (e.g. the CLIP encoder in use). Each
+window file carries the key, its index, shape and a checksum of its frames; a file that fails any check is re-run
+with a warning naming it. Writes go to a unique temporary name and are renamed into place; a lock per folder makes
+concurrent runs take turns per window, so the second one loads what the first has written instead of computing it
+again.
 """
 from __future__ import annotations
 
@@ -94,12 +95,8 @@ def lora_identity(model) -> str:
 
 
 def vae_identity(vae) -> str:
-    """The VAE's weights (full content), compute dtype and config, plus its source file when it has one."""
-    source = getattr(vae, "source_path", None)
-    parts = [module_digest(vae), str(getattr(vae, "dtype", "")), str(getattr(vae, "config", ""))]
-    if source and os.path.isfile(source):
-        parts.append(file_identity(source))
-    return "|".join(parts)
+    """The VAE's weights (full content), compute dtype and config."""
+    return "|".join([module_digest(vae), str(getattr(vae, "dtype", "")), str(getattr(vae, "config", ""))])
 
 
 def model_identity(model) -> str:
