@@ -177,16 +177,14 @@ class HumoContinuation(Continuation):
 
 def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, references=None, *, height: int,
                         width: int, settings: HumoSettings = HUMO_DEFAULTS, resume_dir: str | None = None,
-                        run_identity: str = "",
                         on_step: Callable[[int, int, int, int], None] | None = None) -> torch.Tensor:
     """Video for the whole audio: float32 frames `[N, height, width, 3]` in [0, 1] (ComfyUI's IMAGE), N = audio
     frames at 25 fps (or max_frames).
 
     text: `context` / `negative_context` (its other fields are filled here). bands: HuMo Whisper bands
     `[T25, 5, C]` (`humo.audio_features.humo_bands`). references: reference images `[3, H, W]` in [-1, 1] (any
-    size, fitted on white), or None. resume_dir: root folder of saved windows (a sub-folder per run key);
-    run_identity: text folded into that key (model file identities). on_step(window, windows, step, steps) runs
-    after every step (raise there to stop; finished windows stay saved)."""
+    size, fitted on white), or None. resume_dir: root folder of saved windows (a sub-folder per run key).
+    on_step(window, windows, step, steps) runs after every step (raise there to stop; finished windows stay saved)."""
     settings.validate()
     if height % 16 or width % 16:
         raise ValueError(f"the video size must be a multiple of 16 in both directions, got {width}x{height}")
@@ -203,7 +201,7 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
     if resume_dir:
         key = run_key(settings, bands, text.context, text.negative_context, *(references or []),
                       text=f"{height}x{width}|references={len(references or [])}|{model_identity(model)}|"
-                           f"{vae_identity(vae)}|{run_identity}")
+                           f"{vae_identity(vae)}")
     store = WindowStore(resume_dir, key, lambda i: geometry.stored_shape(height, width))
     lat_frames = (frames - 1) // 4 + 1 + (1 if references is not None else 0)
     memory_plan.check_before_sampling(model, memory_plan.RunSettings(lat_frames * (height // 16) * (width // 16)),

@@ -267,8 +267,9 @@ def generate_long_video(model, vae, frames, audio: TalkAudio, text: Conditioning
     timeline, shape) -> float32 CPU tensor` (default: SeededNoise(settings.seed)); it is called for a window's
     initial noise, then for each MultiTalk motion injection; for resume a custom provider needs a `key` string.
     resume_dir: root folder of saved windows (a sub-folder per run key). run_identity: text folded into the run
-    key (model file identities: `wanvideo.resume.file_identity`). on_step(window, windows, step, steps) after
-    every step (raise there to stop; finished windows stay saved); on_window(index, uint8 new frames) after each.
+    key for what the other inputs do not show (the node: the CLIP encoder in use). on_step(window, windows, step,
+    steps) after every step (raise there to stop; finished windows stay saved); on_window(index, uint8 new frames)
+    after each.
     """
     settings.validate()
     frames, count, height, width = _as_frames(frames)
