@@ -86,8 +86,8 @@ def features_from_native(output: dict, name: str) -> torch.Tensor:
 
 
 def encoding_progress():
-    """A wav2vec2 `progress(done, total)` callback: honours ComfyUI's Stop between chunks (long clips are encoded
-    in chunks of 30 s) and moves a progress bar made at the first report."""
+    """An audio encoder's `progress(done, total)` callback (wav2vec2 `Chunking` pieces, Whisper's 30 s windows):
+    honours ComfyUI's Stop between pieces and moves a progress bar made at the first report."""
     bar = []
 
     def report(done: int, total: int) -> None:
