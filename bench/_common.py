@@ -45,6 +45,13 @@ def random_vae_state_dict(device="cpu", seed: int = 0) -> dict:
     return {k: random_tensor(k, s) for k, s in reference_shapes("keys_vae.txt").items()}
 
 
+def add_clip_size_args(parser, frames: int = 81, height: int = 480, width: int = 832) -> None:
+    """--frames/--height/--width of the video the benchmark runs; default one 81-frame window at the 480p bucket."""
+    parser.add_argument("--frames", type=int, default=frames)
+    parser.add_argument("--height", type=int, default=height)
+    parser.add_argument("--width", type=int, default=width)
+
+
 def cuda_time(fn, warmup: int = 1, repeats: int = 3) -> list[float]:
     """Seconds per call, measured with CUDA events after warm-up."""
     import torch

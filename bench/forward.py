@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from _common import cuda_time, import_pack, reference_shapes, write_result
+from _common import add_clip_size_args, cuda_time, import_pack, reference_shapes, write_result
 
 
 def random_fetch(shapes, device, dtype, generator):
@@ -114,9 +114,7 @@ def host_cost(model, cfg, device, repeats: int = 10) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--listing", default="keys_i2v14b.txt")
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    add_clip_size_args(p)
     p.add_argument("--quantization", default="disabled")
     p.add_argument("--gguf", default=None, help="GGUF block type of the tensors city96's tools quantize (Q8_0, Q4_K...)")
     p.add_argument("--attention", default="auto")

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from _common import import_pack, reference_shapes, write_result
+from _common import add_clip_size_args, import_pack, reference_shapes, write_result
 from forward import random_fetch
 from gguf_weights import blocks_for, quantized_by_city96
 
@@ -47,9 +47,7 @@ def main():
     p.add_argument("--qtype", default="Q4_K")
     p.add_argument("--cap", type=float, default=12.0, help="GB (1e9 bytes) the process may use")
     p.add_argument("--path", default=os.path.join(os.environ.get("WANTALK_BENCH_DIR", "/tmp"), "wan14b_it_{q}.gguf"))
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    add_clip_size_args(p)
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--tile", type=int, default=256)

@@ -16,7 +16,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from _common import cuda_time, import_pack, reference_shapes, write_result
+from _common import add_clip_size_args, cuda_time, import_pack, reference_shapes, write_result
 from forward import random_fetch
 
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
@@ -88,9 +88,7 @@ def main():
     p.add_argument("--quantization", default="fp8_e4m3fn_scaled_fast")
     p.add_argument("--attention", default="auto")
     p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    add_clip_size_args(p)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     import_pack()

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from _common import cuda_time, import_pack, reference_shapes, write_result
+from _common import add_clip_size_args, cuda_time, import_pack, reference_shapes, write_result
 from forward import random_fetch
 
 GB = 10**9
@@ -162,9 +162,7 @@ def main():
         return memory_sweep.main(sys.argv[1:])
     p = argparse.ArgumentParser()
     p.add_argument("--listing", default="keys_infinitetalk.txt")
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    add_clip_size_args(p)
     p.add_argument("--fp4", default="fp4", help="the fp4 mode for the 12 GB case")
     p.add_argument("--fp8", default="fp8_e4m3fn_scaled_fast", help="the fp8 mode for the 16/24 GB cases")
     p.add_argument("--prefetch", type=int, default=1)

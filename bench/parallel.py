@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from _common import import_pack, write_result
+from _common import add_clip_size_args, import_pack, write_result
 from load_14b import write_random_checkpoint
 
 TINY_HEADS = 6
@@ -71,9 +71,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--gpus", default="0,1", help="comma-separated CUDA indices, or cpu entries (gloo)")
     p.add_argument("--layouts", default="1x1,1x2,2x1", help="guidance x sequence per run; 1x1 is the baseline")
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    add_clip_size_args(p)
     p.add_argument("--steps", type=int, default=4, help="timed steps + 1 (the first is not timed)")
     p.add_argument("--quantization", default="fp8_e4m3fn_scaled")
     p.add_argument("--attention_mode", default="auto")

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from _common import import_pack, random_vae_state_dict, write_result
+from _common import add_clip_size_args, import_pack, random_vae_state_dict, write_result
 
 
 def smooth_clip(frames: int, height: int, width: int, device) -> torch.Tensor:
@@ -25,9 +25,7 @@ def smooth_clip(frames: int, height: int, width: int, device) -> torch.Tensor:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=720)
-    p.add_argument("--width", type=int, default=1280)
+    add_clip_size_args(p, height=720, width=1280)
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
