@@ -343,6 +343,12 @@ def _talk_models(g: Graph, prompts: list[str]) -> dict:
     return parts
 
 
+def _talk_embeds(g: Graph, parts: dict, speech: int, title=None) -> int:
+    """Audio Embeds of one speaker's speech through the graph's shared wav2vec2."""
+    return g.add("WanTalkAudioEmbeds", {}, {"audio_1": (speech, 0), "audio_encoder": (parts["encoder"], 0)},
+                 column=2, extra_height=100, title=title)
+
+
 def _talk_sampler(g: Graph, parts: dict, prompt: int, embeds: int, start_image: tuple, *, extra_links=None,
                   widgets=None, title=None) -> int:
     links = {"model": (parts["model"], 0), "vae": (parts["vae"], 0), "audio_embeds": (embeds, 0),
@@ -366,8 +372,7 @@ def dubbing_workflow(name: str) -> Graph:
     components = g.add("GetVideoComponents", {}, {"video": (loaded, 0)}, column=0)
     speech = load_speech(g, 1, "New speech")
     parts = _talk_models(g, ["A person is talking to the camera, natural head movements and expressions."])
-    embeds = g.add("WanTalkAudioEmbeds", {}, {"audio_1": (speech, 0), "audio_encoder": (parts["encoder"], 0)},
-                   column=2, extra_height=100)
+    embeds = _talk_embeds(g, parts, speech)
     sampler = _talk_sampler(g, parts, 0, embeds, (components, 0), extra_links={"video_fps": (components, 2)})
     save_video(g, name, (sampler, 0), (sampler, 1), (sampler, 2))
     model_note(g, "InfiniteTalk video dubbing", TALK_FILES,
@@ -389,10 +394,8 @@ def chained_workflow(name: str) -> Graph:
                              "A woman is talking to the camera and smiling, lively gestures."])
     both = g.add("AudioConcat", {"direction": "after"}, {"audio1": (speech_1, 0), "audio2": (speech_2, 0)},
                  column=2, title="Speech, parts 1 + 2")
-    embeds_1 = g.add("WanTalkAudioEmbeds", {}, {"audio_1": (speech_1, 0), "audio_encoder": (parts["encoder"], 0)},
-                     column=2, extra_height=100, title="Audio Embeds, part 1")
-    embeds_all = g.add("WanTalkAudioEmbeds", {}, {"audio_1": (both, 0), "audio_encoder": (parts["encoder"], 0)},
-                       column=2, extra_height=100, title="Audio Embeds, parts 1 + 2")
+    embeds_1 = _talk_embeds(g, parts, speech_1, title="Audio Embeds, part 1")
+    embeds_all = _talk_embeds(g, parts, both, title="Audio Embeds, parts 1 + 2")
     first = _talk_sampler(g, parts, 0, embeds_1, (image, 0), title="Sampler 1")
     second = _talk_sampler(g, parts, 1, embeds_all, (image, 0), extra_links={"previous_frames": (first, 0)},
                            title="Sampler 2 (continues 1)")
