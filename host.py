@@ -104,9 +104,8 @@ def model_path(kind: str, name: str) -> str:
         path = _folder_paths.get_full_path(kind, relative)
         if path:
             return path
-    folder = os.path.abspath(os.path.join(_models_root, kind))
-    path = os.path.join(folder, relative)
-    if os.path.commonpath([folder, os.path.abspath(path)]) == folder and os.path.isfile(path):
+    path = os.path.abspath(os.path.join(_models_root, kind, relative))  # inside: `relative` has no '..'
+    if os.path.isfile(path):
         return path
     raise FileNotFoundError(f"{kind} file '{name}' was not found; put it in the ComfyUI models/{kind} folder.")
 
