@@ -22,7 +22,7 @@ STARTED = time.perf_counter()  # before torch is imported: the wall time the dem
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULTS = {"seconds": 3.5}
+DEFAULT_SECONDS = 3.5
 FPS = 25
 
 
@@ -42,7 +42,7 @@ def import_pack():
     return sys.modules["wantalk"], tiny_models
 
 
-def generate(work_dir: str, *, seconds: float = DEFAULTS["seconds"], height: int = 64, width: int = 64,
+def generate(work_dir: str, *, seconds: float = DEFAULT_SECONDS, height: int = 64, width: int = 64,
              steps: int = 4, frame_window: int = 33, motion_frames: int = 5, seed: int = 0):
     """Run the InfiniteTalk graph on tiny weights; returns (IMAGE frames `[N, H, W, 3]`, AUDIO, fps)."""
     _, tiny = import_pack()
@@ -116,7 +116,7 @@ def main(argv=None, started: float | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="output", help="folder for wantalk_demo.mp4")
-    parser.add_argument("--seconds", type=seconds_of_speech, default=DEFAULTS["seconds"],
+    parser.add_argument("--seconds", type=seconds_of_speech, default=DEFAULT_SECONDS,
                         help="length of the synthesised speech, hence of the video (25 fps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tiny weights, the speech and the noise")
     args = parser.parse_args(argv)
