@@ -125,7 +125,7 @@ def image(node: str, name: str, picture) -> torch.Tensor:
         raise NodeInputError(node, name, f"is empty (shape {shape}); connect at least one image.")
     if picture.dtype == torch.uint8:
         warn(node, f"input '{name}' is uint8 (0..255); converted to a float IMAGE in 0..1.")
-        return picture.float() / 255
+        return picture.float().div_(255)  # in place: no second video-sized temporary
     if not picture.is_floating_point():
         raise NodeInputError(node, name, f"has dtype {picture.dtype}; a ComfyUI IMAGE is float in 0..1.")
     low, high = finite_range(node, name, picture, "pixels")
@@ -188,8 +188,8 @@ def audio_scale(node: str, name: str, audio):
         full_scale = float(torch.iinfo(waveform.dtype).max) + 1
         host.log.info("wantalk %s: input '%s' is %s PCM; normalised by %d", node, name, waveform.dtype, full_scale)
         if waveform.dtype == torch.uint8:  # 8-bit PCM (WAV) is unsigned, centred on 128
-            return {**audio, "waveform": (waveform.float() - 128) / 128}
-        return {**audio, "waveform": waveform.float() / full_scale}
+            return {**audio, "waveform": waveform.float().sub_(128).div_(128)}
+        return {**audio, "waveform": waveform.float().div_(full_scale)}
     peak = max(map(abs, finite_range(node, name, waveform, "samples"))) if waveform.numel() else 0.0
     if peak > AUDIO_PEAK_LIMIT:
         raise NodeInputError(node, name, f"has float samples up to {peak:.4g}; ComfyUI AUDIO is float in -1..1. "
