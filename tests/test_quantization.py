@@ -375,6 +375,9 @@ def test_save_quantized_round_trip(tmp_path, rng, mode):
     src = save_sd({k: v.to(torch.bfloat16) for k, v in sd.items()}, tmp_path / "src.safetensors")
     model = loader.load_wan_model(src, quantization=mode, config_overrides=HEADS)
     out = q.save_quantized(model, str(tmp_path / "q.safetensors"))
+    from safetensors import safe_open
+    with safe_open(out, "pt") as f:  # the mode, from the model's quantization record
+        assert f.metadata()["wantalk_quantization"] == mode == model.quant_report.mode
     written = load_file(out)
     layer_keys = {k for k in written if k.startswith(BLOCK_LINEAR + ".")}
     if mode == "fp8_e4m3fn_scaled":

@@ -272,7 +272,7 @@ def plan_model(shapes: dict[str, tuple], fetch, *, base_dtype=torch.bfloat16, qu
                                   f"(e.g. a 14B add-on on a 1.3B model)?")
     keep = policy.parse_params_to_keep(params_to_keep)
     plan = policy.plan_layers(model, quantization, keep, stored, compute_device)
-    report = policy.apply_plan(model, plan, quantization, keep, base_dtype=base_dtype)
+    report = policy.apply_plan(model, plan, quantization, base_dtype=base_dtype)
     return LoadPlan(model, addon, plan, report, fetch, expected)
 
 
@@ -301,7 +301,6 @@ def materialise(planned: LoadPlan, *, device="cpu", base_dtype=torch.bfloat16, a
         raise CheckpointError(f"internal: parameters not loaded: {leftover[:5]}")
     model.eval().requires_grad_(False)
     model.set_attention_mode(attention_mode)
-    model.quant_report = planned.report
     model.layer_plan = planned.plan
     model.addon_name = planned.addon.name if planned.addon else None
     return model

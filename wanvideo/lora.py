@@ -437,10 +437,10 @@ class UnmergedLoras:
 def attach_unmerged_loras(model: nn.Module, loras) -> UnmergedLoras:
     """Apply `(path, strength)` LoRAs at run time to a non-quantized model; replaces earlier ones.
     The handle is also `model.unmerged_loras`."""
-    policy = getattr(model, "quant_policy", None)
+    report = getattr(model, "quant_report", None)
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    if (policy is not None and policy.mode != "disabled") or quantized:
-        mode = policy.mode if policy is not None else "disabled"
+    if (report is not None and report.mode != "disabled") or quantized:
+        mode = report.mode if report is not None else "disabled"
         raise LoraModeError(f"unmerged LoRAs need a model that is not quantized, but this one uses quantization "
                             f"'{mode}' ({len(quantized)} fp8/fp4 linear layers, e.g. "
                             f"'{quantized[0] if quantized else '-'}'). Use lora_mode 'merge': the LoRA is merged "

@@ -119,13 +119,6 @@ class QuantReport:
         return f"{self.summary()}\nlinear layers kept in high precision:\n{kept}"
 
 
-@dataclass(frozen=True)
-class Policy:
-    mode: str
-    params_to_keep: tuple[str, ...]
-    base_dtype: torch.dtype
-
-
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -263,9 +256,9 @@ def plan_layers(model: nn.Module, mode: str, params_to_keep: Iterable[str], stor
     return plan
 
 
-def apply_plan(model: nn.Module, plan: dict[str, LayerPlan], mode: str, params_to_keep: Iterable[str], *,
-               base_dtype: torch.dtype) -> QuantReport:
-    """Give every planned layer its module (on the meta device, before any tensor is read) and report."""
+def apply_plan(model: nn.Module, plan: dict[str, LayerPlan], mode: str, *, base_dtype: torch.dtype) -> QuantReport:
+    """Give every planned layer its module (on the meta device, before any tensor is read) and report. The report
+    is also `model.quant_report`: the one record of how the model is quantized (LoRA modes, saving, resume)."""
     report = QuantReport(mode)
     quantized = set()
     for name, entry in plan.items():
@@ -284,14 +277,14 @@ def apply_plan(model: nn.Module, plan: dict[str, LayerPlan], mode: str, params_t
             continue
         report.kept.append(pname)
         report.kept_bytes += p.numel() * (base_dtype.itemsize if p.dtype.is_floating_point else p.element_size())
-    model.quant_policy = Policy(mode, tuple(params_to_keep), base_dtype)
+    model.quant_report = report
     return report
 
 
 def apply_policy(model: nn.Module, mode: str, params_to_keep: Iterable[str], *, base_dtype: torch.dtype) -> QuantReport:
     """Plan (all weights dense) and apply in one call: swap Linear layers for quantized ones per the mode."""
     keep = tuple(params_to_keep)
-    return apply_plan(model, plan_layers(model, mode, keep), mode, keep, base_dtype=base_dtype)
+    return apply_plan(model, plan_layers(model, mode, keep), mode, base_dtype=base_dtype)
 
 
 def check_scaled_fp8(path: str, fp8_weights: Iterable[str], aux: dict[str, Iterable[str]]) -> None:
@@ -538,9 +531,9 @@ def save_quantized(model: nn.Module, path: str, metadata: dict[str, str] | None 
     if per_channel_fp8 is not None:
         tensors["scaled_fp8"] = torch.empty(0, dtype=per_channel_fp8)  # marker read by KJ / legacy ComfyUI
     meta = dict(metadata or {})
-    policy = getattr(model, "quant_policy", None)
-    if policy is not None:
-        meta.setdefault("wantalk_quantization", policy.mode)
+    report = getattr(model, "quant_report", None)
+    if report is not None:
+        meta.setdefault("wantalk_quantization", report.mode)
     cfg = getattr(model, "cfg", None)
     if cfg is not None and hasattr(cfg, "num_heads"):
         meta.setdefault("config", json.dumps({"num_heads": cfg.num_heads, "text_len": cfg.text_len, "eps": cfg.eps}))
