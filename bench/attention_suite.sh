@@ -6,30 +6,9 @@
 # dependencies, see docs/BENCHMARKS.md); without them every step still runs, on cuDNN.
 set -u
 OUT=${OUT:-/tmp/attention_suite}
-mkdir -p "$OUT"
-LOG=$OUT/suite.log
-export PYTHONUNBUFFERED=1
-step() {   # step SECONDS NAME COMMAND...
-    local limit=$1 name=$2
-    shift 2
-    echo "=== $(date +%T) $name" | tee -a "$LOG"
-    timeout "$limit" "$@" >>"$LOG" 2>&1
-    echo "=== $(date +%T) $name: exit $?" | tee -a "$LOG"
-}
-
-FA4_WHEELS=${FA4_WHEELS:-/root/fa4}
-if ls "$FA4_WHEELS"/*.part-* >/dev/null 2>&1; then
-    cat "$FA4_WHEELS"/*.part-* >"$FA4_WHEELS/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl"
-    rm -f "$FA4_WHEELS"/*.part-*
-fi
-if ls "$FA4_WHEELS"/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/fa4site \
-        "$FA4_WHEELS"/*.whl >>"$LOG" 2>&1
-    # --target skips the package's .pth: its DSL packages go on the path by hand
-    export PYTHONPATH=/root/fa4site:/root/fa4site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$(dirname "$0")/device_steps.sh"
+install_fa4 "${FA4_WHEELS:-/root/fa4}"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
-python3 -c "import flash_attn.cute; print('flash_attn.cute imported')" 2>&1 | tail -1 | tee -a "$LOG"
 LISTING=keys_infinitetalk.txt
 FP8=fp8_e4m3fn_scaled_fast
 
