@@ -293,30 +293,73 @@ def _fa4_unavailable():
     return None
 
 
+# FlashAttention-4's forward tile config where one measured faster than its own choice, per (GPU capability, head
+# dim): keyword arguments of `flash_attn.cute.interface._flash_attn_fwd` (tile_mn, mma_pv_is_rs, intra_wg_overlap).
+# Its sm90 default for head dim 128 is 128x128 with P.V from registers and intra-warpgroup overlap; FlashAttention-3's
+# tile table uses 128x176 there. `python3 bench/fa4_tiles.py` sweeps the candidates at the Wan self-attention shapes;
+# only a config it measured better is listed (sm100 keeps FA4's default). FA4 refusing it is a logged fallback to
+# its default.
+FA4_TUNED_CONFIGS: dict[tuple[tuple[int, int], int], dict] = {}
+
 # FlashAttention-4 JIT-compiles one kernel per family (dtype, head dim, q heads per k/v head, device) on its first
 # call in a process (H200: 1.8-2.8 s, the package import included); later calls of the family, any sequence length,
-# run at once (0.5-5 ms first calls measured).
-_fa4_compiled: set[tuple] = set()
+# run at once (0.5-5 ms first calls measured). Family -> the call that compiled for it (tuned or default).
+_fa4_compiled: dict[tuple, Callable] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def _fa4_default(q, k, v, scale):
+    return _fa4_module().flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+
+
+def _fa4_tuned(config: dict):
+    """FA4's forward with a tile config: its public function takes none, so the internal forward it wraps is
+    called (inference only: no autograd graph is built)."""
+    def call(q, k, v, scale):
+        interface = _import("flash_attn.cute.interface")
+        return interface._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=False, **config)
+    return call
+
+
+def _fa4_first_call(call, config: dict | None, q, k, v, scale):
+    """The first call of a family is its JIT compile: a refusal (assert) or a failed build is AttentionUnsupported."""
+    start = time.perf_counter()
+    try:
+        out = call(q, k, v, scale)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        raise AttentionUnsupported(f"refused or failed to compile {type(err).__name__}: {first_line}") from err
+    log.info("FlashAttention-4: first call of %s, head dim %d, %d q heads per k/v head, %s took %.1f s (JIT "
+             "compile, once per process)", q.dtype, q.shape[-1], q.shape[2] // k.shape[2],
+             f"tuned config {config}" if config else "its default config", time.perf_counter() - start)
+    return out
+
+
+def _fa4_compile(q, k, v, scale):
+    """Compile the family with its tuned config if one is listed, else (or when FA4 refuses it) FA4's default.
+    Returns the first output and the call that produced it."""
+    config = FA4_TUNED_CONFIGS.get((_capability(q.device), q.shape[-1]))
+    if config is not None:
+        tuned = _fa4_tuned(config)
+        try:
+            return _fa4_first_call(tuned, config, q, k, v, scale), tuned
+        except AttentionUnsupported as err:
+            log.warning("FlashAttention-4 refused its tuned config %s (%s): using its default config", config, err)
+    return _fa4_first_call(_fa4_default, None, q, k, v, scale), _fa4_default
 
 
 def _flash_attn_4(q, k, v, *, scale, mask):
-    fa4 = _fa4_module()
     family = (q.dtype, q.shape[-1], q.shape[2] // k.shape[2], q.device)
-    if family in _fa4_compiled:
-        out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+    call = _fa4_compiled.get(family)
+    if call is not None:
+        out = call(q, k, v, scale)
     else:
-        start = time.perf_counter()
-        try:
-            out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as err:   # first call of a family = its compile: a refusal (assert) or a failed build
-            first_line = (str(err).splitlines() or [""])[0][:200]
-            raise AttentionUnsupported(f"refused or failed to compile {type(err).__name__}: {first_line}") from err
-        _fa4_compiled.add(family)
-        log.info("FlashAttention-4: first call of %s, head dim %d, %d q heads per k/v head took %.1f s (JIT "
-                 "compile, once per process)", q.dtype, q.shape[-1], q.shape[2] // k.shape[2],
-                 time.perf_counter() - start)
+        out, _fa4_compiled[family] = _fa4_compile(q, k, v, scale)
     return out[0] if isinstance(out, tuple) else out
 
 

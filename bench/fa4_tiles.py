@@ -1,0 +1,139 @@
+"""FlashAttention-4 forward tile configs at the Wan self-attention shapes, against FA4's own choice and cuDNN.
+
+FA4's sm90 forward for head dim 128 uses 128x128 tiles, P.V from registers (`mma_pv_is_rs`) and intra-warpgroup
+overlap; FlashAttention-3's tile table uses 128x176 there. This sweeps tile_n x mma_pv_is_rs x intra_wg_overlap
+through the same call the pack's adapter makes for a tuned config (`attention_kernels._fa4_tuned`), so the winner
+can go straight into `FA4_TUNED_CONFIGS`. Each new config JIT-compiles once (about 2 s); a config FA4 refuses is
+listed as refused. Rows print as they are measured (a config that breaks the CUDA context ends the run, the rows
+before it stay), then a table per shape sorted by speed. TFLOP/s = 4 * L^2 * H * D / time; error against float32
+SDPA on 256 sampled query rows, and the worst such error at the other Wan shapes (text, CLIP and audio
+cross-attention, the odd shape: key lengths shorter than a tile and not a multiple of it).
+
+    python3 bench/fa4_tiles.py                              # 6 tile_n x 2 x 2 = 24 configs, 32,760 and 75,600 tokens
+    python3 bench/fa4_tiles.py --tile-n 128,176 --tokens 32760
+"""
+import argparse
+import itertools
+import time
+
+import torch
+
+from _common import import_pack, write_result
+from attention import SHAPES, fp32_rows_reference, seconds_per_call
+
+HEADS, HEAD_DIM = 40, 128
+
+
+def wan_inputs(b: int, lq: int, lk: int):
+    """q, k, v as the model makes them (views of linear outputs, [B, L, H, D] bf16), and the float32 reference on
+    256 sampled rows."""
+    g = torch.Generator(device="cuda").manual_seed(lq * lk)
+    q, k, v = (torch.randn(b, n, HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+               .view(b, n, HEADS, HEAD_DIM) for n in (lq, lk, lk))
+    rows = torch.randperm(lq, device="cuda", generator=g)[:256]
+    return (q, k, v), rows, fp32_rows_reference(q, k, v, rows)
+
+
+def rel_err(run, inputs, rows, ref) -> float:
+    out = run(*inputs)
+    return ((out[:, rows].float() - ref).norm() / ref.norm()).item()
+
+
+def candidates(tile_ns):
+    """None (FA4's own config), then every tile_n x mma_pv_is_rs x intra_wg_overlap with tile_m 128."""
+    yield None
+    for tile_n, rs, overlap in itertools.product(tile_ns, (True, False), (True, False)):
+        yield dict(tile_mn=(128, tile_n), mma_pv_is_rs=rs, intra_wg_overlap=overlap)
+
+
+def label(config) -> str:
+    if config is None:
+        return "FA4 default"
+    return f"128x{config['tile_mn'][1]} rs={int(config['mma_pv_is_rs'])} overlap={int(config['intra_wg_overlap'])}"
+
+
+def measure(run, inputs, rows, ref, repeats):
+    """(TFLOP/s, rel. error) of `run(q, k, v)` at one shape."""
+    err = rel_err(run, inputs, rows, ref)
+    q, k, v = inputs
+    tokens = q.shape[1]
+    flops = 4 * tokens * tokens * HEADS * HEAD_DIM
+    return flops / seconds_per_call(lambda: run(q, k, v), repeats) / 1e12, err
+
+
+def fa4_runner(kernels, config):
+    call = kernels._fa4_default if config is None else kernels._fa4_tuned(config)
+    scale = HEAD_DIM ** -0.5
+
+    def run(q, k, v):
+        out = call(q, k, v, scale)
+        return out[0] if isinstance(out, tuple) else out
+    return run
+
+
+def cudnn_runner(kernels):
+    cudnn = kernels.KERNELS["sdpa_cudnn"].run
+    scale = HEAD_DIM ** -0.5
+    return lambda q, k, v: cudnn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
+                                 mask=None).transpose(1, 2)
+
+
+def compile_first(run, inputs) -> tuple[float, str | None]:
+    """Seconds of the first (compiling) call, and FA4's refusal if it refused the config."""
+    start = time.perf_counter()
+    try:
+        run(*inputs)
+        torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:   # an assert in FA4's config checks or a failed build: the config is refused
+        torch.cuda.synchronize()   # a broken CUDA context raises here and ends the run
+        return time.perf_counter() - start, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
+    return time.perf_counter() - start, None
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tile-n", default="112,128,144,160,176,192")
+    p.add_argument("--tokens", default="32760,75600", help="self-attention lengths (81 frames 480x832, 720x1280)")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    import_pack()
+    from wantalk.wanvideo.modules import attention_kernels as kernels
+
+    if kernels._fa4_unavailable() is not None:
+        raise SystemExit(kernels._fa4_unavailable())
+    shapes = {int(n): wan_inputs(1, int(n), int(n)) for n in args.tokens.split(",")}
+    short_shapes = [wan_inputs(b, lq, lk) for b, lq, lk, _, _ in SHAPES.values() if lq != lk]
+    device = torch.cuda.get_device_name()
+    print(f"# {device} (sm{''.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, "
+          f"B 1 H {HEADS} D {HEAD_DIM} bf16, median of {args.repeats} timed batches")
+    cudnn = cudnn_runner(kernels)
+    cudnn_short_err = max(rel_err(cudnn, *shape) for shape in short_shapes)
+    results = {n: [("cuDNN", *measure(cudnn, *shapes[n], args.repeats), cudnn_short_err)] for n in shapes}
+    first = next(iter(shapes))
+    for config in candidates([int(n) for n in args.tile_n.split(",")]):
+        run = fa4_runner(kernels, config)
+        compile_s, refusal = compile_first(run, shapes[first][0])
+        if refusal is not None:
+            print(f"{label(config)}: refused ({refusal})")
+            continue
+        short_err = max(rel_err(run, *shape) for shape in short_shapes)
+        for n, (inputs, rows, ref) in shapes.items():
+            tflops, err = measure(run, inputs, rows, ref, args.repeats)
+            results[n].append((label(config), tflops, err, short_err))
+            print(f"{label(config)} at {n}: {tflops:.0f} TFLOP/s, rel. err {err:.4f}, other Wan shapes "
+                  f"{short_err:.4f} (first call {compile_s:.1f} s)")
+            write_result("fa4_tiles", dict(config=config, tokens=n, tflops=round(tflops, 1), rel_err=round(err, 5),
+                                           other_shapes_rel_err=round(short_err, 5), first_call_s=round(compile_s, 2),
+                                           device=device, torch=torch.__version__))
+    for n, rows in results.items():
+        default = next(row[1] for row in rows if row[0] == "FA4 default")
+        print(f"\n## self-attention, {n} tokens\n| config | TFLOP/s | x FA4 default | rel. err | other Wan shapes |"
+              "\n|---|---|---|---|---|")
+        for name, tflops, err, short_err in sorted(rows, key=lambda r: -r[1]):
+            print(f"| {name} | {tflops:.0f} | {tflops / default:.3f} | {err:.4f} | {short_err:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
