@@ -5,6 +5,7 @@ The model is assembled from the official key listing (real shapes) through the p
 
     python bench/forward.py --listing keys_i2v14b.txt --frames 81 --height 480 --width 832
     python bench/forward.py --listing keys_infinitetalk.txt --gguf Q4_K   # city96-layout GGUF blocks
+    python bench/forward.py --listing keys_infinitetalk.txt --top-kernels 30   # profile: the 30 costliest kernels
 """
 import argparse
 import re
@@ -48,14 +49,15 @@ def device_intervals(prof):
             if e.device_type == DeviceType.CUDA]
 
 
-def profile_summary(intervals) -> dict:
-    """GPU time per kernel category, and the host gaps: the span from the first kernel's start to the last one's
-    end minus the time some kernel ran (the GPU waiting on Python/launches)."""
-    per_category, per_kernel = defaultdict(float), defaultdict(float)
+def profile_summary(intervals, top: int = 25) -> dict:
+    """GPU time per kernel category, the `top` kernels by total time, and the host gaps: the span from the first
+    kernel's start to the last one's end minus the time some kernel ran (the GPU waiting on Python/launches)."""
+    per_category, per_kernel, launches = defaultdict(float), defaultdict(float), defaultdict(int)
     busy, cursor = 0.0, None
     for name, start, end in sorted(intervals, key=lambda i: i[1]):
         per_category[category(name)] += end - start
         per_kernel[name] += end - start
+        launches[name] += 1
         if cursor is None or start > cursor:
             busy += end - start
             cursor = end
@@ -63,21 +65,29 @@ def profile_summary(intervals) -> dict:
             busy += end - cursor
             cursor = end
     span = max(i[2] for i in intervals) - min(i[1] for i in intervals) if intervals else 0.0
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
     return {"span_ms": round(span / 1e3, 2), "gpu_busy_ms": round(busy / 1e3, 2),
             "host_gaps_ms": round((span - busy) / 1e3, 2), "kernels": len(intervals),
             "by_category_ms": {k: round(v / 1e3, 2) for k, v in sorted(per_category.items())},
-            "top_kernels_ms": [(name[:120], round(t / 1e3, 2)) for name, t in top]}
+            "top_kernels": [dict(name=name[:120], count=launches[name], total_ms=round(t / 1e3, 2),
+                                 category=category(name)) for name, t in ranked]}
 
 
-def profiled(fn) -> dict:
+def print_top_kernels(label: str, summary: dict, n: int) -> None:
+    """The n kernels with the most GPU time in one profiled forward: which elementwise kernels cost what."""
+    print(f"\n## top {n} kernels, {label}\n| kernel | launches | total ms | category |\n|---|---|---|---|")
+    for row in summary.get("top_kernels", [])[:n]:
+        print(f"| {row['name']} | {row['count']} | {row['total_ms']} | {row['category']} |")
+
+
+def profiled(fn, top: int = 25) -> dict:
     from torch.profiler import ProfilerActivity, profile
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     intervals = device_intervals(prof)
     if intervals:
-        return profile_summary(intervals)
+        return profile_summary(intervals, top)
     per_category = defaultdict(float)   # no device events in this torch: totals only, no timeline
     for avg in prof.key_averages():
         per_category[category(avg.key)] += avg.self_device_time_total / 1e3
@@ -122,11 +132,15 @@ def main():
     p.add_argument("--speakers", type=int, default=1, help="InfiniteTalk: 1 or 2 speakers")
     p.add_argument("--profile", action="store_true",
                    help="GPU time by kernel category and host gaps of one forward per attention mode")
+    p.add_argument("--top-kernels", type=int, default=0, metavar="N",
+                   help="print the N kernels with the most GPU time of each profiled forward (implies --profile)")
     p.add_argument("--host-cost", action="store_true", help="host time per forward and per block at 128 tokens")
     p.add_argument("--compare-attention", default=None,
                    help="comma-separated attention modes: also time the forward with each; report the output's "
                         "relative difference to the --attention forward")
     args = p.parse_args()
+    args.profile = args.profile or args.top_kernels > 0
+    top = max(25, args.top_kernels)
     import_pack()
     from wantalk.wanvideo.loader import assemble_model
 
@@ -162,7 +176,7 @@ def main():
     forward = lambda policy=None: model.forward_batched(x, t, ctx, clip, y, audio=audio, attention_policy=policy)
     comparisons, profiles = {}, {}
     if args.profile:
-        profiles[args.attention] = profiled(forward)
+        profiles[args.attention] = profiled(forward, top)
     if args.compare_attention:
         with torch.no_grad():
             reference = forward()
@@ -173,9 +187,11 @@ def main():
                                      "output_rel_diff": ((other - reference).norm() / reference.norm()).item()}
                 del other
                 if args.profile:
-                    profiles[mode] = profiled(lambda: forward(mode))
+                    profiles[mode] = profiled(lambda: forward(mode), top)
     for mode, summary in profiles.items():
         print(f"profile {args.quantization} {mode}: {summary}")
+        if args.top_kernels:
+            print_top_kernels(f"{args.quantization}, attention {mode}", summary, args.top_kernels)
     write_result("forward", {
         "bench": "forward", "listing": args.listing, "addon": model.addon_name, "quantization": args.quantization,
         "gguf": args.gguf,
