@@ -8,6 +8,7 @@ The model is assembled from the official key listing (real shapes) through the p
     python bench/forward.py --listing keys_infinitetalk.txt --top-kernels 30   # profile: the 30 costliest kernels
 """
 import argparse
+import math
 import re
 import time
 from collections import defaultdict
@@ -94,17 +95,51 @@ def profiled(fn, top: int = 25) -> dict:
     return {"by_category_ms": {k: round(v, 2) for k, v in per_category.items()}, "note": "no device timeline"}
 
 
-def host_cost(model, cfg, device, repeats: int = 10) -> dict:
+def build_model(listing: str, device, quantization: str, attention: str, gguf: str | None = None, shapes=None):
+    """The pack's model from a key listing's shapes (or `shapes`) and random weights, through its own loader path.
+    Returns the model and the seconds the build took."""
+    from wantalk.wanvideo.loader import assemble_model
+    shapes = shapes or reference_shapes(listing)
+    gen = torch.Generator(device=device).manual_seed(0)
+    t0 = time.perf_counter()
+    fetch, stored = random_fetch(shapes, device, torch.bfloat16, gen), {}
+    if gguf:
+        from gguf_weights import gguf_source
+        fetch, stored = gguf_source(shapes, gguf, fetch, gen)
+    model = assemble_model(shapes, fetch, device=device, stored=stored, base_dtype=torch.bfloat16,
+                           quantization=quantization, attention_mode=attention, files=(listing,))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return model, time.perf_counter() - t0
+
+
+def forward_inputs(model, frames: int, height: int, width: int, device, speakers: int = 1) -> dict:
+    """Random inputs of one conditional forward over a window of `frames` x `height` x `width` pixels: latents,
+    image latents, timestep, text and CLIP features, and (InfiniteTalk) the projected audio conditioning."""
+    cfg = model.cfg
+    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
+    audio = None
+    if cfg.audio is not None:
+        extra = {"speakers": speakers} if speakers != 1 else {}
+        audio = cfg.audio.random_conditioning(model, lat_f, device, **extra)
+    return dict(x=torch.randn(1, 16, lat_f, lat_h, lat_w, device=device),
+                y=torch.randn(1, cfg.in_dim - 16, lat_f, lat_h, lat_w, device=device) if cfg.in_dim > 16 else None,
+                ctx=torch.randn(1, 512, cfg.text_dim, device=device),
+                clip=torch.randn(1, 257, cfg.clip_dim, device=device) if cfg.image_branch else None,
+                t=torch.tensor([700.0], device=device), audio=audio)
+
+
+def run_forward(model, inputs: dict, policy=None):
+    i = inputs
+    return model.forward_batched(i["x"], i["t"], i["ctx"], i["clip"], i["y"], audio=i["audio"],
+                                 attention_policy=policy)
+
+
+def host_cost(model, device, repeats: int = 10) -> dict:
     """Wall time of a forward at a tiny size (2 latent frames at 16x16: 128 tokens), where the GPU work is
     negligible: the host's cost per forward and per block (dispatch, launches, Python)."""
-    lat_f, lat_h, lat_w = 2, 16, 16
-    x = torch.randn(1, 16, lat_f, lat_h, lat_w, device=device)
-    y = torch.randn(1, cfg.in_dim - 16, lat_f, lat_h, lat_w, device=device) if cfg.in_dim > 16 else None
-    ctx = torch.randn(1, 512, cfg.text_dim, device=device)
-    clip = torch.randn(1, 257, cfg.clip_dim, device=device) if cfg.image_branch else None
-    audio = cfg.audio.random_conditioning(model, lat_f, device) if cfg.audio is not None else None
-    t = torch.tensor([700.0], device=device)
-    run = lambda: model.forward_batched(x, t, ctx, clip, y, audio=audio)
+    inputs = forward_inputs(model, 5, 128, 128, device)
+    run = lambda: run_forward(model, inputs)
     with torch.no_grad():
         run()
         torch.cuda.synchronize()
@@ -116,7 +151,7 @@ def host_cost(model, cfg, device, repeats: int = 10) -> dict:
             walls.append(time.perf_counter() - start)
     wall = sorted(walls)[len(walls) // 2]
     gpu = profiled(run)
-    return {"tokens": lat_f * lat_h * lat_w // 4, "wall_ms": round(wall * 1e3, 2),
+    return {"tokens": 128, "wall_ms": round(wall * 1e3, 2),
             "per_block_ms": round(wall * 1e3 / len(model.blocks), 3), "gpu_busy_ms": gpu.get("gpu_busy_ms"),
             "kernels": gpu.get("kernels")}
 
@@ -142,38 +177,16 @@ def main():
     args.profile = args.profile or args.top_kernels > 0
     top = max(25, args.top_kernels)
     import_pack()
-    from wantalk.wanvideo.loader import assemble_model
 
     device = torch.device("cuda")
-    shapes = reference_shapes(args.listing)
-    gen = torch.Generator(device=device).manual_seed(0)
-    t0 = time.perf_counter()
-    fetch, stored = random_fetch(shapes, device, torch.bfloat16, gen), {}
-    if args.gguf:
-        from gguf_weights import gguf_source
-        fetch, stored = gguf_source(shapes, args.gguf, fetch, gen)
-    model = assemble_model(shapes, fetch, device=device, stored=stored,
-                           base_dtype=torch.bfloat16, quantization=args.quantization, attention_mode=args.attention,
-                           files=(args.listing,))
-    torch.cuda.synchronize()
-    build_s = time.perf_counter() - t0
+    model, build_s = build_model(args.listing, device, args.quantization, args.attention, args.gguf)
     weights_gib = torch.cuda.memory_allocated() / 2**30
-    cfg = model.cfg
-    lat_f, lat_h, lat_w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
-    x = torch.randn(1, 16, lat_f, lat_h, lat_w, device=device)
-    y = torch.randn(1, cfg.in_dim - 16, lat_f, lat_h, lat_w, device=device) if cfg.in_dim > 16 else None
-    ctx = torch.randn(1, 512, cfg.text_dim, device=device)
-    clip = torch.randn(1, 257, cfg.clip_dim, device=device) if cfg.image_branch else None
-    audio = None
-    if cfg.audio is not None:
-        extra = {"speakers": args.speakers} if args.speakers != 1 else {}
-        audio = cfg.audio.random_conditioning(model, lat_f, device, **extra)
-    t = torch.tensor([700.0], device=device)
+    inputs = forward_inputs(model, args.frames, args.height, args.width, device, args.speakers)
     torch.cuda.reset_peak_memory_stats()
+    forward = lambda policy=None: run_forward(model, inputs, policy)
     with torch.no_grad():
-        times = cuda_time(lambda: model.forward_batched(x, t, ctx, clip, y, audio=audio), 1, args.repeats)
-    tokens = lat_f * (lat_h // 2) * (lat_w // 2)
-    forward = lambda policy=None: model.forward_batched(x, t, ctx, clip, y, audio=audio, attention_policy=policy)
+        times = cuda_time(forward, 1, args.repeats)
+    tokens = math.prod(inputs["x"].shape[2:]) // 4
     comparisons, profiles = {}, {}
     if args.profile:
         profiles[args.attention] = profiled(forward, top)
@@ -200,7 +213,7 @@ def main():
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "weights_gib": weights_gib, "build_s": build_s,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "compare": comparisons, "profiles": profiles,
-        "host_cost": host_cost(model, cfg, device) if args.host_cost else None})
+        "host_cost": host_cost(model, device) if args.host_cost else None})
 
 
 if __name__ == "__main__":
