@@ -7,12 +7,16 @@ Every layer computes `x @ W^T + b` with W stored quantized and the bias in the b
   (docs/NOTES.md §6.1). NVFP4 weights take it too, re-expressed as E4M3 by a Triton kernel on the fly; on Blackwell
   they first try a native block-scaled FP4 GEMM (`wanvideo/kernels/nvfp4_native.py`, self-checked per device).
   When FP8 compute or Triton is missing, the layer logs once and takes the default path.
+  A producer that already holds the activation row by row (a fused LayerNorm or GELU, `fused_ops`) may hand the
+  layer `FP8Rows` instead, quantized exactly as the layer would: it asks `wants_fp8_rows` first, so layers fed
+  the same tensor (q, k, v) share one quantization and the layers that cannot take them get plain tensors.
 Layers hold no state that changes between calls: CFG passes and batch sizes are independent.
 """
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -59,19 +63,51 @@ def fp8_compute_reason(device: torch.device) -> str | None:
     return None
 
 
-def fp8_rowwise_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x [M, K]` bf16/fp16 @ (w_fp8 * w_scale[:, None])^T + bias via a row-wise scaled FP8 GEMM."""
-    xq, xs = _triton().quantize_rows(x, torch.float8_e4m3fn)
+@dataclass(frozen=True)
+class FP8Rows:
+    """An activation already quantized for the fast FP8 matmul, as `quantize_rows` leaves it: E4M3 `codes`
+    `[..., K]`, float32 `scales` `[M, 1]` (one per row of the flattened codes), and `dtype`, the compute dtype of
+    the tensor it stands for (the matmul writes its output in it)."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+
+def quantize_activation(x: torch.Tensor) -> FP8Rows:
+    """`x [..., K]` bf16/fp16 (CUDA) -> its E4M3 rows: one fused Triton pass."""
+    codes, scales = _triton().quantize_rows(x.reshape(-1, x.shape[-1]), torch.float8_e4m3fn)
+    return FP8Rows(codes.view(x.shape), scales, x.dtype)
+
+
+def fp8_rowwise_linear(x: FP8Rows, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x` (E4M3 rows) @ (w_fp8 * w_scale[:, None])^T + bias via a row-wise scaled FP8 GEMM -> `[..., N]` in
+    x.dtype."""
+    xq, xs, dtype = x.codes.reshape(-1, x.shape[-1]), x.scales, x.dtype
     scale_b = w_scale.reshape(1, -1)
+    out_shape = (*x.shape[:-1], w_fp8.shape[0])
     if bias is not None and _SCALED_MM_BIAS["ok"]:
         try:
-            return torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=scale_b, bias=bias.to(x.dtype),
-                                    out_dtype=x.dtype, use_fast_accum=USE_FAST_ACCUM)
+            return torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=scale_b, bias=bias.to(dtype),
+                                    out_dtype=dtype, use_fast_accum=USE_FAST_ACCUM).view(out_shape)
         except RuntimeError as exc:
             _SCALED_MM_BIAS["ok"] = False
             _once(f"torch._scaled_mm refused a fused bias ({str(exc)[:120]}); adding it separately")
-    y = torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=scale_b, out_dtype=x.dtype, use_fast_accum=USE_FAST_ACCUM)
-    return y if bias is None else y.add_(bias.to(y.dtype))
+    y = torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=scale_b, out_dtype=dtype, use_fast_accum=USE_FAST_ACCUM)
+    return (y if bias is None else y.add_(bias.to(y.dtype))).view(out_shape)
+
+
+def wants_fp8_rows(linears, device: torch.device, dtype: torch.dtype) -> bool:
+    """True when every layer in `linears`, fed one activation of `dtype` on `device`, would quantize it to E4M3
+    rows itself: then its producer quantizes once for all of them. Plain and LoRA-wrapped layers take tensors."""
+    return all(isinstance(layer, QuantizedLinear) and layer.takes_fp8_rows(device, dtype) for layer in linears)
 
 
 class QuantizedLinear(nn.Module):
@@ -100,42 +136,66 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
-    def fp8_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(E4M3 weight `[N, K]`, fp32 per-row scale `[N]`) for the fast path, or None if this weight can't."""
+    def fp8_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E4M3 weight `[N, K]`, fp32 per-row scale `[N]`) for the fast path (only called where
+        `has_fp8_weight`)."""
         raise NotImplementedError
 
-    def native_linear(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`x [M, K]` through a matmul native to this weight format, or None where the GPU has none (then the
-        FP8 path runs)."""
-        return None
+    def has_native_matmul(self, device: torch.device) -> bool:
+        """True where `native_linear` runs on `device` (it takes precedence over the FP8 path)."""
+        return False
+
+    def native_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """`x [M, K]` through a matmul native to this weight format (only called where `has_native_matmul`)."""
+        raise NotImplementedError
+
+    def has_fp8_weight(self) -> bool:
+        """True when `fp8_operands` can give an E4M3 weight for the FP8 path."""
+        return False
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for n, t in self.named_buffers() if n != "bias") + \
             sum(p.numel() * p.element_size() for n, p in self.named_parameters() if n != "bias")
 
-    def _fast_reason(self, x: torch.Tensor) -> str | None:
-        if x.dtype not in FAST_ACTIVATION_DTYPES:
-            return None if x.dtype == torch.float32 else f"fp8 matmul needs bf16/fp16 activations, got {x.dtype}"
+    def _fast_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if dtype not in FAST_ACTIVATION_DTYPES:
+            return f"fp8 matmul needs bf16/fp16 activations, got {dtype}"
         if self.in_features % 16 or self.out_features % 16:
             return f"fp8 matmul needs in/out features divisible by 16 ({self.in_features}x{self.out_features})"
-        return fp8_compute_reason(x.device)
+        return fp8_compute_reason(device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_route(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """The matmul an activation of `dtype` (after the input cast) on `device` takes: "native", "fp8", or None
+        for the dequantizing path (logged once when a fast path was asked for but cannot run)."""
+        if not self.fast or dtype == torch.float32:
+            return None
+        reason = self._fast_reason(device, dtype)
+        if reason is None and self.has_native_matmul(device):
+            return "native"
+        if reason is None and self.has_fp8_weight():
+            return "fp8"
+        _once(f"{self.format_name} fast path unavailable ({reason or 'fp8 matmul needs an e4m3 weight'}); "
+              f"using the dequantizing path")
+        return None
+
+    def takes_fp8_rows(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """True when an activation of `dtype` on `device` would be quantized to E4M3 rows by this layer, unchanged
+        by its input cast: then `forward` also takes it as `FP8Rows`."""
+        return self.input_dtype in (None, dtype) and self.fast_route(device, dtype) == "fp8"
+
+    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
+        if isinstance(x, FP8Rows):
+            return fp8_rowwise_linear(x, *self.fp8_operands(), self.bias)
         if self.input_dtype is not None:
             x = x.to(self.input_dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         dtype = x.dtype if x.dtype in (torch.float32, *FAST_ACTIVATION_DTYPES) else self.compute_dtype
-        if self.fast and x2.shape[0] and x.dtype != torch.float32:
-            reason = self._fast_reason(x2)
-            native = None if reason else self.native_linear(x2)
-            if native is not None:
-                return native.reshape(*lead, self.out_features)
-            operands = None if reason else self.fp8_operands()
-            if operands is not None:
-                return fp8_rowwise_linear(x2, *operands, self.bias).reshape(*lead, self.out_features)
-            _once(f"{self.format_name} fast path unavailable ({reason or 'fp8 matmul needs an e4m3 weight'}); "
-                  f"using the dequantizing path")
+        route = self.fast_route(x.device, x.dtype) if x2.shape[0] else None
+        if route == "native":
+            return self.native_linear(x2).reshape(*lead, self.out_features)
+        if route == "fp8":
+            return fp8_rowwise_linear(quantize_activation(x), *self.fp8_operands(), self.bias)
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x2.to(dtype), self.dequantize(dtype), bias).reshape(*lead, self.out_features)
 
@@ -166,8 +226,11 @@ class FP8Linear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return qf.fp8_dequantize(self.weight, self.weight_scale, dtype)
 
+    def has_fp8_weight(self) -> bool:
+        return self.weight.dtype == torch.float8_e4m3fn
+
     def fp8_operands(self):
-        return (self.weight, self.weight_scale) if self.weight.dtype == torch.float8_e4m3fn else None
+        return self.weight, self.weight_scale
 
 
 class NVFP4Linear(QuantizedLinear):
@@ -204,11 +267,15 @@ class NVFP4Linear(QuantizedLinear):
             return kernels.nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, self.shape, dtype)
         return qf.nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, self.shape, dtype)
 
-    def native_linear(self, x):
+    def has_native_matmul(self, device):
         # Blackwell: one block-scaled FP4 GEMM on the stored weight (cuBLAS wants K a multiple of 32)
-        if self.in_features % 32 or not nvfp4_native.available(x.device):
-            return None
+        return self.in_features % 32 == 0 and nvfp4_native.available(device)
+
+    def native_linear(self, x):
         return nvfp4_native.linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias)
+
+    def has_fp8_weight(self) -> bool:
+        return True
 
     def fp8_operands(self):
         # A transient E4M3 copy per call (half the bf16 bytes, freed after the GEMM): one bandwidth-bound launch.
@@ -237,6 +304,3 @@ class GGUFLinear(QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return gguf_dequant.dequantize(self.weight, self.qtype, (self.out_features, self.in_features), dtype)
-
-    def fp8_operands(self):
-        return None

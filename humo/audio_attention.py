@@ -45,7 +45,8 @@ class AudioCrossAttentionWrapper(nn.Module):
 
 class HumoBlockAdapter(nn.Module):
     """The per-block add-on: its child `audio_cross_attn_wrapper` is registered into each Wan block;
-    `forward_in_block` returns the residual to add after the text cross-attention."""
+    `forward_in_block` returns the residual to add after the text cross-attention (`input_in_block` and
+    `forward_normed`: the same split as multitalk's adapter, so the block fuses the LayerNorm with its residual add)."""
 
     def __init__(self, cfg, *, device=None, dtype=None, operations=cast_ops):
         super().__init__()
@@ -53,11 +54,20 @@ class HumoBlockAdapter(nn.Module):
                                                                    operations=operations)
 
     @staticmethod
-    def forward_in_block(block: nn.Module, x: torch.Tensor, inp, keep_qk=None) -> torch.Tensor:
-        # Modules are taken from the block: quantization or offloading may have swapped them there.
+    def input_in_block(block: nn.Module) -> tuple[nn.Module, tuple[nn.Module, ...]]:
+        """(the stage's input LayerNorm, the linear layers its output feeds), as the block holds them now."""
         wrapper = block.audio_cross_attn_wrapper
+        return wrapper.norm1_audio, (wrapper.audio_cross_attn.q,)
+
+    @staticmethod
+    def forward_in_block(block: nn.Module, x: torch.Tensor, inp, keep_qk=None) -> torch.Tensor:
+        norm, (q,) = HumoBlockAdapter.input_in_block(block)
+        xn = layer_norm_modulate(x, norm.eps, norm.weight, norm.bias, out_dtype=q.compute_dtype)
+        return HumoBlockAdapter.forward_normed(block, xn, inp)
+
+    @staticmethod
+    def forward_normed(block: nn.Module, x, inp, keep_qk=None) -> torch.Tensor:
+        """The stage after its LayerNorm: x is `norm1_audio(x)` in the compute dtype, or its `FP8Rows`."""
+        # Modules are taken from the block: quantization or offloading may have swapped them there.
         tokens = inp.audio.tokens_for(x.shape[0], inp.grid).to(x.device)
-        norm = wrapper.norm1_audio
-        xn = layer_norm_modulate(x, norm.eps, norm.weight, norm.bias,
-                                 out_dtype=wrapper.audio_cross_attn.q.compute_dtype)
-        return wrapper.audio_cross_attn(xn, tokens, inp.grid, getattr(inp, "shard", None))
+        return block.audio_cross_attn_wrapper.audio_cross_attn(x, tokens, inp.grid, getattr(inp, "shard", None))

@@ -118,7 +118,9 @@ class AudioCrossAttention(nn.Module):
 
 class InfiniteTalkBlockAdapter(nn.Module):
     """The per-block add-on: its children (`audio_cross_attn`, `norm_x`) are registered into each Wan block;
-    `forward_in_block` runs after the text cross-attention and returns the residual to add."""
+    `forward_in_block` runs after the text cross-attention and returns the residual to add. The block fuses that
+    stage's LayerNorm with its preceding residual add: `input_in_block` names the norm and the layers fed by it,
+    `forward_normed` runs the rest on the normalised input."""
 
     def __init__(self, cfg, *, device=None, dtype=None, operations=cast_ops):
         super().__init__()
@@ -128,7 +130,18 @@ class InfiniteTalkBlockAdapter(nn.Module):
         self.norm_x = operations.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True, device=device, dtype=dtype)
         self.acfg = acfg
 
+    @staticmethod
+    def input_in_block(block: nn.Module) -> tuple[nn.Module, tuple[nn.Module, ...]]:
+        """(the stage's input LayerNorm, the linear layers its output feeds), as the block holds them now."""
+        return block.norm_x, (block.audio_cross_attn.q_linear,)
+
     def forward_in_block(self, block: nn.Module, x: torch.Tensor, inp, keep_qk) -> torch.Tensor:
+        norm, (q_linear,) = self.input_in_block(block)
+        xn = layer_norm_modulate(x, norm.eps, norm.weight, norm.bias, out_dtype=q_linear.compute_dtype)
+        return self.forward_normed(block, xn, inp, keep_qk)
+
+    def forward_normed(self, block: nn.Module, x, inp, keep_qk) -> torch.Tensor:
+        """The stage after its LayerNorm: x is `norm_x(x)` in the compute dtype, or its `FP8Rows`."""
         # Modules are taken from the block: quantization or offloading may have swapped them there.
         cond, attn = inp.audio, block.audio_cross_attn
         shard = getattr(inp, "shard", None)  # sequence parallelism: x is this rank's token slice
@@ -143,6 +156,4 @@ class InfiniteTalkBlockAdapter(nn.Module):
             q_pos = speaker_positions(amap, self.acfg.speaker_ranges, self.acfg.background_position,
                                       None if shard is None else shard.extrema)
             k_pos = audio_key_positions(tokens.shape[2], f, self.acfg.speaker_ranges, x.device).expand(x.shape[0], -1)
-        xn = layer_norm_modulate(x, block.norm_x.eps, block.norm_x.weight, block.norm_x.bias,
-                                 out_dtype=attn.q_linear.compute_dtype)
-        return attn(xn, tokens, inp.grid, q_pos, k_pos, shard)
+        return attn(x, tokens, inp.grid, q_pos, k_pos, shard)

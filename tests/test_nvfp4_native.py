@@ -95,7 +95,7 @@ def test_fast_fp4_layer_takes_the_native_path_only_when_checked(monkeypatch, che
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(1) or cublas(*a, **kw))
     monkeypatch.setattr(nvfp4_native, "available", lambda device: checked)
     monkeypatch.setattr(fp8_optimization, "fp8_compute_reason", lambda device: None)
-    monkeypatch.setattr(fp8_optimization.NVFP4Linear, "fp8_operands", lambda self: None)
+    monkeypatch.setattr(fp8_optimization.NVFP4Linear, "has_fp8_weight", lambda self: False)
     x, w, bias = problem(m=33, k=64, n=32, seed=1)
     layer = _fast_fp4_layer(w, bias)
     out = layer(x.reshape(3, 11, 64))

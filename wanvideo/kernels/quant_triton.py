@@ -1,7 +1,8 @@
 """Triton kernels for quantized linear layers (imported lazily; `available()` says whether they can run).
 
 - `quantize_rows`: dynamic per-row FP8 quantization of activations in ONE pass over memory (each program
-  holds a whole row in registers: amax, scale, cast, store), the input of a row-wise `torch._scaled_mm`.
+  holds a whole row in registers: amax, scale, cast, store), the input of a row-wise `torch._scaled_mm`. Its step
+  `fp8_row` is also called by the fused producers of `wanvideo/modules/fused_ops.py` (LayerNorm, GELU).
 - `nvfp4_quantize_rows`: activations -> NVFP4 (E2M1 codes, one E4M3 scale per 16, a given global scale) in one
   pass, bit for bit `quant_formats.nvfp4_quantize`; the input of the native FP4 matmul on Blackwell.
 - `nvfp4_dequantize` / `nvfp4_to_fp8`: NVFP4 weight -> bf16/fp16/fp32, or -> E4M3 codes plus the per-row scale
@@ -30,13 +31,20 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
+    def fp8_row(x, QMAX: tl.constexpr):
+        """One row's float32 values (masked lanes 0) -> (values clamped to +-QMAX in units of the scale, the
+        scale): THE per-row quantization step, shared by every kernel that emits `quantize_rows` output so that
+        fused producers round exactly as the stand-alone pass."""
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, 1e-12)
+        return tl.minimum(tl.maximum(x / scale, -QMAX), QMAX), scale
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         mask = offs < K
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, 1e-12)
-        q = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+        q, scale = fp8_row(x, QMAX)
         tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row, scale)
 
@@ -169,11 +177,15 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> 
     q = torch.empty(m, k, device=x.device, dtype=dtype)
     s = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
-    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     if m:
         _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=FP8_MAX[dtype], BLOCK_K=block,
-                                    num_warps=warps)
+                                    num_warps=row_warps(block))
     return q, s
+
+
+def row_warps(block: int) -> int:
+    """Warps of a one-row-per-program kernel over `block` (a power of two) elements."""
+    return 4 if block <= 2048 else (8 if block <= 8192 else 16)
 
 
 def nvfp4_quantize_rows(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +202,7 @@ def nvfp4_quantize_rows(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor,
     if m:
         _nvfp4_quantize_rows_kernel[(m,)](x, q, s, g.reshape(1).float(), k, x.stride(0), q.stride(0), s.stride(0),
                                           BLOCK_K=block,
-                                          num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
+                                          num_warps=row_warps(block))
     return q, s
 
 

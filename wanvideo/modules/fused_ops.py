@@ -4,6 +4,11 @@ Unfused, the normalisations, modulation and RoPE of a 14B forward at 32760 token
 memory (1.6 s of 3.8 s on an H100, measured). Each function below reads its input once and writes its output
 once on CUDA (Triton), and computes exactly the official formula in the same precision steps; on the CPU, or
 without Triton, the torch version runs.
+
+Where the consumer is a fast FP8 linear layer, a stage can hand it `FP8Rows` (E4M3 codes + per-row scales)
+instead of the compute-dtype tensor: rounded to the compute dtype first, then quantized by the very step of
+`quant_triton.quantize_rows`, so the matmul sees the same bits as if it had quantized the tensor itself, without
+the extra pass over memory (and once for q, k and v instead of three times).
 """
 from __future__ import annotations
 
@@ -12,21 +17,47 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ...fp8_optimization import FP8Rows, quantize_activation
+from ..kernels.quant_formats import FP8_MAX
+
 log = logging.getLogger("wantalk")
 
 try:  # optional accelerator
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import libdevice
+
+    from ..kernels.quant_triton import fp8_row, row_warps
 except Exception:  # pragma: no cover - depends on the environment
     triton = None
 
+FP8_CODES = torch.float8_e4m3fn  # the activation format of the fast FP8 matmul
+# torch's GELU(tanh) constants, as its CUDA kernel rounds them to float32: sqrt(2) * (2/sqrt(pi)) / 2 and 0.044715
+GELU_BETA = 1.41421356237309504880 * 1.12837916709551257390 * 0.5
+GELU_KAPPA = 0.044715
+
 
 def _use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on these tensors (tests point it at the Triton interpreter on the CPU)."""
     return triton is not None and all(t.is_cuda for t in tensors)
 
 
+def _triton_dtype(dtype: torch.dtype):
+    return getattr(tl, str(dtype).replace("torch.", ""))
+
+
+if triton is not None:
+    @triton.jit
+    def _gated(y_ptr, g_ptr, offs, gate_offs, mask, HAS_GATE: tl.constexpr):
+        """The float32 residual `y * gate` (or `y`) of one block of a row."""
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            y = y * tl.load(g_ptr + gate_offs, mask=mask, other=0.0)
+        return y
+
+
 # ----------------------------------------------------------------------------------------------
-# LayerNorm (+ affine) + modulation, float32 in, compute dtype out
+# [residual add +] LayerNorm (+ affine) + modulation, float32 in, compute dtype (or its E4M3 rows) out
 # ----------------------------------------------------------------------------------------------
 
 def layer_norm_modulate_reference(x, eps, weight=None, bias=None, scale=None, shift=None, out_dtype=None):
@@ -40,13 +71,21 @@ def layer_norm_modulate_reference(x, eps, weight=None, bias=None, scale=None, sh
 
 if triton is not None:
     @triton.jit
-    def _ln_mod_kernel(x_ptr, out_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, rows_per_batch, n_cols, eps,
-                       HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK: tl.constexpr):
+    def _norm_rows_kernel(x_ptr, y_ptr, gate_ptr, x_out_ptr, out_ptr, row_scale_ptr, w_ptr, b_ptr, scale_ptr,
+                          shift_ptr, rows_per_batch, n_cols, eps, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+                          HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, FP8_ROWS: tl.constexpr,
+                          ROUND_TO: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+        """One row: [x += y * gate, stored] -> LayerNorm [-> affine] [-> modulation] -> stored in out's dtype,
+        or rounded to ROUND_TO and stored as an E4M3 row plus its scale."""
         row = tl.program_id(0)
         batch = row // rows_per_batch
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(x_ptr + row.to(tl.int64) * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        offs = row.to(tl.int64) * n_cols + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x = x + _gated(y_ptr, gate_ptr, offs, batch * n_cols + cols, mask, HAS_GATE)
+            tl.store(x_out_ptr + offs, x, mask=mask)
         mean = tl.sum(x, axis=0) / n_cols
         diff = tl.where(mask, x - mean, 0.0)
         var = tl.sum(diff * diff, axis=0) / n_cols
@@ -58,30 +97,92 @@ if triton is not None:
             s = tl.load(scale_ptr + batch * n_cols + cols, mask=mask, other=0.0)
             t = tl.load(shift_ptr + batch * n_cols + cols, mask=mask, other=0.0)
             y = y * (1 + s) + t
-        tl.store(out_ptr + row.to(tl.int64) * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if FP8_ROWS:
+            q, row_scale = fp8_row(tl.where(mask, y.to(ROUND_TO).to(tl.float32), 0.0), QMAX)
+            tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(row_scale_ptr + row, row_scale)
+        else:
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm_rows(x, y, gate, eps, weight, bias, scale, shift, out_dtype, fp8_rows):
+    """Launch `_norm_rows_kernel` on contiguous `[B, L, C]` x (and y): (new x or None, output)."""
+    b, l, c = x.shape
+    x_out = torch.empty_like(x) if y is not None else None
+    out = torch.empty(b, l, c, device=x.device, dtype=FP8_CODES if fp8_rows else out_dtype or torch.float32)
+    row_scales = torch.empty(b * l, 1, device=x.device, dtype=torch.float32) if fp8_rows else None
+    given = lambda t, fp32=False: x if t is None else (t.float().contiguous() if fp32 else t)
+    _norm_rows_kernel[(b * l,)](
+        x, given(y), given(gate, True), given(x_out), out, given(row_scales), given(weight), given(bias),
+        given(scale, True), given(shift, True), l, c, eps, HAS_RESIDUAL=y is not None, HAS_GATE=gate is not None,
+        HAS_AFFINE=weight is not None, HAS_MOD=scale is not None, FP8_ROWS=fp8_rows,
+        ROUND_TO=_triton_dtype(out_dtype or torch.float32), QMAX=FP8_MAX[FP8_CODES],
+        BLOCK=triton.next_power_of_2(c), num_warps=8)
+    return x_out, FP8Rows(out, row_scales, out_dtype) if fp8_rows else out
 
 
 def layer_norm_modulate(x: torch.Tensor, eps: float, weight=None, bias=None, scale=None, shift=None,
-                        out_dtype=None) -> torch.Tensor:
+                        out_dtype=None, fp8_rows: bool = False) -> torch.Tensor | FP8Rows:
     """x `[B, L, C]` (any leading shape without modulation); scale/shift float32 `[B, C]` or None; weight/bias `[C]`
-    or None. Output float32 unless out_dtype."""
+    or None. Output float32 unless out_dtype; with `fp8_rows` (CUDA, for fast FP8 linears: `wants_fp8_rows`) the
+    out_dtype result as `FP8Rows`."""
     if x.dim() != 3:
-        if scale is not None:
-            raise ValueError("modulated LayerNorm needs x of shape [B, L, C]")
+        if scale is not None or fp8_rows:
+            raise ValueError("modulated LayerNorm and FP8 rows need x of shape [B, L, C]")
         flat = layer_norm_modulate(x.reshape(1, -1, x.shape[-1]), eps, weight, bias, out_dtype=out_dtype)
         return flat.reshape(x.shape)
     if not _use_triton(x) or not x.is_contiguous():
-        return layer_norm_modulate_reference(x, eps, weight, bias, scale, shift, out_dtype)
-    b, l, c = x.shape
-    out = torch.empty(b, l, c, device=x.device, dtype=out_dtype or torch.float32)
-    dummy = x
-    _ln_mod_kernel[(b * l,)](
-        x, out, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        scale.float().contiguous() if scale is not None else dummy,
-        shift.float().contiguous() if shift is not None else dummy,
-        l, c, eps, HAS_AFFINE=weight is not None, HAS_MOD=scale is not None,
-        BLOCK=triton.next_power_of_2(c), num_warps=8)
-    return out
+        y = layer_norm_modulate_reference(x, eps, weight, bias, scale, shift, out_dtype)
+        return quantize_activation(y) if fp8_rows else y
+    return _norm_rows(x, None, None, eps, weight, bias, scale, shift, out_dtype, fp8_rows)[1]
+
+
+def residual_layer_norm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, eps: float,
+                                 weight=None, bias=None, scale=None, shift=None, out_dtype=None,
+                                 fp8_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor | FP8Rows]:
+    """`residual_add(x, y, gate)` then `layer_norm_modulate` of the sum: (new float32 x, normalised output). On
+    CUDA one pass reads x, y and writes both, instead of writing x and reading it back."""
+    fused = _use_triton(x, y) and x.dim() == 3 and x.dtype == torch.float32 and x.is_contiguous() \
+        and y.is_contiguous()
+    if not fused:
+        x = residual_add(x, y, gate)
+        return x, layer_norm_modulate(x, eps, weight, bias, scale, shift, out_dtype, fp8_rows)
+    return _norm_rows(x, y, gate, eps, weight, bias, scale, shift, out_dtype, fp8_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU(tanh) of the FFN hidden + its E4M3 rows (the input of a fast FP8 ffn[2])
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _gelu_tanh_fp8_kernel(h_ptr, q_ptr, s_ptr, n_cols, BETA: tl.constexpr, KAPPA: tl.constexpr,
+                              QMAX: tl.constexpr, BLOCK: tl.constexpr):
+        """One row: torch's GELU(tanh) in float32 with its operation order, rounded to h's dtype, quantized."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        raw = tl.load(h_ptr + row * n_cols + cols, mask=mask, other=0.0)
+        h = raw.to(tl.float32)
+        inner = BETA * (h + KAPPA * (h * h * h))
+        g = (0.5 * h * (1.0 + libdevice.tanh(inner))).to(raw.dtype).to(tl.float32)
+        q, row_scale = fp8_row(g, QMAX)
+        tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row, row_scale)
+
+
+def gelu_tanh_fp8_rows(h: torch.Tensor) -> FP8Rows:
+    """`quantize_activation(F.gelu(h, approximate="tanh"))` (h bf16/fp16, CUDA) in one pass: the FFN hidden is
+    read once and its E4M3 rows written, instead of a GELU pass and a quantization pass over 13824-wide rows."""
+    if not _use_triton(h) or not h.is_contiguous():
+        return quantize_activation(F.gelu(h, approximate="tanh"))
+    k = h.shape[-1]
+    codes = torch.empty(h.shape, device=h.device, dtype=FP8_CODES)
+    row_scales = torch.empty(h.numel() // k, 1, device=h.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+    _gelu_tanh_fp8_kernel[(row_scales.shape[0],)](h, codes, row_scales, k, BETA=GELU_BETA, KAPPA=GELU_KAPPA,
+                                                  QMAX=FP8_MAX[FP8_CODES], BLOCK=block, num_warps=row_warps(block))
+    return FP8Rows(codes, row_scales, h.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,9 +270,7 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         offs = row.to(tl.int64) * n_cols + cols
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GATE:
-            y = y * tl.load(g_ptr + (row // rows_per_batch) * n_cols + cols, mask=mask, other=0.0)
+        y = _gated(y_ptr, g_ptr, offs, (row // rows_per_batch) * n_cols + cols, mask, HAS_GATE)
         tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask, other=0.0) + y, mask=mask)
 
 

@@ -17,9 +17,11 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ...fp8_optimization import wants_fp8_rows
 from . import cast_ops
 from .attention import AUTO, AttentionPolicy, attention, policy_of, use_attention_policy
-from .fused_ops import layer_norm_modulate, residual_add, rms_norm_reference, rms_norm_rope
+from .fused_ops import (gelu_tanh_fp8_rows, layer_norm_modulate, residual_add, residual_layer_norm_modulate,
+                        rms_norm_reference, rms_norm_rope)
 
 
 @dataclass(frozen=True)
@@ -218,25 +220,37 @@ class WanAttentionBlock(nn.Module):
             # Registered under the add-on's own key names (e.g. `audio_cross_attn`, `norm_x`).
             for name, module in audio_adapter.named_children():
                 self.add_module(name, module)
-            self.audio_adapter = audio_adapter.forward_in_block
+            self.audio_input = audio_adapter.input_in_block
+            self.audio_adapter = audio_adapter.forward_normed
         else:
-            self.audio_adapter = None
+            self.audio_input = self.audio_adapter = None
 
     def forward(self, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
-        """x: float32 residual stream `[B, L, dim]` (not modified; a new tensor is returned)."""
+        """x: float32 residual stream `[B, L, dim]` (not modified; a new tensor is returned). Each residual add is
+        fused with the LayerNorm that follows it; each norm (and the FFN's GELU) hands its consumers E4M3 rows when
+        they are fast FP8 layers (`wants_fp8_rows`), else the compute-dtype tensor."""
         m = (self.modulation.float() + inp.e0).unbind(1)  # shift, scale, gate (msa), shift, scale, gate (mlp)
         cd = self.self_attn.q.compute_dtype
-        want_qk = self.audio_adapter is not None and inp.audio is not None and getattr(inp.audio, "needs_qk", False)
-        keep_qk = [] if want_qk else None
-        y = self.self_attn(layer_norm_modulate(x, self.eps, scale=m[1], shift=m[0], out_dtype=cd),
-                           inp.rope, inp.seq_lens, keep_qk, inp.shard)
-        x = residual_add(x, y, m[2])
-        x = residual_add(x, self.cross_attn(layer_norm_modulate(x, self.eps, self.norm3.weight, self.norm3.bias,
-                                                                out_dtype=cd), inp.context, self.text_len))
-        if self.audio_adapter is not None and inp.audio is not None:
-            x = residual_add(x, self.audio_adapter(self, x, inp, keep_qk))
-        h = self.ffn[0](layer_norm_modulate(x, self.eps, scale=m[4], shift=m[3], out_dtype=cd))
-        return residual_add(x, self.ffn[2](self.ffn[1](h)), m[5])
+        fp8 = lambda *linears: wants_fp8_rows(linears, x.device, cd)
+        sa, ca = self.self_attn, self.cross_attn
+        with_audio = self.audio_adapter is not None and inp.audio is not None
+        keep_qk = [] if with_audio and getattr(inp.audio, "needs_qk", False) else None
+        xn = layer_norm_modulate(x, self.eps, scale=m[1], shift=m[0], out_dtype=cd, fp8_rows=fp8(sa.q, sa.k, sa.v))
+        y = sa(xn, inp.rope, inp.seq_lens, keep_qk, inp.shard)
+        x, xn = residual_layer_norm_modulate(x, y, m[2], self.eps, self.norm3.weight, self.norm3.bias,
+                                             out_dtype=cd, fp8_rows=fp8(ca.q))
+        y = ca(xn, inp.context, self.text_len)
+        if with_audio:
+            norm, linears = self.audio_input(self)
+            acd = linears[0].compute_dtype
+            x, xn = residual_layer_norm_modulate(x, y, None, norm.eps, norm.weight, norm.bias, out_dtype=acd,
+                                                 fp8_rows=wants_fp8_rows(linears, x.device, acd))
+            y = self.audio_adapter(self, xn, inp, keep_qk)
+        x, xn = residual_layer_norm_modulate(x, y, None, self.eps, scale=m[4], shift=m[3], out_dtype=cd,
+                                             fp8_rows=fp8(self.ffn[0]))
+        h = self.ffn[0](xn)
+        h = gelu_tanh_fp8_rows(h) if fp8(self.ffn[2]) else self.ffn[1](h)
+        return residual_add(x, self.ffn[2](h), m[5])
 
 
 class Head(nn.Module):
