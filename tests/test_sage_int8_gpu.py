@@ -198,3 +198,27 @@ def test_small_bad_inputs_are_refused():
     q, k, v = wan_like(1, 10, 10, 2, 64, dtype=torch.float32)
     with pytest.raises(ValueError, match="fp16/bf16"):
         sage_int8.sage_int8_attention(q, k, v)
+
+
+# exp2 of 1 or 2 quarters of the score columns by a polynomial on the FMA pipes (issue 16), both tile heights
+EXP2_SPLITS = [dict(BLOCK_M=m, BLOCK_N=128, num_warps=w, num_stages=3, ROWSUM_MMA=True, PIPELINE=True,
+                    POLY_QUARTERS=quarters, POLY_DEGREE=degree)
+               for m, w in ((64, 4), (128, 8)) for quarters, degree in ((1, 3), (2, 3), (1, 2), (2, 2))]
+
+
+@pytest.mark.parametrize("config", EXP2_SPLITS,
+                         ids=[f"m{c['BLOCK_M']}_{c['POLY_QUARTERS']}q_deg{c['POLY_DEGREE']}" for c in EXP2_SPLITS])
+def test_small_exp2_offload_splits(config):
+    """Each split against float32 attention and against the same tile without the offload, at key lengths on both
+    sides of the tile edges and past 4096 keys (realistic inputs: the error is the 8-bit rounding's, the split
+    moves the output by a fraction of it)."""
+    needs_kernel()
+    for lk in (1, 65, 129, 4099):
+        q, k, v = wan_like(1, 300, lk, 8, 128, offsets=True)
+        rows = torch.arange(300, device="cuda")
+        ref = fp32_reference(q, k, v, rows)
+        plain = sage_int8.sage_int8_attention(q, k, v, config=dict(config, POLY_QUARTERS=0)).float()
+        out = sage_int8.sage_int8_attention(q, k, v, config=config).float()
+        assert torch.isfinite(out).all(), lk
+        assert rel_err(out, ref) < ISSUE_BOUND, lk
+        assert rel_err(out, plain) < 0.01, lk

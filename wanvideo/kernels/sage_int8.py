@@ -18,6 +18,9 @@ Why each piece (facts: docs/NOTES.md §5.1, §5.3):
   format, so a per-block scale loses nothing to channels of very different size (they stay normal down to
   amax / 2^15). Each P.V block product starts from zero and is added to an FP32 accumulator: Hopper's FP8 MMA
   keeps about 22 bits across a long sum.
+- POLY_QUARTERS (0-2) of each tile's columns take exp2 from a polynomial on the FMA and integer pipes instead of the
+  special-function unit (FlashAttention-4's offload): on sm90 that unit runs 16 exp2 per clock per SM, about as long
+  per tile as the tensor cores and the issue slots, so moving part of the exps can shorten the slowest pipe.
 - Where FP8 dots are unavailable (Ampere, sm80/86) P and V are FP16 instead (the same kernels otherwise).
 - One quantization launch per tensor reads it once; the attention kernel reads the 8-bit copies.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -40,6 +44,13 @@ HEAD_DIMS = (64, 128)
 P_SCALE = 448.0        # e4m3 max: P in [0, 448]
 INT_MAGIC = 0x4B400000  # float bits of 1.5 * 2^23
 FLOAT_MAGIC = 12582912.0
+# 2^f on [-1/2, 1/2] by degree, minimax of the relative error (float32 coefficients, Lawson iteration), and that
+# error: degree 3 is below the rounding of P to FP16 (4.9e-4), degree 2 far below FP8 e4m3's (3.1e-2)
+EXP2_POLY = {2: (1.0004431009292603, 0.7034448981285095, 0.23842675983905792),
+             3: (0.9999281167984009, 0.6932609677314758, 0.24261081218719482, 0.055171433836221695)}
+EXP2_POLY_MAX_REL_ERR = {2: 1.73e-3, 3: 7.5e-5}
+# the Triton interpreter (CPU checks: TRITON_INTERPRET=1) runs no inline PTX
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def unavailable(device: torch.device | None = None) -> str | None:
@@ -54,6 +65,10 @@ def unavailable(device: torch.device | None = None) -> str | None:
 
 
 if triton is not None:
+    _INTERPRETED = tl.constexpr(INTERPRETED)
+    _EXP2_POLY2 = tl.constexpr(EXP2_POLY[2])
+    _EXP2_POLY3 = tl.constexpr(EXP2_POLY[3])
+
     @triton.jit
     def _round_to_int8(x):
         """Round half away from zero (Triton's float -> int cast truncates)."""
@@ -107,8 +122,49 @@ if triton is not None:
     def _exp2(x):
         """exp2 on the special-function unit with flush-to-zero (skips the denormal fix-up ops of Triton's exp2;
         P is rounded to 8 or 16 bits next anyway)."""
+        if _INTERPRETED:
+            return tl.math.exp2(x)
         return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
+
+    @triton.jit
+    def _exp2_poly(x, DEGREE: tl.constexpr):
+        """exp2 without the special-function unit, for x <= 127: 2^x = 2^j * 2^f, j = round(x) added into the
+        exponent bits by an integer add, 2^f (f in [-1/2, 1/2]) by EXP2_POLY[DEGREE]. x is clamped at -126 so -inf
+        and very negative x give a tiny non-negative value (zero once P is rounded), never NaN or a wrapped
+        exponent."""
+        tl.static_assert(DEGREE == 2 or DEGREE == 3)
+        x = tl.maximum(x, -126.0)
+        t = x + 12582912.0                          # 1.5 * 2^23 + round(x): j sits in the low mantissa bits
+        f = x - (t - 12582912.0)
+        if DEGREE == 2:
+            p = (_EXP2_POLY2[2] * f + _EXP2_POLY2[1]) * f + _EXP2_POLY2[0]
+        else:
+            p = ((_EXP2_POLY3[3] * f + _EXP2_POLY3[2]) * f + _EXP2_POLY3[1]) * f + _EXP2_POLY3[0]
+        # the bits of t shifted by 23 are j << 23 (the magic's bits shift out): adds j to p's exponent
+        return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _exp2_tile(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POLY_QUARTERS: tl.constexpr,
+                   POLY_DEGREE: tl.constexpr):
+        """exp2 of a [BLOCK_M, BLOCK_N] tile, POLY_QUARTERS quarters of its columns by _exp2_poly (FMA and integer
+        pipes), the rest by the special-function unit, so both kinds of pipe share the exps. Quarters: half the odd
+        columns, or all of them. A thread of a tensor-core layout holds column pairs (2c, 2c + 1) from both halves of
+        the tile, so these splits and joins move no data (offline sm90 SASS: 540 instructions per 64x128 tile in the
+        loop, +113 with one quarter, +225 with two; other splits cost extra register permutes)."""
+        tl.static_assert(POLY_QUARTERS == 0 or POLY_QUARTERS == 1 or POLY_QUARTERS == 2)
+        if POLY_QUARTERS == 0:
+            p = _exp2(x)
+        else:
+            mufu, poly = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))          # even and odd columns
+            if POLY_QUARTERS == 2:
+                poly = _exp2_poly(poly, POLY_DEGREE)
+            else:
+                poly_mufu, poly = tl.split(tl.permute(tl.reshape(poly, [BLOCK_M, 2, BLOCK_N // 4]), [0, 2, 1]))
+                poly = tl.reshape(tl.permute(tl.join(_exp2(poly_mufu), _exp2_poly(poly, POLY_DEGREE)), [0, 2, 1]),
+                                  [BLOCK_M, BLOCK_N // 2])
+            p = tl.reshape(tl.join(_exp2(mufu), poly), [BLOCK_M, BLOCK_N])
+        return p
 
     @triton.jit
     def _scores(q, k_desc, k_ptr, bh, start, LKP, D: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
@@ -124,7 +180,8 @@ if triton is not None:
     @triton.jit
     def _softmax_pv(acc, l_i, m_i, c_i, s, q, qs, k_desc, k_ptr, v_desc, v_ptr, ks_ptr, vs_ptr, bh, start, Lk, LKP,
                     D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-                    ROWSUM_MMA: tl.constexpr, PIPELINE: tl.constexpr):
+                    ROWSUM_MMA: tl.constexpr, PIPELINE: tl.constexpr, POLY_QUARTERS: tl.constexpr,
+                    POLY_DEGREE: tl.constexpr):
         """Online softmax of one key block's scores s and its P.V. acc is kept in units of the V scale c_i.
         Returns the new state and, with PIPELINE, the next block's scores: their Q.K is issued between this
         block's softmax and its P.V, so the tensor cores work while the exps of this block finish (H100: 817 vs
@@ -149,7 +206,7 @@ if triton is not None:
         if MASKED:
             x = tl.where((keys < Lk)[None, :], x, float("-inf"))
         alpha = tl.math.exp2(m_i - m_new)
-        p = _exp2(x)
+        p = _exp2_tile(x, x.shape[0], BLOCK_N, POLY_QUARTERS, POLY_DEGREE)
         if not ROWSUM_MMA:
             l_i = l_i * alpha + tl.sum(p, axis=1)
         p = p.to(vt.dtype)
@@ -170,7 +227,8 @@ if triton is not None:
                           o_stride_b, o_stride_l, o_stride_h, HQ_PER_KV,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           USE_TMA: tl.constexpr, LK_CLASS: tl.constexpr, ROWSUM_MMA: tl.constexpr = True,
-                          PIPELINE: tl.constexpr = True):
+                          PIPELINE: tl.constexpr = True, POLY_QUARTERS: tl.constexpr = 0,
+                          POLY_DEGREE: tl.constexpr = 3):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         bh_kv = bh // HQ_PER_KV
@@ -204,13 +262,13 @@ if triton is not None:
                 s = _scores(q, k_desc, k_ptr, bh_kv, start, LKP, D, BLOCK_N, USE_TMA)
             acc, l_i, m_i, c_i, s = _softmax_pv(acc, l_i, m_i, c_i, s, q, qs, k_desc, k_ptr, v_desc, v_ptr, ks_ptr,
                                                 vs_ptr, bh_kv, start, Lk, LKP, D, BLOCK_N, False, USE_TMA, ROWSUM_MMA,
-                                                PIPELINE)
+                                                PIPELINE, POLY_QUARTERS, POLY_DEGREE)
         if full_end < Lk:
             if not PIPELINE:
                 s = _scores(q, k_desc, k_ptr, bh_kv, full_end, LKP, D, BLOCK_N, USE_TMA)
             acc, l_i, m_i, c_i, s = _softmax_pv(acc, l_i, m_i, c_i, s, q, qs, k_desc, k_ptr, v_desc, v_ptr, ks_ptr,
                                                 vs_ptr, bh_kv, full_end, Lk, LKP, D, BLOCK_N, True, USE_TMA, ROWSUM_MMA,
-                                                False)
+                                                False, POLY_QUARTERS, POLY_DEGREE)
         if ROWSUM_MMA:
             l_i = tl.sum(l_i, axis=1)
         out = acc * (c_i / l_i)[:, None] + tl.load(vmean_ptr + bh_kv.to(tl.int64) * D + cols)[None, :]
@@ -284,6 +342,20 @@ def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = Tr
     return q8, qs, k8, ks, vt, vs, vmean
 
 
+def attend_quantized(quantized, out: torch.Tensor, lk: int, hk: int, use_tma: bool, config: dict | None):
+    """Run the attention kernel on quantize_qkv's output into out ([B, Lq, H, D]): the launch without the device
+    checks, so the Triton interpreter can run it on CPU tensors. `config` as in sage_int8_attention."""
+    q8, qs, k8, ks, vt, vs, vmean = quantized
+    b, lq, h, d = out.shape
+    args = (q8, k8, vt, qs, ks, vs, vmean, out, lq, lk, h, q8.shape[1], k8.shape[1], b * h, b * hk,
+            out.stride(0), out.stride(1), out.stride(2), h // hk)
+    meta = dict(D=d, USE_TMA=use_tma, LK_CLASS=0 if lk <= KBLK else 1 if lk <= 4096 else 2)
+    if config is None:
+        _tuned_attention[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)](*args, **meta)
+    else:
+        _attention_kernel[(triton.cdiv(lq, config["BLOCK_M"]), b * h)](*args, **meta, **config)
+
+
 def _tma_allocator(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -295,7 +367,8 @@ def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     k/v heads divide q heads). Returns [B, Lq, H, D] in q's dtype; inputs are never modified.
 
     pv_fp8 / use_tma default to what the GPU supports (FP8 dots from sm89, TMA from sm90); `config` pins
-    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of the autotuned choice (benchmarks).
+    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} and optionally the kernel's switches (ROWSUM_MMA, PIPELINE,
+    POLY_QUARTERS, POLY_DEGREE) instead of the autotuned choice (benchmarks).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"expected [B, L, H, D] q, k, v with matching B, D and k == v shape, got "
@@ -318,15 +391,8 @@ def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if lq == 0:
         return out
     with torch.cuda.device(q.device):
-        q8, qs, k8, ks, vt, vs, vmean = quantize_qkv(q, k, v, scale, torch.float8_e4m3fn if pv_fp8 else torch.float16,
-                                                     rotate)
+        quantized = quantize_qkv(q, k, v, scale, torch.float8_e4m3fn if pv_fp8 else torch.float16, rotate)
         if use_tma:
             triton.set_allocator(_tma_allocator)
-        args = (q8, k8, vt, qs, ks, vs, vmean, out, lq, lk, h, q8.shape[1], k8.shape[1], b * h, b * hk,
-                out.stride(0), out.stride(1), out.stride(2), h // hk)
-        meta = dict(D=d, USE_TMA=use_tma, LK_CLASS=0 if lk <= KBLK else 1 if lk <= 4096 else 2)
-        if config is None:
-            _tuned_attention[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)](*args, **meta)
-        else:
-            _attention_kernel[(triton.cdiv(lq, config["BLOCK_M"]), b * h)](*args, **meta, **config)
+        attend_quantized(quantized, out, lk, hk, use_tma, config)
     return out
