@@ -26,6 +26,9 @@ SPLITS = ((0, 3), (1, 3), (2, 3), (1, 2), (2, 2))
 CASES = {"realistic_300": (64, 300, False), "hard_300": (64, 300, True), "realistic_1": (65, 1, False),
          "realistic_129": (65, 129, False)}
 TILES = ((64, 128, 4), (128, 128, 8))          # (BLOCK_M, BLOCK_N, warps)
+# Q.K and P.V operand types: Hopper/Ada (the default), Ampere, and e4m3 Q.K (issue 16's alternative to INT8)
+PATHS = {"int8_fp8": (torch.int8, torch.float8_e4m3fn), "int8_fp16": (torch.int8, torch.float16),
+         "fp8_fp8": (torch.float8_e4m3fn, torch.float8_e4m3fn)}
 
 
 def _kernel_module():
@@ -99,16 +102,17 @@ def _inputs(lq, lk, hard, heads=2, d=128):
 
 
 def _attention_errors(sage):
-    """{"case/pv/tile/split": (error against float32 attention, difference from the same tile without offload)}."""
+    """{"case/path/tile/split": (error against float32 attention, difference from the same path and tile without
+    the offload)}."""
     result = {}
     for case, (lq, lk, hard) in CASES.items():
         q, k, v = _inputs(lq, lk, hard)
         ref = torch.nn.functional.scaled_dot_product_attention(
             *(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-        for pv_name, pv in (("fp8", torch.float8_e4m3fn), ("fp16", torch.float16)):
-            quantized = sage.quantize_qkv(q, k, v, q.shape[-1] ** -0.5, pv)
+        for path, (qk, pv) in PATHS.items():
+            quantized = sage.quantize_qkv(q, k, v, q.shape[-1] ** -0.5, pv, qk_dtype=qk)
             for block_m, block_n, warps in TILES:
-                if case != "realistic_300" and block_m != 64:
+                if block_m != 64 and (case != "realistic_300" or path != "int8_fp8"):
                     continue
                 base = None
                 for quarters, degree in SPLITS:
@@ -119,7 +123,7 @@ def _attention_errors(sage):
                     out = out.float()
                     base = out if base is None else base
                     err = ((out - ref).norm() / ref.norm()).item() if torch.isfinite(out).all() else float("inf")
-                    result[f"{case}/{pv_name}/{block_m}/{quarters}q_deg{degree}"] = (
+                    result[f"{case}/{path}/{block_m}/{quarters}q_deg{degree}"] = (
                         err, ((out - base).norm() / base.norm()).item())
     return result
 
@@ -149,14 +153,17 @@ def test_software_exp2_within_its_bound_over_the_whole_input_range(interpreted):
 
 def test_exp2_splits_match_float32_attention(interpreted):
     """Every split of the exps (none, a quarter or half of the columns, degree 2 or 3) against float32 attention,
-    FP8 P.V (Hopper/Ada) and FP16 P.V (Ampere), key lengths 1, 129 and 300 (partial last tile). A polynomial
+    on every operand path (PATHS), key lengths 1, 129 and 300 (partial last tile). A polynomial
     quarter moves the output by far less than the 8-bit rounding does."""
-    bound = {("realistic", "fp8"): 0.03, ("realistic", "fp16"): 0.01, ("hard", "fp8"): 0.06, ("hard", "fp16"): 0.05}
+    # measured here: realistic 0.75% / 0.40% / 0.98%, hard 4.3% / 3.2% / 13.5% (e4m3 Q.K: 3 mantissa bits against
+    # INT8's ~7, and the x10 outliers make the logits, and so their absolute error, large)
+    bound = {("realistic", "int8_fp8"): 0.03, ("realistic", "int8_fp16"): 0.01, ("realistic", "fp8_fp8"): 0.03,
+             ("hard", "int8_fp8"): 0.06, ("hard", "int8_fp16"): 0.05, ("hard", "fp8_fp8"): 0.16}
     for name, (err, moved) in interpreted[1].items():
         print(f"{name:36s} rel err {err:.4f}, moved by the split {moved:.5f}")
-        case, pv = name.split("/")[:2]
-        assert err < bound[case.split("_")[0], pv], name
-        assert moved < (0.01 if pv == "fp8" else 0.002), name
+        case, path = name.split("/")[:2]
+        assert err < bound[case.split("_")[0], path], name
+        assert moved < (0.002 if path == "int8_fp16" else 0.01), name
 
 
 if __name__ == "__main__":          # the child process of the `interpreted` fixture

@@ -70,9 +70,12 @@ if triton is not None:
     _EXP2_POLY3 = tl.constexpr(EXP2_POLY[3])
 
     @triton.jit
-    def _round_to_int8(x):
-        """Round half away from zero (Triton's float -> int cast truncates)."""
-        return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
+    def _encode(x, out_ptr):
+        """x, already scaled to the code's range, in out's element type: INT8 rounded half away from zero (Triton's
+        float -> int cast truncates), a float type (e4m3, fp16) by its rounding cast."""
+        if out_ptr.dtype.element_ty == tl.int8:
+            return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
+        return x.to(out_ptr.dtype.element_ty)
 
     @triton.jit
     def _quantize_kernel(x_ptr, out_ptr, scale_ptr, mean_ptr, hadamard_ptr, L, H, stride_b, stride_l, stride_h,
@@ -80,8 +83,9 @@ if triton is not None:
                          D: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ROTATE: tl.constexpr):
         """One [BLOCK, D] tile of x ([B, L, H, D], last dim contiguous) of head bh -> 8-bit out and its scale.
 
-        MODE 0 (Q): INT8, one scale per token (times `factor`). MODE 1 (K): minus its smoothing mean, INT8, one
-        scale per tile. MODE 2 (V): minus its mean, one scale per tile, stored in out's dtype (e4m3 or fp16).
+        MODE 0 (Q): one scale per token (times `factor`). MODE 1 (K): minus its smoothing mean, one scale per tile.
+        MODE 2 (V): minus its mean, one scale per tile. Stored in out's dtype: INT8 (amax -> 127), e4m3 or fp16
+        (amax -> 448, e4m3's largest value).
         ROTATE (Q and K): multiply by a Hadamard matrix first, which spreads outlier channels over all channels
         (q.k is unchanged up to the factor D), so the INT8 step shrinks with the largest value.
         Rows past L are written as zeros (the padding the attention kernel reads).
@@ -100,21 +104,22 @@ if triton is not None:
         if MODE != 2 and ROTATE:
             rotation = tl.load(hadamard_ptr + tl.arange(0, D)[:, None] * D + cols[None, :])
             x = tl.dot(x.to(tl.bfloat16), rotation)                 # D * (q.k) after both: 1/D is in Q's factor
+        if out_ptr.dtype.element_ty == tl.int8:
+            top = 127.0
+        else:
+            top = 448.0
         if MODE == 0:
             amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-20)
-            q = _round_to_int8(x * (127.0 / amax)[:, None])
-            tl.store(scale_ptr + bh * scales_per_bh + rows, amax * (factor / 127.0))
+            q = _encode(x * (top / amax)[:, None], out_ptr)
+            tl.store(scale_ptr + bh * scales_per_bh + rows, amax * (factor / top))
         else:
             amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-20)
-            if MODE == 1:
-                q = _round_to_int8(x * (127.0 / amax))
-                tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 127.0)
-            else:
+            if MODE == 2:
                 # floor: a block that smoothing made (nearly) zero gets a plain scale, so the ratio of successive
                 # V scales in the attention kernel's rescale stays far from fp32 overflow
                 amax = tl.maximum(amax, 1e-6)
-                q = (x * (448.0 / amax)).to(out_ptr.dtype.element_ty)
-                tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 448.0)
+            q = _encode(x * (top / amax), out_ptr)
+            tl.store(scale_ptr + bh * scales_per_bh + pid, amax / top)
         dst = out_ptr + bh * out_stride_bh + rows.to(tl.int64)[:, None] * out_stride_l + cols[None, :] * out_stride_d
         tl.store(dst, q)
 
@@ -168,13 +173,14 @@ if triton is not None:
 
     @triton.jit
     def _scores(q, k_desc, k_ptr, bh, start, LKP, D: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
-        """int32 [BLOCK_M, BLOCK_N] = q8 . k8^T for the key block at `start` (a block at or past LKP reads zeros)."""
+        """[BLOCK_M, BLOCK_N] q8 . k8^T for the key block at `start` (a block at or past LKP reads zeros): int32 for
+        INT8 q8/k8, float32 for e4m3."""
         if USE_TMA:
             k = k_desc.load([bh * LKP + start, 0])
         else:
             keys = start + tl.arange(0, BLOCK_N)
             k = tl.load(k_ptr + (bh.to(tl.int64) * LKP + keys)[:, None] * D + tl.arange(0, D)[None, :],
-                        mask=(keys < LKP)[:, None], other=0)
+                        mask=(keys < LKP)[:, None], other=0.0)
         return tl.dot(q, tl.trans(k))
 
     @triton.jit
@@ -197,12 +203,16 @@ if triton is not None:
             s = tl.where((keys < Lk)[None, :], s, -(1 << 22))
         ks = tl.load(ks_ptr + bh * (LKP // 128) + start // 128)
         vs = tl.load(vs_ptr + bh * (LKP // 128) + start // 128)
-        coef = qs * ks                                               # log2-domain logit per integer step
-        m_new = tl.maximum(m_i, tl.max(s, axis=1).to(tl.float32) * coef)
-        # (s + magic) as float is 1.5 * 2^23 + s; one FMA takes off the magic and the row max and adds log2(448)
-        # (P in [0, 448]). Rounding the per-row constant shifts a whole row by ~1e-7 of its logit range.
-        bias = 8.807354922057604 - m_new - 12582912.0 * coef
-        x = (s + 0x4B400000).to(tl.float32, bitcast=True) * coef[:, None] + bias[:, None]
+        coef = qs * ks                                               # log2-domain logit per unit of s
+        if s.dtype == tl.int32:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1).to(tl.float32) * coef)
+            # (s + magic) as float is 1.5 * 2^23 + s; one FMA takes off the magic and the row max and adds log2(448)
+            # (P in [0, 448]). Rounding the per-row constant shifts a whole row by ~1e-7 of its logit range.
+            bias = 8.807354922057604 - m_new - 12582912.0 * coef
+            x = (s + 0x4B400000).to(tl.float32, bitcast=True) * coef[:, None] + bias[:, None]
+        else:                                                        # e4m3 Q.K: float scores, no conversion
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * coef)
+            x = s * coef[:, None] + (8.807354922057604 - m_new)[:, None]
         if MASKED:
             x = tl.where((keys < Lk)[None, :], x, float("-inf"))
         alpha = tl.math.exp2(m_i - m_new)
@@ -318,21 +328,23 @@ def _quantize(x, out, scales, mean, mode: int, block: int, factor: float = 1.0, 
         num_warps=8 if block * d > 8192 else 4)
 
 
-def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = True):
+def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = True,
+                 qk_dtype: torch.dtype = torch.int8):
     """8-bit copies of q, k, v ([B, L, H, D]) and their scales, in the layouts the attention kernel reads:
-    q8 [B*H, LQP, D] int8 + per-token scales (times scale * log2 e), k8 [B*Hk, LKP, D] int8 (smoothed) + one scale
-    per KBLK keys, vt [B*Hk, D, LKP] (transposed: FP8 dots want both operands K-major) + one scale per KBLK keys,
+    q8 [B*H, LQP, D] + per-token scales (times scale * log2 e), k8 [B*Hk, LKP, D] (smoothed) + one scale per KBLK
+    keys, both in qk_dtype (int8, or e4m3: float scores skip the kernel's int -> float step but keep 3 mantissa
+    bits instead of INT8's ~7), vt [B*Hk, D, LKP] (transposed: FP8 dots want both operands K-major) + one scale per KBLK keys,
     and V's smoothing mean (added back after the normalised P.V: each row of P sums to one).
     """
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
     lqp, lkp = _padded(lq), _padded(lk)
     dev = q.device
-    q8 = torch.empty(b * h, lqp, d, dtype=torch.int8, device=dev)
+    q8 = torch.empty(b * h, lqp, d, dtype=qk_dtype, device=dev)
     qs = torch.empty(b * h, lqp, dtype=torch.float32, device=dev)
     _quantize(q, q8, qs, qs, 0, 64, scale * math.log2(math.e) / (d if rotate else 1), rotate)
     mean = smoothing_mean(k)
-    k8 = torch.empty(b * hk, lkp, d, dtype=torch.int8, device=dev)
+    k8 = torch.empty(b * hk, lkp, d, dtype=qk_dtype, device=dev)
     ks = torch.empty(b * hk, lkp // KBLK, dtype=torch.float32, device=dev)
     _quantize(k, k8, ks, mean, 1, KBLK, rotate=rotate)
     vmean = smoothing_mean(v)
@@ -362,11 +374,12 @@ def _tma_allocator(size: int, alignment: int, stream):
 
 def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                         pv_fp8: bool | None = None, use_tma: bool | None = None, rotate: bool = True,
-                        config: dict | None = None) -> torch.Tensor:
+                        qk_fp8: bool = False, config: dict | None = None) -> torch.Tensor:
     """Softmax(q k^T * scale) v for [B, L, H, D] fp16/bf16 CUDA tensors (last dim contiguous; D in HEAD_DIMS;
     k/v heads divide q heads). Returns [B, Lq, H, D] in q's dtype; inputs are never modified.
 
-    pv_fp8 / use_tma default to what the GPU supports (FP8 dots from sm89, TMA from sm90); `config` pins
+    pv_fp8 / use_tma default to what the GPU supports (FP8 dots from sm89, TMA from sm90); qk_fp8 takes Q.K^T in
+    e4m3 instead of INT8 (sm89+; benchmarks: issue 16); `config` pins
     {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} and optionally the kernel's switches (ROWSUM_MMA, PIPELINE,
     POLY_QUARTERS, POLY_DEGREE) instead of the autotuned choice (benchmarks).
     """
@@ -391,7 +404,8 @@ def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if lq == 0:
         return out
     with torch.cuda.device(q.device):
-        quantized = quantize_qkv(q, k, v, scale, torch.float8_e4m3fn if pv_fp8 else torch.float16, rotate)
+        quantized = quantize_qkv(q, k, v, scale, torch.float8_e4m3fn if pv_fp8 else torch.float16, rotate,
+                                 torch.float8_e4m3fn if qk_fp8 else torch.int8)
         if use_tma:
             triton.set_allocator(_tma_allocator)
         attend_quantized(quantized, out, lk, hk, use_tma, config)
