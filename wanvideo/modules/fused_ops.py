@@ -35,10 +35,6 @@ FP8_CODES = torch.float8_e4m3fn  # the activation format of the fast FP8 matmul
 # torch's GELU(tanh) constants, as its CUDA kernel rounds them to float32: sqrt(2) * (2/sqrt(pi)) / 2 and 0.044715
 GELU_BETA = 1.41421356237309504880 * 1.12837916709551257390 * 0.5
 GELU_KAPPA = 0.044715
-# Residual + LayerNorm: read the new x back (L2-hot, after a CTA barrier) before the LayerNorm's sums, so they see
-# the register layout of a plain fp32 load as `layer_norm_modulate` does (the same summation order). Under
-# evaluation (bench/block_stages.py measures both): False sums the values just computed.
-RELOAD_SUM = False
 
 
 def _use_triton(*tensors: torch.Tensor) -> bool:
@@ -78,7 +74,7 @@ if triton is not None:
     def _norm_rows_kernel(x_ptr, y_ptr, gate_ptr, x_out_ptr, out_ptr, row_scale_ptr, w_ptr, b_ptr, scale_ptr,
                           shift_ptr, rows_per_batch, n_cols, eps, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
                           HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, FP8_ROWS: tl.constexpr,
-                          ROUND_TO: tl.constexpr, QMAX: tl.constexpr, RELOAD_SUM: tl.constexpr, BLOCK: tl.constexpr):
+                          ROUND_TO: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr):
         """One row: [x += y * gate, stored] -> LayerNorm [-> affine] [-> modulation] -> stored in out's dtype,
         or rounded to ROUND_TO and stored as an E4M3 row plus its scale."""
         row = tl.program_id(0)
@@ -90,9 +86,6 @@ if triton is not None:
         if HAS_RESIDUAL:
             x = x + _gated(y_ptr, gate_ptr, offs, batch * n_cols + cols, mask, HAS_GATE)
             tl.store(x_out_ptr + offs, x, mask=mask)
-            if RELOAD_SUM:
-                tl.debug_barrier()
-                x = tl.load(x_out_ptr + offs, mask=mask, other=0.0)
         mean = tl.sum(x, axis=0) / n_cols
         diff = tl.where(mask, x - mean, 0.0)
         var = tl.sum(diff * diff, axis=0) / n_cols
@@ -106,7 +99,9 @@ if triton is not None:
             y = y * (1 + s) + t
         if FP8_ROWS:
             q, row_scale = fp8_row(tl.where(mask, y.to(ROUND_TO).to(tl.float32), 0.0), QMAX)
-            tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+            # 8-byte stores: a 16-byte store would give the whole row a 16-per-thread layout and so another
+            # summation order for the LayerNorm than `layer_norm_modulate` has (its bf16 store: 8 per thread)
+            tl.store(out_ptr + tl.multiple_of(offs, 8), q.to(out_ptr.dtype.element_ty), mask=mask)
             tl.store(row_scale_ptr + row, row_scale)
         else:
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -123,7 +118,7 @@ def _norm_rows(x, y, gate, eps, weight, bias, scale, shift, out_dtype, fp8_rows)
         x, given(y), given(gate, True), given(x_out), out, given(row_scales), given(weight), given(bias),
         given(scale, True), given(shift, True), l, c, eps, HAS_RESIDUAL=y is not None, HAS_GATE=gate is not None,
         HAS_AFFINE=weight is not None, HAS_MOD=scale is not None, FP8_ROWS=fp8_rows,
-        ROUND_TO=_triton_dtype(out_dtype or torch.float32), QMAX=FP8_MAX[FP8_CODES], RELOAD_SUM=RELOAD_SUM,
+        ROUND_TO=_triton_dtype(out_dtype or torch.float32), QMAX=FP8_MAX[FP8_CODES],
         BLOCK=triton.next_power_of_2(c), num_warps=8)
     return x_out, FP8Rows(out, row_scales, out_dtype) if fp8_rows else out
 
