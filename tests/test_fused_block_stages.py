@@ -84,18 +84,20 @@ def test_linears_say_whether_they_take_fp8_rows(rng, monkeypatch):
     assert not fp8.wants_fp8_rows([fast], cpu, bf16)
 
 
+def scaled_mm_in_float64(a, b, *, scale_a, scale_b, out_dtype, bias=None, **_):
+    """A stand-in for the row-wise scaled `torch._scaled_mm` on the CPU."""
+    out = (a.double() * scale_a.double()) @ (b.double() * scale_b.double())
+    return (out if bias is None else out + bias.double()).to(out_dtype)
+
+
 def test_layer_takes_fp8_rows_as_it_quantizes_itself(rng, monkeypatch):
     """Handed rows, the layer gives what it gives for the tensor they stand for (same GEMM operands, same shape and
     dtype); the GEMM here is a float64 stand-in for `torch._scaled_mm`, the quantizer the torch reference."""
-    def scaled_mm(a, b, *, scale_a, scale_b, out_dtype, bias=None, **_):
-        out = (a.double() * scale_a.double()) @ (b.double() * scale_b.double())
-        return (out if bias is None else out + bias.double()).to(out_dtype)
-
     def reference_rows(x):
         codes, scales = qf.quantize_rows_reference(x.reshape(-1, x.shape[-1]))
         return fp8.FP8Rows(codes.view(x.shape), scales, x.dtype)
 
-    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm_in_float64)
     monkeypatch.setattr(fp8, "fp8_compute_reason", lambda device: None)
     monkeypatch.setattr(fp8, "quantize_activation", reference_rows)
     layer = fp8_layer(rng)
@@ -179,6 +181,47 @@ def test_gelu_rows_follow_torch_gelu_tanh(rng, triton_on_cpu):
     assert ((g - F.gelu(h, approximate="tanh")).abs().max() < 1e-5)
     assert rows.dtype == torch.float32 and rows.shape == h.shape
     assert_rows_equal(rows, *quantize_rows(triton_on_cpu, g))
+
+
+def fast_fp8_blocks(model):
+    """The blocks' linear layers as fast row-wise FP8 layers, as `fp8_e4m3fn_scaled_fast` plans them."""
+    for name, module in list(model.blocks.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            layer = fp8.FP8Linear(module.in_features, module.out_features, fast=True)
+            layer.set_from_float(module.weight.float())
+            layer.bias.data.copy_(module.bias)
+            layer.input_dtype = torch.bfloat16
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.blocks.get_submodule(parent), leaf, layer)
+
+
+def test_model_with_fused_stages_equals_unfused(rng, triton_on_cpu, monkeypatch):
+    """Tiny Wan I2V + InfiniteTalk with fast FP8 blocks: every stage hands its layers rows (q/k/v, norm3 -> cross
+    q, audio norm -> audio q, FFN norm -> ffn[0], GELU -> ffn[2]) and the output is bit for bit the unfused one.
+    The GELU kernel has its own test (the interpreter rounds bf16 unlike torch) and the interpreter cannot run the
+    RMSNorm-RoPE kernel on bf16: both are their definitions here."""
+    from tiny_models import tiny_infinitetalk
+    from wantalk.multitalk.conditioning import zero_audio_conditioning
+    from wantalk.wanvideo.modules import model as wan
+    monkeypatch.setattr(fp8, "fp8_compute_reason", lambda device: None)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm_in_float64)
+    monkeypatch.setattr(wan, "gelu_tanh_fp8_rows", lambda h: fp8.quantize_activation(F.gelu(h, approximate="tanh")))
+    monkeypatch.setattr(wan, "rms_norm_rope", fo.rms_norm_rope_reference)
+    model, _ = tiny_infinitetalk(rng, dtype=torch.bfloat16)
+    fast_fp8_blocks(model)
+    f, h, w = 3, 8, 12
+    args = (torch.randn(1, 16, f, h, w, generator=rng), torch.tensor([613.0]), torch.randn(1, 5, 64, generator=rng),
+            torch.randn(1, 257, 32, generator=rng), torch.randn(1, 20, f, h, w, generator=rng))
+    audio = zero_audio_conditioning(model, 4 * (f - 1) + 1)
+    decisions, decide = [], wan.wants_fp8_rows
+    monkeypatch.setattr(wan, "wants_fp8_rows", lambda *a: decisions.append(decide(*a)) or decisions[-1])
+    fused = model.forward_batched(*args, audio=audio)
+    assert len(decisions) == 2 * 5 and all(decisions)
+    monkeypatch.setattr(wan, "wants_fp8_rows", lambda *a: False)
+    monkeypatch.setattr(wan, "residual_layer_norm_modulate", lambda x, y, gate, eps, *a, **kw: (
+        (x2 := fo.residual_add(x, y, gate)), fo.layer_norm_modulate(x2, eps, *a, **kw)))
+    unfused = model.forward_batched(*args, audio=audio)
+    assert fused.isfinite().all() and torch.equal(bits(fused), bits(unfused))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -240,14 +240,21 @@ if triton is not None:
         tl.store(obase + 2 * pairs + 1, yo.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, num_heads: int,
+                            out_dtype: torch.dtype, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """`rms_norm_rope` in plain torch: the official steps one after the other."""
+    b, l, c = x.shape
+    y = rms_norm_reference(x, weight, eps).view(b, l, num_heads, c // num_heads)
+    return (rope_reference(y, *rope) if rope is not None else y).to(out_dtype)
+
+
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, num_heads: int, out_dtype: torch.dtype,
                   rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """RMSNorm over the full dim of x `[B, L, C]`, then (if `rope`) RoPE per head: `[B, L, H, D]` in out_dtype."""
     b, l, c = x.shape
     fits = rope is None or rope[0].shape[0] == l
     if not _use_triton(x) or not x.is_contiguous() or not fits or c % 2:
-        y = rms_norm_reference(x, weight, eps).view(b, l, num_heads, c // num_heads)
-        return (rope_reference(y, *rope) if rope is not None else y).to(out_dtype)
+        return rms_norm_rope_reference(x, weight, eps, num_heads, out_dtype, rope)
     out = torch.empty(b, l, num_heads, c // num_heads, device=x.device, dtype=out_dtype)
     cos, sin = (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (x, x)
     _rms_rope_kernel[(b * l,)](x, out, weight, cos, sin, l, c, c // num_heads // 2, eps,
