@@ -2,10 +2,12 @@
 
 FA4's sm90 forward for head dim 128 uses 128x128 tiles, P.V from registers (`mma_pv_is_rs`) and intra-warpgroup
 overlap; FlashAttention-3's tile table uses 128x176 there. This sweeps tile_n x mma_pv_is_rs x intra_wg_overlap
-through the same call the pack's adapter makes for a tuned config (`attention_kernels._fa4_tuned`), so the winner
-can go straight into `FA4_TUNED_CONFIGS`. Each new config JIT-compiles once (about 2 s); a config FA4 refuses is
-listed as refused. Rows print as they are measured (a config that breaks the CUDA context ends the run, the rows
-before it stay), then a table per shape sorted by speed. TFLOP/s = 4 * L^2 * H * D / time; error against float32
+through `flash_attn.cute.interface._flash_attn_fwd` (the forward FA4's public function wraps; only it takes tile
+arguments), FA4's own choice through the pack's adapter. Each new config JIT-compiles once (about 2 s); a config
+FA4 refuses (on sm90: P.V from shared memory with tile_n >= 160 needs more than 227 KB of shared memory) is listed
+as refused. H200 result (docs/BENCHMARKS.md): FA4's own choice is the fastest, so the adapter forces none.
+Rows print as they are measured (a config that breaks the CUDA context ends the run, the rows before it stay),
+then a table per shape sorted by speed. TFLOP/s = 4 * L^2 * H * D / time; error against float32
 SDPA on 256 sampled query rows, and the worst such error at the other Wan shapes (text, CLIP and audio
 cross-attention, the odd shape: key lengths shorter than a tile and not a multiple of it).
 
@@ -62,13 +64,13 @@ def measure(run, inputs, rows, ref, repeats):
 
 
 def fa4_runner(kernels, config):
-    call = kernels._fa4_default if config is None else kernels._fa4_tuned(config)
+    """FA4's own config through the pack's adapter (what `auto` runs), or a tile config through the internal
+    forward FA4's public function wraps (it takes no tile arguments)."""
     scale = HEAD_DIM ** -0.5
-
-    def run(q, k, v):
-        out = call(q, k, v, scale)
-        return out[0] if isinstance(out, tuple) else out
-    return run
+    if config is None:
+        return lambda q, k, v: kernels.KERNELS["flash_attn_4"].run(q, k, v, scale=scale, mask=None)
+    from flash_attn.cute.interface import _flash_attn_fwd
+    return lambda q, k, v: _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=False, **config)[0]
 
 
 def cudnn_runner(kernels):
@@ -101,8 +103,9 @@ def main():
     import_pack()
     from wantalk.wanvideo.modules import attention_kernels as kernels
 
-    if kernels._fa4_unavailable() is not None:
-        raise SystemExit(kernels._fa4_unavailable())
+    missing = kernels.KERNELS["flash_attn_4"].unavailable()
+    if missing is not None:
+        raise SystemExit(missing)
     shapes = {int(n): wan_inputs(1, int(n), int(n)) for n in args.tokens.split(",")}
     short_shapes = [wan_inputs(b, lq, lk) for b, lq, lk, _, _ in SHAPES.values() if lq != lk]
     device = torch.cuda.get_device_name()

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from wantalk.wanvideo.modules import attention as dispatch
-from wantalk.wanvideo.modules import attention_kernels as kernels
 from wantalk.wanvideo.modules.attention import ATTENTION_MODES, attention, count_copies, select_kernel
 from wantalk.wanvideo.modules.attention_kernels import CONTRACTS, KERNELS, installed_version
 
@@ -136,38 +135,6 @@ def test_auto_uses_fa4_for_long_keys_when_installed():
     assert served_by("auto", q, k[:, :n - 1], v[:, :n - 1]) == "sdpa_cudnn"
     rows = torch.randperm(4096, device="cuda")[:256]
     assert rel_err(attention(q, k, v)[:, rows], fp32_reference(q, k, v, rows)) < EXACT_TOL
-
-
-# FlashAttention-3's tile for non-causal head dim 128, with P.V from registers and from shared memory: the candidates
-# bench/fa4_tiles.py may promote into FA4_TUNED_CONFIGS ("listed": whatever is listed for this GPU)
-FA4_CANDIDATE_CONFIGS = {
-    "128x176_rs": dict(tile_mn=(128, 176), mma_pv_is_rs=True, intra_wg_overlap=True),
-    "128x176_smem": dict(tile_mn=(128, 176), mma_pv_is_rs=False, intra_wg_overlap=True),
-}
-
-
-@pytest.mark.parametrize("shape", list(WAN_SHAPES))
-@pytest.mark.parametrize("config_name", ["listed", *FA4_CANDIDATE_CONFIGS])
-def test_fa4_tuned_config_at_wan_shapes_against_fp32_sdpa(config_name, shape, monkeypatch, caplog):
-    """The tuned tile config really compiles (no fallback to FA4's default) and is exact at every Wan shape, key
-    lengths shorter than a tile included."""
-    if not fa4_installed():
-        pytest.skip("flash-attn-4 not installed, or not an sm90/sm100 GPU")
-    capability = torch.cuda.get_device_capability()
-    config = FA4_CANDIDATE_CONFIGS.get(config_name) or kernels.FA4_TUNED_CONFIGS.get((capability, 128))
-    if config is None:
-        pytest.skip("no tuned FlashAttention-4 config listed for this GPU")
-    monkeypatch.setattr(kernels, "FA4_TUNED_CONFIGS", {(capability, 128): config})
-    monkeypatch.setattr(kernels, "_fa4_compiled", {})
-    b, lq, lk, h, d = WAN_SHAPES[shape]
-    q, k, v = projections(b, lq, lk, h, d, torch.bfloat16)
-    with caplog.at_level(logging.INFO, logger="wantalk"):
-        out = attention(q, k, v, policy="flash_attn_4")
-    assert served_by("flash_attn_4", q, k, v) == "flash_attn_4"
-    assert any("tuned config" in r.getMessage() for r in caplog.records)
-    assert not any("refused its tuned config" in r.getMessage() for r in caplog.records)
-    rows = torch.randperm(lq, device="cuda")[:256]
-    assert rel_err(out[:, rows], fp32_reference(q, k, v, rows)) < EXACT_TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

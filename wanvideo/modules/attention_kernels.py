@@ -293,73 +293,30 @@ def _fa4_unavailable():
     return None
 
 
-# FlashAttention-4's forward tile config where one measured faster than its own choice, per (GPU capability, head
-# dim): keyword arguments of `flash_attn.cute.interface._flash_attn_fwd` (tile_mn, mma_pv_is_rs, intra_wg_overlap).
-# Its sm90 default for head dim 128 is 128x128 with P.V from registers and intra-warpgroup overlap; FlashAttention-3's
-# tile table uses 128x176 there. `python3 bench/fa4_tiles.py` sweeps the candidates at the Wan self-attention shapes;
-# only a config it measured better is listed (sm100 keeps FA4's default). FA4 refusing it is a logged fallback to
-# its default.
-FA4_TUNED_CONFIGS: dict[tuple[tuple[int, int], int], dict] = {}
-
 # FlashAttention-4 JIT-compiles one kernel per family (dtype, head dim, q heads per k/v head, device) on its first
 # call in a process (H200: 1.8-2.8 s, the package import included); later calls of the family, any sequence length,
-# run at once (0.5-5 ms first calls measured). Family -> the call that compiled for it (tuned or default).
-_fa4_compiled: dict[tuple, Callable] = {}
-
-
-def _capability(device: torch.device) -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-
-
-def _fa4_default(q, k, v, scale):
-    return _fa4_module().flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
-
-
-def _fa4_tuned(config: dict):
-    """FA4's forward with a tile config: its public function takes none, so the internal forward it wraps is
-    called (inference only: no autograd graph is built)."""
-    def call(q, k, v, scale):
-        interface = _import("flash_attn.cute.interface")
-        return interface._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=False, **config)
-    return call
-
-
-def _fa4_first_call(call, config: dict | None, q, k, v, scale):
-    """The first call of a family is its JIT compile: a refusal (assert) or a failed build is AttentionUnsupported."""
-    start = time.perf_counter()
-    try:
-        out = call(q, k, v, scale)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as err:
-        first_line = (str(err).splitlines() or [""])[0][:200]
-        raise AttentionUnsupported(f"refused or failed to compile {type(err).__name__}: {first_line}") from err
-    log.info("FlashAttention-4: first call of %s, head dim %d, %d q heads per k/v head, %s took %.1f s (JIT "
-             "compile, once per process)", q.dtype, q.shape[-1], q.shape[2] // k.shape[2],
-             f"tuned config {config}" if config else "its default config", time.perf_counter() - start)
-    return out
-
-
-def _fa4_compile(q, k, v, scale):
-    """Compile the family with its tuned config if one is listed, else (or when FA4 refuses it) FA4's default.
-    Returns the first output and the call that produced it."""
-    config = FA4_TUNED_CONFIGS.get((_capability(q.device), q.shape[-1]))
-    if config is not None:
-        tuned = _fa4_tuned(config)
-        try:
-            return _fa4_first_call(tuned, config, q, k, v, scale), tuned
-        except AttentionUnsupported as err:
-            log.warning("FlashAttention-4 refused its tuned config %s (%s): using its default config", config, err)
-    return _fa4_first_call(_fa4_default, None, q, k, v, scale), _fa4_default
+# run at once (0.5-5 ms first calls measured).
+_fa4_compiled: set[tuple] = set()
 
 
 def _flash_attn_4(q, k, v, *, scale, mask):
+    fa4 = _fa4_module()
     family = (q.dtype, q.shape[-1], q.shape[2] // k.shape[2], q.device)
-    call = _fa4_compiled.get(family)
-    if call is not None:
-        out = call(q, k, v, scale)
+    if family in _fa4_compiled:
+        out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
     else:
-        out, _fa4_compiled[family] = _fa4_compile(q, k, v, scale)
+        start = time.perf_counter()
+        try:
+            out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:   # first call of a family = its compile: a refusal (assert) or a failed build
+            first_line = (str(err).splitlines() or [""])[0][:200]
+            raise AttentionUnsupported(f"refused or failed to compile {type(err).__name__}: {first_line}") from err
+        _fa4_compiled.add(family)
+        log.info("FlashAttention-4: first call of %s, head dim %d, %d q heads per k/v head took %.1f s (JIT "
+                 "compile, once per process)", q.dtype, q.shape[-1], q.shape[2] // k.shape[2],
+                 time.perf_counter() - start)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -414,6 +371,9 @@ CONTRACTS: dict[str, Contract] = {
     # is the common limit. FP8 inputs only on sm100, never fed. H200, bf16, H40 D128 (docs/BENCHMARKS.md, issue 16):
     # self-attention 1.01x cuDNN at 4,096 tokens, 1.08x at 8,190, 1.19x at 32,760; 0.79x at 2,048; 32,760 queries
     # over 1,024 / 2,048 / 4,096 keys 0.80x / 0.91x / 1.00x; <= 512 keys 0.58-0.86x. Hence `auto` from 4,096 keys.
+    # Its own sm90 tile config (128x128, P.V from registers, intra-warpgroup overlap) is the fastest at 32,760 tokens
+    # of the 18 others it accepts (bench/fa4_tiles.py: tile_n 112-192 x P.V source x overlap; FlashAttention-3's
+    # 128x176 0.98x) and none is ahead beyond noise at 75,600, so its choice stands.
     "flash_attn_4": Contract(layout="NHD", dtypes=HALF, max_head_dim=128, head_dim_multiple=8, gqa=True,
                              max_numel=2 ** 31, capabilities=((9, 0), (10, 0), (10, 3)), auto_from_kv_len=4096),
     # PyPI sageattention <= 1.0.6 (Triton): wrong unless Lk % 64 == 0; `k -= km` in place; D in {64, 96, 128};
