@@ -27,7 +27,7 @@ use are printed. Pillow is imported by `comfy.utils` for image helpers this forw
 empty stand-in `PIL` modules are put into `sys.modules` for this process only (`stub_pillow`).
 
     COMFYUI_DIR=/path/to/ComfyUI python3 bench/native_forward.py --precision fp8
-    python3 bench/native_forward.py --comfyui-dir .comfy_src --precision bf16
+    python3 bench/native_forward.py --comfyui-dir .comfy_src --precision bf16 --top-kernels 15   # + both profiles
     python3 bench/native_forward.py --comfyui-dir /work/comfy/ComfyUI --tiny     # CPU smoke test, tiny model
 """
 import argparse
@@ -46,7 +46,7 @@ from contextlib import nullcontext
 import torch
 
 from _common import add_clip_size_args, cuda_time, import_pack, reference_shapes, write_result
-from forward import build_model, forward_inputs, run_forward
+from forward import build_model, forward_inputs, print_top_kernels, profiled, run_forward
 
 LISTING = "keys_infinitetalk.txt"
 PRECISIONS = {   # ours -> (ComfyUI weight dtype name, our quantization)
@@ -221,6 +221,17 @@ def median_seconds(fn, repeats: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def measure(label: str, fn, args, device: torch.device) -> float:
+    """Median seconds of `fn`; with --top-kernels on a GPU also one profiled call: GPU time by kernel category and
+    the costliest kernels (which kernels each side runs: cuDNN or not, FP8 GEMMs, rope, norms)."""
+    seconds = median_seconds(fn, args.repeats, device)
+    if args.top_kernels and device.type == "cuda":
+        summary = profiled(fn, args.top_kernels)
+        print(f"profile {label}: {summary['by_category_ms']} ms, host gaps {summary.get('host_gaps_ms')} ms")
+        print_top_kernels(label, summary, args.top_kernels)
+    return seconds
+
+
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -231,7 +242,7 @@ def time_ours(shapes, quantization, attention, args, device):
     """Our forward's median seconds, and its inputs (reused for the native forward)."""
     model, _ = build_model(LISTING, device, quantization, attention, shapes=shapes)
     inputs = forward_inputs(model, args.frames, args.height, args.width, device)
-    seconds = median_seconds(lambda: run_forward(model, inputs), args.repeats, device)
+    seconds = measure("wantalk", lambda: run_forward(model, inputs), args, device)
     cfg = model.cfg
     del model
     inputs["audio"] = None
@@ -247,7 +258,8 @@ def time_native(comfy, cfg, shapes, precision, inputs, args, device):
     root.setLevel(logging.INFO)   # ComfyUI logs the fallback at info level
     try:
         with cudnn_first(device):
-            seconds = median_seconds(native_forward(comfy, model, audio_blocks, shapes, inputs), args.repeats, device)
+            seconds = measure("ComfyUI native", native_forward(comfy, model, audio_blocks, shapes, inputs), args,
+                              device)
     finally:
         root.removeHandler(counter)
         root.setLevel(level)
@@ -273,6 +285,8 @@ def main():
     p.add_argument("--attention", default="auto", help="our attention mode")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="a 2-block model of dim 640 at 5 frames 64x64 (CPU test)")
+    p.add_argument("--top-kernels", type=int, default=0, metavar="N",
+                   help="GPU: also profile one forward of each side and print its N costliest kernels")
     add_clip_size_args(p)
     args = p.parse_args()
     if not args.comfyui_dir:
