@@ -13,6 +13,7 @@ cross-attention, the odd shape: key lengths shorter than a tile and not a multip
 
     python3 bench/fa4_tiles.py                              # 6 tile_n x 2 x 2 = 24 configs, 32,760 and 75,600 tokens
     python3 bench/fa4_tiles.py --tile-n 128,176 --tokens 32760
+    python3 bench/fa4_tiles.py --tile-m 192 --tile-n 96,112,128    # three MMA warpgroups
 """
 import argparse
 import itertools
@@ -41,17 +42,19 @@ def rel_err(run, inputs, rows, ref) -> float:
     return ((out[:, rows].float() - ref).norm() / ref.norm()).item()
 
 
-def candidates(tile_ns):
-    """None (FA4's own config), then every tile_n x mma_pv_is_rs x intra_wg_overlap with tile_m 128."""
+def candidates(tile_ms, tile_ns):
+    """None (FA4's own config), then every tile_m x tile_n x mma_pv_is_rs x intra_wg_overlap (tile_m 192: three
+    MMA warpgroups instead of two)."""
     yield None
-    for tile_n, rs, overlap in itertools.product(tile_ns, (True, False), (True, False)):
-        yield dict(tile_mn=(128, tile_n), mma_pv_is_rs=rs, intra_wg_overlap=overlap)
+    for tile_m, tile_n, rs, overlap in itertools.product(tile_ms, tile_ns, (True, False), (True, False)):
+        yield dict(tile_mn=(tile_m, tile_n), mma_pv_is_rs=rs, intra_wg_overlap=overlap)
 
 
 def label(config) -> str:
     if config is None:
         return "FA4 default"
-    return f"128x{config['tile_mn'][1]} rs={int(config['mma_pv_is_rs'])} overlap={int(config['intra_wg_overlap'])}"
+    tile_m, tile_n = config["tile_mn"]
+    return f"{tile_m}x{tile_n} rs={int(config['mma_pv_is_rs'])} overlap={int(config['intra_wg_overlap'])}"
 
 
 def measure(run, inputs, rows, ref, repeats):
@@ -96,6 +99,7 @@ def compile_first(run, inputs) -> tuple[float, str | None]:
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--tile-m", default="128")
     p.add_argument("--tile-n", default="112,128,144,160,176,192")
     p.add_argument("--tokens", default="32760,75600", help="self-attention lengths (81 frames 480x832, 720x1280)")
     p.add_argument("--repeats", type=int, default=3)
@@ -115,7 +119,7 @@ def main():
     cudnn_short_err = max(rel_err(cudnn, *shape) for shape in short_shapes)
     results = {n: [("cuDNN", *measure(cudnn, *shapes[n], args.repeats), cudnn_short_err)] for n in shapes}
     first = next(iter(shapes))
-    for config in candidates([int(n) for n in args.tile_n.split(",")]):
+    for config in candidates([int(m) for m in args.tile_m.split(",")], [int(n) for n in args.tile_n.split(",")]):
         run = fa4_runner(kernels, config)
         compile_s, refusal = compile_first(run, shapes[first][0])
         if refusal is not None:
