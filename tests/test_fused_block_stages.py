@@ -197,7 +197,8 @@ def fast_fp8_blocks(model):
 
 def test_model_with_fused_stages_equals_unfused(rng, triton_on_cpu, monkeypatch):
     """Tiny Wan I2V + InfiniteTalk with fast FP8 blocks: every stage hands its layers rows (q/k/v, norm3 -> cross
-    q, audio norm -> audio q, FFN norm -> ffn[0], GELU -> ffn[2]) and the output is bit for bit the unfused one.
+    q, audio norm -> audio q, FFN norm -> ffn[0], GELU -> ffn[2]), the FFN residual of a block is added in the next
+    block's first pass, and the output is bit for bit the unfused one.
     The GELU kernel has its own test (the interpreter rounds bf16 unlike torch) and the interpreter cannot run the
     RMSNorm-RoPE kernel on bf16: both are their definitions here."""
     from tiny_models import tiny_infinitetalk
@@ -218,8 +219,7 @@ def test_model_with_fused_stages_equals_unfused(rng, triton_on_cpu, monkeypatch)
     fused = model.forward_batched(*args, audio=audio)
     assert len(decisions) == 2 * 5 and all(decisions)
     monkeypatch.setattr(wan, "wants_fp8_rows", lambda *a: False)
-    monkeypatch.setattr(wan, "residual_layer_norm_modulate", lambda x, y, gate, eps, *a, **kw: (
-        (x2 := fo.residual_add(x, y, gate)), fo.layer_norm_modulate(x2, eps, *a, **kw)))
+    monkeypatch.setattr(wan, "residual_layer_norm_modulate", fo.residual_then_layer_norm_modulate)
     unfused = model.forward_batched(*args, audio=audio)
     assert fused.isfinite().all() and torch.equal(bits(fused), bits(unfused))
 

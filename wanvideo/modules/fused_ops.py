@@ -13,6 +13,7 @@ the extra pass over memory (and once for q, k and v instead of three times).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -139,17 +140,39 @@ def layer_norm_modulate(x: torch.Tensor, eps: float, weight=None, bias=None, sca
     return _norm_rows(x, None, None, eps, weight, bias, scale, shift, out_dtype, fp8_rows)[1]
 
 
-def residual_layer_norm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, eps: float,
+def residual_layer_norm_modulate(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, eps: float,
                                  weight=None, bias=None, scale=None, shift=None, out_dtype=None,
                                  fp8_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor | FP8Rows]:
-    """`residual_add(x, y, gate)` then `layer_norm_modulate` of the sum: (new float32 x, normalised output). On
-    CUDA one pass reads x, y and writes both, instead of writing x and reading it back."""
-    fused = _use_triton(x, y) and x.dim() == 3 and x.dtype == torch.float32 and x.is_contiguous() \
-        and y.is_contiguous()
+    """`residual_add(x, y, gate)` (none when y is None) then `layer_norm_modulate` of the sum: (new float32 x,
+    normalised output). On CUDA one pass reads x, y and writes both, instead of writing x and reading it back."""
+    fused = y is not None and _use_triton(x, y) and x.dim() == 3 and x.dtype == torch.float32 \
+        and x.is_contiguous() and y.is_contiguous()
     if not fused:
-        x = residual_add(x, y, gate)
-        return x, layer_norm_modulate(x, eps, weight, bias, scale, shift, out_dtype, fp8_rows)
+        return residual_then_layer_norm_modulate(x, y, gate, eps, weight, bias, scale, shift, out_dtype, fp8_rows)
     return _norm_rows(x, y, gate, eps, weight, bias, scale, shift, out_dtype, fp8_rows)
+
+
+def residual_then_layer_norm_modulate(x, y, gate, eps, *norm, **kw):
+    """The two passes `residual_layer_norm_modulate` fuses (its path without Triton, and what it must equal)."""
+    x = x if y is None else residual_add(x, y, gate)
+    return x, layer_norm_modulate(x, eps, *norm, **kw)
+
+
+@dataclass(frozen=True)
+class PendingResidual:
+    """The residual stream `x + y * gate` with the add not yet done: a block hands its gated FFN residual to the
+    next block, which adds it in the pass of its first LayerNorm (a write and a read of the float32 stream fewer)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    gate: torch.Tensor
+
+    def resolve(self) -> torch.Tensor:
+        return residual_add(self.x, self.y, self.gate)
+
+
+def residual_parts(x: torch.Tensor | PendingResidual) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x, y, gate) of a residual stream that may still owe an add (y None when it does not)."""
+    return (x.x, x.y, x.gate) if isinstance(x, PendingResidual) else (x, None, None)
 
 
 # ----------------------------------------------------------------------------------------------

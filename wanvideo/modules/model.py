@@ -20,8 +20,8 @@ import torch.nn as nn
 from ...fp8_optimization import wants_fp8_rows
 from . import cast_ops
 from .attention import AUTO, AttentionPolicy, attention, policy_of, use_attention_policy
-from .fused_ops import (gelu_tanh_fp8_rows, layer_norm_modulate, residual_add, residual_layer_norm_modulate,
-                        rms_norm_reference, rms_norm_rope)
+from .fused_ops import (PendingResidual, gelu_tanh_fp8_rows, layer_norm_modulate, residual_add,
+                        residual_layer_norm_modulate, residual_parts, rms_norm_reference, rms_norm_rope)
 
 
 @dataclass(frozen=True)
@@ -198,10 +198,12 @@ class WanCrossAttention(QKNormAttention):
 class BlockInputs:
     """Per-forward state shared by all blocks (avoids threading a dozen arguments)."""
 
-    def __init__(self, e0, rope, context, grid, seq_lens=None, audio=None, shard=None):
+    def __init__(self, e0, rope, context, grid, seq_lens=None, audio=None, shard=None, chain_residuals=False):
         self.e0, self.rope, self.context, self.grid = e0, rope, context, grid
         self.seq_lens, self.audio = seq_lens, audio
         self.shard = shard  # this rank's token slice under sequence parallelism, else None
+        # blocks return `PendingResidual` (their last add is done by the next block's first LayerNorm pass)
+        self.chain_residuals = chain_residuals
 
 
 class WanAttentionBlock(nn.Module):
@@ -225,17 +227,20 @@ class WanAttentionBlock(nn.Module):
         else:
             self.audio_input = self.audio_adapter = None
 
-    def forward(self, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
-        """x: float32 residual stream `[B, L, dim]` (not modified; a new tensor is returned). Each residual add is
-        fused with the LayerNorm that follows it; each norm (and the FFN's GELU) hands its consumers E4M3 rows when
-        they are fast FP8 layers (`wants_fp8_rows`), else the compute-dtype tensor."""
+    def forward(self, x: torch.Tensor | PendingResidual, inp: BlockInputs) -> torch.Tensor | PendingResidual:
+        """x: float32 residual stream `[B, L, dim]` (not modified; a new tensor is returned), or the previous block's
+        `PendingResidual`; with `inp.chain_residuals` this block returns one too. Each residual add is fused with
+        the LayerNorm that follows it; each norm (and the FFN's GELU) hands its consumers E4M3 rows when they are
+        fast FP8 layers (`wants_fp8_rows`), else the compute-dtype tensor."""
         m = (self.modulation.float() + inp.e0).unbind(1)  # shift, scale, gate (msa), shift, scale, gate (mlp)
+        x, y, gate = residual_parts(x)
         cd = self.self_attn.q.compute_dtype
         fp8 = lambda *linears: wants_fp8_rows(linears, x.device, cd)
         sa, ca = self.self_attn, self.cross_attn
         with_audio = self.audio_adapter is not None and inp.audio is not None
         keep_qk = [] if with_audio and getattr(inp.audio, "needs_qk", False) else None
-        xn = layer_norm_modulate(x, self.eps, scale=m[1], shift=m[0], out_dtype=cd, fp8_rows=fp8(sa.q, sa.k, sa.v))
+        x, xn = residual_layer_norm_modulate(x, y, gate, self.eps, scale=m[1], shift=m[0], out_dtype=cd,
+                                             fp8_rows=fp8(sa.q, sa.k, sa.v))
         y = sa(xn, inp.rope, inp.seq_lens, keep_qk, inp.shard)
         x, xn = residual_layer_norm_modulate(x, y, m[2], self.eps, self.norm3.weight, self.norm3.bias,
                                              out_dtype=cd, fp8_rows=fp8(ca.q))
@@ -250,7 +255,8 @@ class WanAttentionBlock(nn.Module):
                                              fp8_rows=fp8(self.ffn[0]))
         h = self.ffn[0](xn)
         h = gelu_tanh_fp8_rows(h) if fp8(self.ffn[2]) else self.ffn[1](h)
-        return residual_add(x, self.ffn[2](h), m[5])
+        y = self.ffn[2](h)
+        return PendingResidual(x, y, m[5]) if inp.chain_residuals else residual_add(x, y, m[5])
 
 
 class Head(nn.Module):
@@ -390,10 +396,11 @@ class WanModel(nn.Module):
         shard = None if self.sequence_parallel is None else self.sequence_parallel.plan(tokens.shape[1], grid)
         if shard is not None:
             tokens, rope, seq_lens = shard.enter(tokens, rope, seq_lens)
-        inputs = BlockInputs(e0, rope, ctx, grid, seq_lens, audio, shard)
+        # Blocks chain their last residual add into the next block's first pass when nothing runs between them.
+        inputs = BlockInputs(e0, rope, ctx, grid, seq_lens, audio, shard, chain_residuals=self.block_runner is None)
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, inputs) if self.block_runner is None else self.block_runner(i, block, tokens, inputs)
-        out = self.head(tokens, e)
+        out = self.head(tokens.resolve() if isinstance(tokens, PendingResidual) else tokens, e)
         return self.unpatchify(out if shard is None else shard.gather(out), grid)
 
     def forward(self, x, t, context, seq_len=None, clip_fea=None, y=None, **kwargs):
