@@ -87,7 +87,8 @@ def quantize_activation(x: torch.Tensor) -> FP8Rows:
     return FP8Rows(codes.view(x.shape), scales, x.dtype)
 
 
-def fp8_rowwise_linear(x: FP8Rows, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def fp8_rowwise_linear(x: FP8Rows, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
     """`x` (E4M3 rows) @ (w_fp8 * w_scale[:, None])^T + bias via a row-wise scaled FP8 GEMM -> `[..., N]` in
     x.dtype."""
     xq, xs, dtype = x.codes.reshape(-1, x.shape[-1]), x.scales, x.dtype

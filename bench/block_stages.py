@@ -59,6 +59,18 @@ def stream(tokens: int, dim: int, gen) -> dict:
             "w": (1 + 0.1 * r(dim)).to(BF16), "b": (0.1 * r(dim)).to(BF16)}
 
 
+def with_setting(name: str, value, fn):
+    """`fn` run with the fused_ops launch setting `name` (NORM_MAX_REGISTERS, GELU_STEP) set to `value`."""
+    def run():
+        saved = getattr(fo, name)
+        setattr(fo, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(fo, name, saved)
+    return run
+
+
 def stage_cases(s: dict, hidden: torch.Tensor) -> list:
     """(name, unfused, fused, bytes the fused pass moves) per stage; unfused = the pre-issue-16 sequence."""
     x, y, gate, scale, shift, w, b = (s[k] for k in ("x", "y", "gate", "scale", "shift", "w", "b"))
@@ -81,10 +93,17 @@ def stage_cases(s: dict, hidden: torch.Tensor) -> list:
     def residual_fused(gate_, norm, to_fp8):
         return fo.residual_layer_norm_modulate(x, y, gate_, 1e-6, out_dtype=BF16, fp8_rows=to_fp8, **norm)
 
+    qkv_fused = lambda: ln_mod(x, fp8_rows=True, **mod)
+    chain_fused = lambda: residual_fused(gate, mod, True)
+    gelu_fused = lambda: fo.gelu_tanh_fp8_rows(hidden)
     return [
-        ("LN-mod -> q,k,v FP8 rows", qkv_unfused, lambda: ln_mod(x, fp8_rows=True, **mod), 4 * n * c + fp8_out),
-        ("+gated FFN residual, next LN-mod -> FP8", lambda: residual_unfused(gate, mod, True),
-         lambda: residual_fused(gate, mod, True), 10 * n * c + fp8_out),
+        ("LN-mod -> q,k,v FP8 rows", qkv_unfused, qkv_fused, 4 * n * c + fp8_out),
+        *[(f"  same, maxnreg {r}", qkv_unfused, with_setting("NORM_MAX_REGISTERS", r, qkv_fused), 4 * n * c + fp8_out)
+          for r in (80, 64)],
+        ("+gated FFN residual, next LN-mod -> FP8", lambda: residual_unfused(gate, mod, True), chain_fused,
+         10 * n * c + fp8_out),
+        *[(f"  same, maxnreg {r}", lambda: residual_unfused(gate, mod, True),
+           with_setting("NORM_MAX_REGISTERS", r, chain_fused), 10 * n * c + fp8_out) for r in (80, 64)],
         ("+gated residual, norm3 -> FP8", lambda: residual_unfused(gate, affine, True),
          lambda: residual_fused(gate, affine, True), 10 * n * c + fp8_out),
         ("+residual, FFN LN-mod -> FP8", lambda: residual_unfused(None, mod, True),
@@ -93,8 +112,11 @@ def stage_cases(s: dict, hidden: torch.Tensor) -> list:
          lambda: residual_fused(gate, affine, False), 12 * n * c),
         ("+residual, FFN LN-mod -> bf16", lambda: residual_unfused(None, mod, False),
          lambda: residual_fused(None, mod, False), 12 * n * c),
-        ("GELU(tanh) -> ffn[2] FP8 rows", lambda: rows(F.gelu(hidden, approximate="tanh")),
-         lambda: fo.gelu_tanh_fp8_rows(hidden), 3 * hidden.numel() + 4 * hidden.shape[1]),
+        ("GELU(tanh) -> ffn[2] FP8 rows", lambda: rows(F.gelu(hidden, approximate="tanh")), gelu_fused,
+         3 * hidden.numel() + 4 * hidden.shape[0]),
+        *[(f"  same, step {step}", lambda: rows(F.gelu(hidden, approximate="tanh")),
+           with_setting("GELU_STEP", step, gelu_fused), 3 * hidden.numel() + 4 * hidden.shape[0])
+          for step in (1024, 4096)],
     ]
 
 
@@ -166,7 +188,8 @@ def main():
     for name, unfused, fused, nbytes in stage_cases(s, hidden):
         identical = identity(fused(), unfused())
         old_ms, new_ms = ms(unfused), ms(fused)
-        total_old, total_new = total_old + old_ms, total_new + new_ms
+        if not name.startswith(" "):  # indented rows: a launch setting of the row above
+            total_old, total_new = total_old + old_ms, total_new + new_ms
         print(f"{name:40s} {old_ms:10.3f} {new_ms:9.3f} {old_ms / new_ms:5.2f}x {nbytes / new_ms / 1e6:10.0f}  "
               f"{identical}")
     print(f"{'sum of the stages':40s} {total_old:10.3f} {total_new:9.3f}")

@@ -171,9 +171,13 @@ def test_residual_norm_equals_the_two_passes(rng, triton_on_cpu, kind, gated, to
 
 def test_gelu_rows_follow_torch_gelu_tanh(rng, triton_on_cpu):
     """float32 hidden (no rounding step the interpreter models differently from the GPU): the kernel's GELU is the
-    torch formula's operation order bit for bit, then exactly `quantize_rows`; ragged width 1000, 3x17 rows."""
+    torch formula's operation order bit for bit, then exactly `quantize_rows`; ragged width 1000 (not a multiple of
+    the kernel's step), 3x17 rows."""
     import numpy as np
     h = torch.randn(3, 17, 1000, generator=rng) * 2 + torch.randn(1000, generator=rng)
+    h[0, 3] = -h[0, 3].abs() - 0.1                    # rows whose largest input stays below 0.5: their scale
+    h[1, 5] = 0.1 * torch.randn(1000, generator=rng)  # comes from every element's GELU, not from GELU(max h)
+    assert h[0, 3].max() < 0.5 and h[1, 5].max() < 0.5
     rows = fo.gelu_tanh_fp8_rows(h)
     beta, kappa = torch.tensor(fo.GELU_BETA), torch.tensor(fo.GELU_KAPPA)
     inner = beta * (h + kappa * (h * h * h))

@@ -31,12 +31,22 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
+    def fp8_scale(amax, QMAX: tl.constexpr):
+        """A row's scale from its largest magnitude (all-zero rows: a tiny scale, no division by zero)."""
+        return tl.maximum(amax / QMAX, 1e-12)
+
+    @triton.jit
+    def fp8_codes(x, scale, QMAX: tl.constexpr):
+        """float32 values -> values clamped to +-QMAX in units of the row's scale (cast to fp8 on store)."""
+        return tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+
+    @triton.jit
     def fp8_row(x, QMAX: tl.constexpr):
-        """One row's float32 values (masked lanes 0) -> (values clamped to +-QMAX in units of the scale, the
-        scale): THE per-row quantization step, shared by every kernel that emits `quantize_rows` output so that
+        """One row's float32 values (masked lanes 0) -> (codes before the cast, scale): THE per-row quantization
+        step (with `fp8_scale`, `fp8_codes`), shared by every kernel that emits `quantize_rows` output so that
         fused producers round exactly as the stand-alone pass."""
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, 1e-12)
-        return tl.minimum(tl.maximum(x / scale, -QMAX), QMAX), scale
+        scale = fp8_scale(tl.max(tl.abs(x), axis=0), QMAX)
+        return fp8_codes(x, scale, QMAX), scale
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -28,7 +28,7 @@ try:  # optional accelerator
     import triton.language as tl
     from triton.language.extra.cuda import libdevice
 
-    from ..kernels.quant_triton import fp8_row, row_warps
+    from ..kernels.quant_triton import fp8_codes, fp8_row, fp8_scale
 except Exception:  # pragma: no cover - depends on the environment
     triton = None
 
@@ -36,6 +36,10 @@ FP8_CODES = torch.float8_e4m3fn  # the activation format of the fast FP8 matmul
 # torch's GELU(tanh) constants, as its CUDA kernel rounds them to float32: sqrt(2) * (2/sqrt(pi)) / 2 and 0.044715
 GELU_BETA = 1.41421356237309504880 * 1.12837916709551257390 * 0.5
 GELU_KAPPA = 0.044715
+GELU_STEP = 2048  # columns per step of the GELU kernel: 16 per thread with 4 warps
+# ptxas register cap of the LayerNorm kernel: fewer registers, more rows in flight per SM (ptxas uses 84-90 uncapped:
+# two 8-warp rows per SM). It changes no arithmetic; None lets ptxas choose. bench/block_stages.py times the choices.
+NORM_MAX_REGISTERS = None
 
 
 def _use_triton(*tensors: torch.Tensor) -> bool:
@@ -120,7 +124,7 @@ def _norm_rows(x, y, gate, eps, weight, bias, scale, shift, out_dtype, fp8_rows)
         given(scale, True), given(shift, True), l, c, eps, HAS_RESIDUAL=y is not None, HAS_GATE=gate is not None,
         HAS_AFFINE=weight is not None, HAS_MOD=scale is not None, FP8_ROWS=fp8_rows,
         ROUND_TO=_triton_dtype(out_dtype or torch.float32), QMAX=FP8_MAX[FP8_CODES],
-        BLOCK=triton.next_power_of_2(c), num_warps=8)
+        BLOCK=triton.next_power_of_2(c), num_warps=8, maxnreg=NORM_MAX_REGISTERS)
     return x_out, FP8Rows(out, row_scales, out_dtype) if fp8_rows else out
 
 
@@ -181,19 +185,43 @@ def residual_parts(x: torch.Tensor | PendingResidual) -> tuple[torch.Tensor, tor
 
 if triton is not None:
     @triton.jit
-    def _gelu_tanh_fp8_kernel(h_ptr, q_ptr, s_ptr, n_cols, BETA: tl.constexpr, KAPPA: tl.constexpr,
-                              QMAX: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: torch's GELU(tanh) in float32 with its operation order, rounded to h's dtype, quantized."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        raw = tl.load(h_ptr + row * n_cols + cols, mask=mask, other=0.0)
-        h = raw.to(tl.float32)
-        inner = BETA * (h + KAPPA * (h * h * h))
-        g = (0.5 * h * (1.0 + libdevice.tanh(inner))).to(raw.dtype).to(tl.float32)
-        q, row_scale = fp8_row(g, QMAX)
-        tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + row, row_scale)
+    def _gelu_tanh(h, BETA: tl.constexpr, KAPPA: tl.constexpr):
+        """torch's GELU(tanh) of float32 values with its operation order, rounded to h's storage dtype by the
+        caller."""
+        return 0.5 * h * (1.0 + libdevice.tanh(BETA * (h + KAPPA * (h * h * h))))
+
+    @triton.jit
+    def _gelu_tanh_fp8_kernel(h_ptr, q_ptr, s_ptr, N_COLS: tl.constexpr, BETA: tl.constexpr,
+                              KAPPA: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+        """One row in BLOCK-wide steps (few registers: many rows in flight). The row's scale needs its largest
+        |GELU|: GELU increases above -0.75 and stays under 0.171 in magnitude below 0, so for a row whose largest
+        input reaches 0.5 (GELU 0.346) it is GELU(max h), found by a max over the inputs alone; other rows take the
+        GELU of every element. The second sweep computes, rounds and quantizes (its reads hit the L2)."""
+        base = tl.program_id(0).to(tl.int64) * N_COLS
+        dt = h_ptr.dtype.element_ty
+        top = tl.full([BLOCK], float("-inf"), tl.float32)
+        for c0 in range(0, N_COLS, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            h = tl.load(h_ptr + base + cols, mask=cols < N_COLS, other=float("-inf"))
+            top = tl.maximum(top, h.to(tl.float32))
+        h_max = tl.max(top, axis=0)
+        if h_max >= 0.5:
+            amax = _gelu_tanh(h_max, BETA, KAPPA).to(dt).to(tl.float32)
+        else:
+            largest = tl.zeros([BLOCK], tl.float32)
+            for c0 in range(0, N_COLS, BLOCK):
+                cols = c0 + tl.arange(0, BLOCK)
+                h = tl.load(h_ptr + base + cols, mask=cols < N_COLS, other=0.0).to(tl.float32)
+                largest = tl.maximum(largest, tl.abs(_gelu_tanh(h, BETA, KAPPA).to(dt).to(tl.float32)))
+            amax = tl.max(largest, axis=0)
+        row_scale = fp8_scale(amax, QMAX)
+        for c0 in range(0, N_COLS, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            mask = cols < N_COLS
+            h = tl.load(h_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            q = fp8_codes(_gelu_tanh(h, BETA, KAPPA).to(dt).to(tl.float32), row_scale, QMAX)
+            tl.store(q_ptr + base + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + tl.program_id(0), row_scale)
 
 
 def gelu_tanh_fp8_rows(h: torch.Tensor) -> FP8Rows:
@@ -204,9 +232,8 @@ def gelu_tanh_fp8_rows(h: torch.Tensor) -> FP8Rows:
     k = h.shape[-1]
     codes = torch.empty(h.shape, device=h.device, dtype=FP8_CODES)
     row_scales = torch.empty(h.numel() // k, 1, device=h.device, dtype=torch.float32)
-    block = triton.next_power_of_2(k)
     _gelu_tanh_fp8_kernel[(row_scales.shape[0],)](h, codes, row_scales, k, BETA=GELU_BETA, KAPPA=GELU_KAPPA,
-                                                  QMAX=FP8_MAX[FP8_CODES], BLOCK=block, num_warps=row_warps(block))
+                                                  QMAX=FP8_MAX[FP8_CODES], BLOCK=GELU_STEP, num_warps=4)
     return FP8Rows(codes, row_scales, h.dtype)
 
 
