@@ -249,4 +249,6 @@ def test_gpu_fused_stages_are_bit_identical(rng, kind):
         rows = fo.layer_norm_modulate(x_ref, EPS, out_dtype=torch.bfloat16, fp8_rows=True, **norm_args(t, kind))
         assert_rows_equal(rows, *quantize_rows(qt, xn_ref))
     h = (torch.randn(2, 3001, 13824, device="cuda") * 1.5 - 0.3).bfloat16()
+    h[0, 7] = -h[0, 7].abs() - 0.1                # rows whose scale comes from every element (max h < 0.5)
+    h[1, 9] = (0.1 * torch.randn(13824, device="cuda")).bfloat16()
     assert_rows_equal(fo.gelu_tanh_fp8_rows(h), *quantize_rows(qt, F.gelu(h, approximate="tanh")))
