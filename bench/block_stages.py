@@ -55,6 +55,7 @@ def stream(tokens: int, dim: int, gen) -> dict:
     modulation vectors near their trained scale, LayerNorm affine near 1."""
     r = lambda *s: torch.randn(*s, device=DEV, generator=gen)
     return {"x": r(1, tokens, dim) * 2 + r(dim) * 3, "y": (r(1, tokens, dim) + r(dim)).to(BF16),
+            "y2": (0.7 * r(1, tokens, dim)).to(BF16),
             "gate": r(1, dim) * 0.2, "scale": r(1, dim) * 0.2, "shift": r(1, dim) * 0.2,
             "w": (1 + 0.1 * r(dim)).to(BF16), "b": (0.1 * r(dim)).to(BF16)}
 
@@ -73,7 +74,7 @@ def with_setting(name: str, value, fn):
 
 def stage_cases(s: dict, hidden: torch.Tensor) -> list:
     """(name, unfused, fused, bytes the fused pass moves) per stage; unfused = the pre-issue-16 sequence."""
-    x, y, gate, scale, shift, w, b = (s[k] for k in ("x", "y", "gate", "scale", "shift", "w", "b"))
+    x, y, y2, gate, scale, shift, w, b = (s[k] for k in ("x", "y", "y2", "gate", "scale", "shift", "w", "b"))
     n, c = x.shape[1], x.shape[2]
     rows = lambda t: quantize_rows(t.reshape(-1, t.shape[-1]))
     ln_mod = lambda t, **kw: fo.layer_norm_modulate(t, 1e-6, out_dtype=BF16, **kw)
@@ -112,6 +113,8 @@ def stage_cases(s: dict, hidden: torch.Tensor) -> list:
          lambda: residual_fused(gate, affine, False), 12 * n * c),
         ("+residual, FFN LN-mod -> bf16", lambda: residual_unfused(None, mod, False),
          lambda: residual_fused(None, mod, False), 12 * n * c),
+        ("text + image attention -> cross o FP8", lambda: rows(y + y2), lambda: fo.add_fp8_rows(y, y2),
+         5 * n * c + 4 * n),
         ("GELU(tanh) -> ffn[2] FP8 rows", lambda: rows(F.gelu(hidden, approximate="tanh")), gelu_fused,
          3 * hidden.numel() + 4 * hidden.shape[0]),
         *[(f"  same, step {step}", lambda: rows(F.gelu(hidden, approximate="tanh")),

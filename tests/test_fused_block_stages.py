@@ -201,10 +201,10 @@ def fast_fp8_blocks(model):
 
 def test_model_with_fused_stages_equals_unfused(rng, triton_on_cpu, monkeypatch):
     """Tiny Wan I2V + InfiniteTalk with fast FP8 blocks: every stage hands its layers rows (q/k/v, norm3 -> cross
-    q, audio norm -> audio q, FFN norm -> ffn[0], GELU -> ffn[2]), the FFN residual of a block is added in the next
-    block's first pass, and the output is bit for bit the unfused one.
-    The GELU kernel has its own test (the interpreter rounds bf16 unlike torch) and the interpreter cannot run the
-    RMSNorm-RoPE kernel on bf16: both are their definitions here."""
+    q, text + image attention -> cross o, audio norm -> audio q, FFN norm -> ffn[0], GELU -> ffn[2]), the FFN
+    residual of a block is added in the next block's first pass, and the output is bit for bit the unfused one.
+    The GELU and add kernels have their own tests (the interpreter rounds bf16 unlike torch) and the interpreter
+    cannot run the RMSNorm-RoPE kernel on bf16: all three are their definitions here."""
     from tiny_models import tiny_infinitetalk
     from wantalk.multitalk.conditioning import zero_audio_conditioning
     from wantalk.wanvideo.modules import model as wan
@@ -212,6 +212,7 @@ def test_model_with_fused_stages_equals_unfused(rng, triton_on_cpu, monkeypatch)
     monkeypatch.setattr(torch, "_scaled_mm", scaled_mm_in_float64)
     monkeypatch.setattr(wan, "gelu_tanh_fp8_rows", lambda h: fp8.quantize_activation(F.gelu(h, approximate="tanh")))
     monkeypatch.setattr(wan, "rms_norm_rope", fo.rms_norm_rope_reference)
+    monkeypatch.setattr(wan, "add_fp8_rows", lambda a, b: fp8.quantize_activation(a + b))
     model, _ = tiny_infinitetalk(rng, dtype=torch.bfloat16)
     fast_fp8_blocks(model)
     f, h, w = 3, 8, 12
@@ -221,11 +222,21 @@ def test_model_with_fused_stages_equals_unfused(rng, triton_on_cpu, monkeypatch)
     decisions, decide = [], wan.wants_fp8_rows
     monkeypatch.setattr(wan, "wants_fp8_rows", lambda *a: decisions.append(decide(*a)) or decisions[-1])
     fused = model.forward_batched(*args, audio=audio)
-    assert len(decisions) == 2 * 5 and all(decisions)
+    assert len(decisions) == 2 * 6 and all(decisions)
     monkeypatch.setattr(wan, "wants_fp8_rows", lambda *a: False)
     monkeypatch.setattr(wan, "residual_layer_norm_modulate", fo.residual_then_layer_norm_modulate)
     unfused = model.forward_batched(*args, audio=audio)
     assert fused.isfinite().all() and torch.equal(bits(fused), bits(unfused))
+
+
+def test_sum_rows_are_the_rows_of_the_sum(rng, triton_on_cpu):
+    """float32 branch outputs (no bf16 rounding step the interpreter models differently): the add happens in the
+    quantization pass, exactly; ragged width 200."""
+    a = torch.randn(2, 29, 200, generator=rng) + torch.randn(200, generator=rng)
+    b = torch.randn(2, 29, 200, generator=rng) * 0.5
+    rows = fo.add_fp8_rows(a, b)
+    assert rows.shape == a.shape and rows.dtype == torch.float32
+    assert_rows_equal(rows, *quantize_rows(triton_on_cpu, a + b))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,3 +263,5 @@ def test_gpu_fused_stages_are_bit_identical(rng, kind):
     h[0, 7] = -h[0, 7].abs() - 0.1                # rows whose scale comes from every element (max h < 0.5)
     h[1, 9] = (0.1 * torch.randn(13824, device="cuda")).bfloat16()
     assert_rows_equal(fo.gelu_tanh_fp8_rows(h), *quantize_rows(qt, F.gelu(h, approximate="tanh")))
+    a, b = t["y"], (torch.randn_like(t["y"], dtype=torch.float32) * 0.7).bfloat16()
+    assert_rows_equal(fo.add_fp8_rows(a, b), *quantize_rows(qt, a + b))

@@ -49,12 +49,17 @@ if triton is not None:
         return fp8_codes(x, scale, QMAX), scale
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _quantize_rows_kernel(x_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, stride_q, QMAX: tl.constexpr,
+                              HAS_SUM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row of x (or of x + y, added in float32 and rounded to x's dtype as torch adds two tensors)."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         mask = offs < K
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        q, scale = fp8_row(x, QMAX)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        if HAS_SUM:
+            y = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
+        q, scale = fp8_row(x.to(tl.float32), QMAX)
         tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row, scale)
 
@@ -177,19 +182,24 @@ if triton is not None:
             tl.store(out_ptr + rows * stride_o + co, words, mask=rmask & (co < OUT_WORDS))
 
 
-def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x [M, K]` (bf16/fp16/fp32, CUDA) -> (codes `[M, K]` fp8, fp32 scale `[M, 1]`), x ~= codes * scale."""
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
+                  plus: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x [M, K]` (bf16/fp16/fp32, CUDA) -> (codes `[M, K]` fp8, fp32 scale `[M, 1]`), x ~= codes * scale. With
+    `plus` (x's shape and dtype): the rows of `x + plus`, read in the same pass."""
     m, k = x.shape
     if k > MAX_ROW:
         raise ValueError(f"quantize_rows handles rows up to {MAX_ROW} elements, got {k}")
     if x.stride(1) != 1:
         x = x.contiguous()
+    if plus is not None and plus.stride(1) != 1:
+        plus = plus.contiguous()
     q = torch.empty(m, k, device=x.device, dtype=dtype)
     s = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
+    y = x if plus is None else plus
     if m:
-        _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=FP8_MAX[dtype], BLOCK_K=block,
-                                    num_warps=row_warps(block))
+        _quantize_rows_kernel[(m,)](x, y, q, s, k, x.stride(0), y.stride(0), q.stride(0), QMAX=FP8_MAX[dtype],
+                                    HAS_SUM=plus is not None, BLOCK_K=block, num_warps=row_warps(block))
     return q, s
 
 

@@ -28,7 +28,7 @@ try:  # optional accelerator
     import triton.language as tl
     from triton.language.extra.cuda import libdevice
 
-    from ..kernels.quant_triton import fp8_codes, fp8_row, fp8_scale
+    from ..kernels.quant_triton import fp8_codes, fp8_row, fp8_scale, quantize_rows
 except Exception:  # pragma: no cover - depends on the environment
     triton = None
 
@@ -177,6 +177,20 @@ class PendingResidual:
 def residual_parts(x: torch.Tensor | PendingResidual) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(x, y, gate) of a residual stream that may still owe an add (y None when it does not)."""
     return (x.x, x.y, x.gate) if isinstance(x, PendingResidual) else (x, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sum of two branch outputs (text + image cross-attention) + its E4M3 rows (the input of a fast FP8 `o`)
+# ----------------------------------------------------------------------------------------------
+
+def add_fp8_rows(a: torch.Tensor, b: torch.Tensor) -> FP8Rows:
+    """`quantize_activation(a + b)` (same shape and dtype) with the add done in the quantization pass: both read
+    once, the sum never written."""
+    if not (_use_triton(a, b) and a.shape == b.shape and a.dtype == b.dtype):
+        return quantize_activation(a + b)
+    k = a.shape[-1]
+    codes, scales = quantize_rows(a.reshape(-1, k), FP8_CODES, plus=b.reshape(-1, k))
+    return FP8Rows(codes.view(a.shape), scales, a.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch.nn as nn
 from ...fp8_optimization import wants_fp8_rows
 from . import cast_ops
 from .attention import AUTO, AttentionPolicy, attention, policy_of, use_attention_policy
-from .fused_ops import (PendingResidual, gelu_tanh_fp8_rows, layer_norm_modulate, residual_add,
+from .fused_ops import (PendingResidual, add_fp8_rows, gelu_tanh_fp8_rows, layer_norm_modulate, residual_add,
                         residual_layer_norm_modulate, residual_parts, rms_norm_reference, rms_norm_rope)
 
 
@@ -187,7 +187,10 @@ class WanCrossAttention(QKNormAttention):
             img = context[:, :-text_len]
             k_img = self.norm_k_img.heads(self.k_img(img), self.num_heads)
             v_img = heads(self.v_img(img))
-            out = out + attention(q, k_img.to(q.dtype), v_img.to(q.dtype))
+            out_img = attention(q, k_img.to(q.dtype), v_img.to(q.dtype))
+            if wants_fp8_rows([self.o], out.device, out.dtype):  # `o` takes its rows from the pass that adds
+                return self.o(add_fp8_rows(out.flatten(2), out_img.flatten(2)))
+            out = out + out_img
         return self.o(out.flatten(2))
 
 
