@@ -2,10 +2,11 @@
 
 FA4's sm90 forward for head dim 128 uses 128x128 tiles, P.V from registers (`mma_pv_is_rs`) and intra-warpgroup
 overlap; FlashAttention-3's tile table uses 128x176 there. This sweeps tile_n x mma_pv_is_rs x intra_wg_overlap
-through `flash_attn.cute.interface._flash_attn_fwd` (the forward FA4's public function wraps; only it takes tile
-arguments), FA4's own choice through the pack's adapter. Each new config JIT-compiles once (about 2 s); a config
-FA4 refuses (on sm90: P.V from shared memory with tile_n >= 160 needs more than 227 KB of shared memory) is listed
-as refused. H200 result (docs/BENCHMARKS.md): FA4's own choice is the fastest, so the adapter forces none.
+(and tile_m: 192 = three MMA warpgroups) through the call the pack's adapter makes for a config listed in
+`attention_kernels.FA4_TUNED_CONFIGS` (FA4's internal forward; its public function takes no tile arguments), so a
+winner can go straight into that table. Each new config JIT-compiles once (about 2 s); a config FA4 refuses (on
+sm90: P.V from shared memory with tile_n >= 160 needs more than 227 KB of shared memory) is listed as refused.
+H200 (docs/BENCHMARKS.md): 192x128, P.V in registers, no overlap, 1.03-1.04x FA4's own 128x128; listed.
 Rows print as they are measured (a config that breaks the CUDA context ends the run, the rows before it stay),
 then a table per shape sorted by speed. TFLOP/s = 4 * L^2 * H * D / time; error against float32
 SDPA on 256 sampled query rows, and the worst such error at the other Wan shapes (text, CLIP and audio
@@ -67,13 +68,15 @@ def measure(run, inputs, rows, ref, repeats):
 
 
 def fa4_runner(kernels, config):
-    """FA4's own config through the pack's adapter (what `auto` runs), or a tile config through the internal
-    forward FA4's public function wraps (it takes no tile arguments)."""
+    """FA4's own config (its public function), or a tile config through the call the pack's adapter makes for a
+    listed one (`attention_kernels._fa4_tuned`)."""
+    call = kernels._fa4_default if config is None else kernels._fa4_tuned(config)
     scale = HEAD_DIM ** -0.5
-    if config is None:
-        return lambda q, k, v: kernels.KERNELS["flash_attn_4"].run(q, k, v, scale=scale, mask=None)
-    from flash_attn.cute.interface import _flash_attn_fwd
-    return lambda q, k, v: _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=False, **config)[0]
+
+    def run(q, k, v):
+        out = call(q, k, v, scale)
+        return out[0] if isinstance(out, tuple) else out
+    return run
 
 
 def cudnn_runner(kernels):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from wantalk.wanvideo.modules import attention as dispatch
+from wantalk.wanvideo.modules import attention_kernels as kernels
 from wantalk.wanvideo.modules.attention import ATTENTION_MODES, attention, count_copies, select_kernel
 from wantalk.wanvideo.modules.attention_kernels import CONTRACTS, KERNELS, installed_version
 
@@ -135,6 +136,26 @@ def test_auto_uses_fa4_for_long_keys_when_installed():
     assert served_by("auto", q, k[:, :n - 1], v[:, :n - 1]) == "sdpa_cudnn"
     rows = torch.randperm(4096, device="cuda")[:256]
     assert rel_err(attention(q, k, v)[:, rows], fp32_reference(q, k, v, rows)) < EXACT_TOL
+
+
+@pytest.mark.parametrize("shape", list(WAN_SHAPES))
+def test_fa4_tuned_config_at_wan_shapes_against_fp32_sdpa(shape, monkeypatch, caplog):
+    """The tile config listed for this GPU really compiles (no fallback to FA4's own) and is exact at every Wan
+    shape, key lengths shorter than a tile included."""
+    if not fa4_installed():
+        pytest.skip("flash-attn-4 not installed, or not an sm90/sm100 GPU")
+    b, lq, lk, h, d = WAN_SHAPES[shape]
+    q, k, v = projections(b, lq, lk, h, d, torch.bfloat16)
+    if (torch.cuda.get_device_capability(), q.dtype, d, 1) not in kernels.FA4_TUNED_CONFIGS:
+        pytest.skip("no tuned FlashAttention-4 config listed for this GPU")
+    monkeypatch.setattr(kernels, "_fa4_compiled", {})
+    with caplog.at_level(logging.INFO, logger="wantalk"):
+        out = attention(q, k, v, policy="flash_attn_4")
+    assert served_by("flash_attn_4", q, k, v) == "flash_attn_4"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("tuned config" in m for m in messages) and not any("refused its tuned config" in m for m in messages)
+    rows = torch.randperm(lq, device="cuda")[:256]
+    assert rel_err(out[:, rows], fp32_reference(q, k, v, rows)) < EXACT_TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

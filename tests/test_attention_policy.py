@@ -200,7 +200,7 @@ def nhd_attention(q, k, v, scale):
 def test_fa4_refusing_or_failing_to_compile_is_unsupported(monkeypatch, rng):
     """The first call of a shape family is FA4's JIT compile: any failure there is a refusal
     (AttentionUnsupported); once a family ran, later failures are bugs and surface."""
-    monkeypatch.setattr(kernels, "_fa4_compiled", set())
+    monkeypatch.setattr(kernels, "_fa4_compiled", {})
     q, k, v = (torch.randn(1, n, 2, 64, generator=rng).half() for n in (8, 16, 16))
 
     def refuses(*args):
@@ -211,7 +211,7 @@ def test_fa4_refusing_or_failing_to_compile_is_unsupported(monkeypatch, rng):
     monkeypatch.setattr(kernels, "_fa4_module", lambda: fake_fa4_package(nhd_attention))
     out = kernels._flash_attn_4(q, k, v, scale=0.125, mask=None)
     assert rel_err(out, reference(q, k, v, 0.125)) < TOL[torch.float16]
-    assert kernels._fa4_compiled == {(torch.float16, 64, 1, q.device)}
+    assert set(kernels._fa4_compiled) == {(torch.float16, 64, 1, q.device)}
 
     def broken(*args):
         raise RuntimeError("illegal memory access")
@@ -222,7 +222,7 @@ def test_fa4_refusing_or_failing_to_compile_is_unsupported(monkeypatch, rng):
 
 def test_fa4_refusal_falls_back_in_the_dispatch(sm90_chain, monkeypatch, rng, caplog):
     dispatch._noted.clear()
-    monkeypatch.setattr(kernels, "_fa4_compiled", set())
+    monkeypatch.setattr(kernels, "_fa4_compiled", {})
 
     def refuses(*args):
         raise AssertionError("head dim not supported")

@@ -293,30 +293,76 @@ def _fa4_unavailable():
     return None
 
 
+# FlashAttention-4's forward tile config where one measured faster than its own choice, per (GPU capability, dtype,
+# head dim, q heads per k/v head): keyword arguments of `flash_attn.cute.interface._flash_attn_fwd`. H200, bf16, H40
+# D128 self-attention (bench/fa4_tiles.py, docs/BENCHMARKS.md): three MMA warpgroups on 192x128 tiles, P.V from
+# registers, no intra-warpgroup overlap ran 1.029x FA4's own 128x128 choice at 32,760 tokens (702 TFLOP/s) and 1.041x
+# at 75,600 (run-to-run noise about 1.5%), same error; of the 2-warpgroup configs none beat FA4's own. Only the
+# measured case is listed (sm100, fp16, GQA and other head dims keep FA4's choice); FA4 refusing it is a logged
+# fallback to its own config.
+FA4_TUNED_CONFIGS: dict[tuple, dict] = {
+    ((9, 0), torch.bfloat16, 128, 1): dict(tile_mn=(192, 128), mma_pv_is_rs=True, intra_wg_overlap=False),
+}
+
 # FlashAttention-4 JIT-compiles one kernel per family (dtype, head dim, q heads per k/v head, device) on its first
 # call in a process (H200: 1.8-2.8 s, the package import included); later calls of the family, any sequence length,
-# run at once (0.5-5 ms first calls measured).
-_fa4_compiled: set[tuple] = set()
+# run at once (0.5-5 ms first calls measured). Family -> the call that compiled for it (tuned or FA4's own config).
+_fa4_compiled: dict[tuple, Callable] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def _fa4_default(q, k, v, scale):
+    return _fa4_module().flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+
+
+def _fa4_tuned(config: dict):
+    """FA4's forward with a tile config: its public function takes none, so the internal forward it wraps is
+    called (inference only: no autograd graph is built)."""
+    def call(q, k, v, scale):
+        interface = _import("flash_attn.cute.interface")
+        return interface._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=False, **config)
+    return call
+
+
+def _fa4_first_call(call, config: dict | None, q, k, v, scale):
+    """The first call of a family is its JIT compile: a refusal (assert) or a failed build is AttentionUnsupported."""
+    start = time.perf_counter()
+    try:
+        out = call(q, k, v, scale)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        raise AttentionUnsupported(f"refused or failed to compile {type(err).__name__}: {first_line}") from err
+    log.info("FlashAttention-4: first call of %s, head dim %d, %d q heads per k/v head, %s took %.1f s (JIT "
+             "compile, once per process)", q.dtype, q.shape[-1], q.shape[2] // k.shape[2],
+             f"tuned config {config}" if config else "its own config", time.perf_counter() - start)
+    return out
+
+
+def _fa4_compile(q, k, v, scale):
+    """Compile the family with its tuned config if one is listed, else (or when FA4 refuses it) FA4's own config.
+    Returns the first output and the call that produced it."""
+    config = FA4_TUNED_CONFIGS.get((_capability(q.device), q.dtype, q.shape[-1], q.shape[2] // k.shape[2]))
+    if config is not None:
+        tuned = _fa4_tuned(config)
+        try:
+            return _fa4_first_call(tuned, config, q, k, v, scale), tuned
+        except AttentionUnsupported as err:
+            log.warning("FlashAttention-4 refused its tuned config %s (%s): using its own config", config, err)
+    return _fa4_first_call(_fa4_default, None, q, k, v, scale), _fa4_default
 
 
 def _flash_attn_4(q, k, v, *, scale, mask):
-    fa4 = _fa4_module()
     family = (q.dtype, q.shape[-1], q.shape[2] // k.shape[2], q.device)
-    if family in _fa4_compiled:
-        out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+    call = _fa4_compiled.get(family)
+    if call is not None:
+        out = call(q, k, v, scale)
     else:
-        start = time.perf_counter()
-        try:
-            out = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as err:   # first call of a family = its compile: a refusal (assert) or a failed build
-            first_line = (str(err).splitlines() or [""])[0][:200]
-            raise AttentionUnsupported(f"refused or failed to compile {type(err).__name__}: {first_line}") from err
-        _fa4_compiled.add(family)
-        log.info("FlashAttention-4: first call of %s, head dim %d, %d q heads per k/v head took %.1f s (JIT "
-                 "compile, once per process)", q.dtype, q.shape[-1], q.shape[2] // k.shape[2],
-                 time.perf_counter() - start)
+        out, _fa4_compiled[family] = _fa4_compile(q, k, v, scale)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -371,9 +417,7 @@ CONTRACTS: dict[str, Contract] = {
     # is the common limit. FP8 inputs only on sm100, never fed. H200, bf16, H40 D128 (docs/BENCHMARKS.md, issue 16):
     # self-attention 1.01x cuDNN at 4,096 tokens, 1.08x at 8,190, 1.19x at 32,760; 0.79x at 2,048; 32,760 queries
     # over 1,024 / 2,048 / 4,096 keys 0.80x / 0.91x / 1.00x; <= 512 keys 0.58-0.86x. Hence `auto` from 4,096 keys.
-    # Its own sm90 tile config (128x128, P.V from registers, intra-warpgroup overlap) is the fastest at 32,760 tokens
-    # of the 18 others it accepts (bench/fa4_tiles.py: tile_n 112-192 x P.V source x overlap; FlashAttention-3's
-    # 128x176 0.98x) and none is ahead beyond noise at 75,600, so its choice stands.
+    # Its tile config: FA4_TUNED_CONFIGS above.
     "flash_attn_4": Contract(layout="NHD", dtypes=HALF, max_head_dim=128, head_dim_multiple=8, gqa=True,
                              max_numel=2 ** 31, capabilities=((9, 0), (10, 0), (10, 3)), auto_from_kv_len=4096),
     # PyPI sageattention <= 1.0.6 (Triton): wrong unless Lk % 64 == 0; `k -= km` in place; D in {64, 96, 128};
