@@ -2,7 +2,6 @@
 
     python bench/sage_int8.py                    # L 32760, H 40, D 128 (Wan 14B 480p, 81 frames)
     python bench/sage_int8.py --tokens 75600 --configs auto --pv fp8
-    python bench/sage_int8.py --configs exp2 --pv fp8 --qk int8,fp8    # issue 16: exp2 offload, e4m3 Q.K
 
 TFLOP/s counts 4 * B * H * Lq * Lk * D. rel. err: against float32 SDPA on 256 sampled query rows; inputs are
 randn plus a per-channel offset in K and V as linear outputs have; the last column is the hard case: zero-mean V
@@ -24,12 +23,6 @@ CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, ROWSUM_MMA=r, 
                                       # candidates beyond the autotune list (issue 16: >= 870 TFLOP/s on the H200)
                                       (128, 128, 8, 2, True, True), (128, 128, 8, 3, True, True),
                                       (64, 64, 4, 3, True, True), (64, 64, 4, 4, True, True))]
-# issue 16: quarters of the score columns whose exp2 is a polynomial (of degree 2 or 3) instead of the
-# special-function unit, on the pipelined configs; each (BLOCK_M, warps) first without the offload
-EXP2_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=128, num_warps=w, num_stages=3, ROWSUM_MMA=True, PIPELINE=True,
-                     POLY_QUARTERS=pq, POLY_DEGREE=deg)
-                for m, w, pq, deg in ((64, 4, 0, 3), (64, 4, 1, 2), (64, 4, 2, 2), (64, 4, 1, 3), (128, 8, 0, 3),
-                                      (128, 8, 2, 2))]
 
 
 def sdpa(backend):
@@ -48,11 +41,9 @@ def main():
     p.add_argument("--keys", type=int, default=None)
     p.add_argument("--heads", type=int, default=40)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--configs", choices=("all", "auto", "pipelined", "exp2"), default="all",
-                   help="pipelined: only the configs that issue the next Q.K early; exp2: the pipelined ones with "
-                        "0, 1 or 2 quarters of the exps by polynomial")
+    p.add_argument("--configs", choices=("all", "auto", "pipelined"), default="all",
+                   help="pipelined: only the configs that issue the next Q.K early")
     p.add_argument("--pv", default="fp8,fp16", help="P.V precisions to time")
-    p.add_argument("--qk", default="int8", help="Q.K^T precisions to time: int8, fp8 (e4m3, per-block scales)")
     p.add_argument("--no-rotate", action="store_true", help="quantize Q and K without the Hadamard rotation")
     args = p.parse_args()
     import_pack()
@@ -96,14 +87,13 @@ def main():
 
     for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
         report(backend, "-", sdpa(backend))
-    for qk_fp8, pv_fp8 in [(qk == "fp8", pv == "fp8") for qk in args.qk.split(",") for pv in args.pv.split(",")]:
-        name = f"int8_triton {'fp8' if qk_fp8 else 'int8'} QK {'fp8' if pv_fp8 else 'fp16'} PV"
-        chosen = {"all": CONFIGS, "auto": [None], "pipelined": [c for c in CONFIGS if c["PIPELINE"]],
-                  "exp2": EXP2_CONFIGS}[args.configs]
+    for pv_fp8 in [name == "fp8" for name in args.pv.split(",")]:
+        name = "int8_triton " + ("fp8 PV" if pv_fp8 else "fp16 PV")
+        chosen = {"all": CONFIGS, "auto": [None], "pipelined": [c for c in CONFIGS if c["PIPELINE"]]}[args.configs]
         for config in chosen:
             report(name, config or "autotuned",
-                   lambda *t, c=config, f=pv_fp8, qf=qk_fp8: sage_int8.sage_int8_attention(
-                       *t, pv_fp8=f, qk_fp8=qf, config=c, rotate=not args.no_rotate))
+                   lambda *t, c=config, f=pv_fp8: sage_int8.sage_int8_attention(
+                       *t, pv_fp8=f, config=c, rotate=not args.no_rotate))
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
     ms = bench(lambda: sage_int8.quantize_qkv(q, k, v, d ** -0.5, torch.float8_e4m3fn))
     lqp = sage_int8._padded(lq)

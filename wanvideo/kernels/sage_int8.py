@@ -18,9 +18,6 @@ Why each piece (facts: docs/NOTES.md §5.1, §5.3):
   format, so a per-block scale loses nothing to channels of very different size (they stay normal down to
   amax / 2^15). Each P.V block product starts from zero and is added to an FP32 accumulator: Hopper's FP8 MMA
   keeps about 22 bits across a long sum.
-- POLY_QUARTERS (0-2) of each tile's columns take exp2 from a polynomial on the FMA and integer pipes instead of the
-  special-function unit (FlashAttention-4's offload): on sm90 that unit runs 16 exp2 per clock per SM, about as long
-  per tile as the tensor cores and the issue slots, so moving part of the exps can shorten the slowest pipe.
 - Where FP8 dots are unavailable (Ampere, sm80/86) P and V are FP16 instead (the same kernels otherwise).
 - One quantization launch per tensor reads it once; the attention kernel reads the 8-bit copies.
 """
@@ -44,11 +41,6 @@ HEAD_DIMS = (64, 128)
 P_SCALE = 448.0        # e4m3 max: P in [0, 448]
 INT_MAGIC = 0x4B400000  # float bits of 1.5 * 2^23
 FLOAT_MAGIC = 12582912.0
-# 2^f on [-1/2, 1/2] by degree, minimax of the relative error (float32 coefficients, Lawson iteration), and that
-# error: degree 3 is below the rounding of P to FP16 (4.9e-4), degree 2 far below FP8 e4m3's (3.1e-2)
-EXP2_POLY = {2: (1.0004431009292603, 0.7034448981285095, 0.23842675983905792),
-             3: (0.9999281167984009, 0.6932609677314758, 0.24261081218719482, 0.055171433836221695)}
-EXP2_POLY_MAX_REL_ERR = {2: 1.73e-3, 3: 7.5e-5}
 # the Triton interpreter (CPU checks: TRITON_INTERPRET=1) runs no inline PTX
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -66,16 +58,11 @@ def unavailable(device: torch.device | None = None) -> str | None:
 
 if triton is not None:
     _INTERPRETED = tl.constexpr(INTERPRETED)
-    _EXP2_POLY2 = tl.constexpr(EXP2_POLY[2])
-    _EXP2_POLY3 = tl.constexpr(EXP2_POLY[3])
 
     @triton.jit
-    def _encode(x, out_ptr):
-        """x, already scaled to the code's range, in out's element type: INT8 rounded half away from zero (Triton's
-        float -> int cast truncates), a float type (e4m3, fp16) by its rounding cast."""
-        if out_ptr.dtype.element_ty == tl.int8:
-            return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
-        return x.to(out_ptr.dtype.element_ty)
+    def _round_to_int8(x):
+        """Round half away from zero (Triton's float -> int cast truncates)."""
+        return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
 
     @triton.jit
     def _quantize_kernel(x_ptr, out_ptr, scale_ptr, mean_ptr, hadamard_ptr, L, H, stride_b, stride_l, stride_h,
@@ -83,9 +70,8 @@ if triton is not None:
                          D: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ROTATE: tl.constexpr):
         """One [BLOCK, D] tile of x ([B, L, H, D], last dim contiguous) of head bh -> 8-bit out and its scale.
 
-        MODE 0 (Q): one scale per token (times `factor`). MODE 1 (K): minus its smoothing mean, one scale per tile.
-        MODE 2 (V): minus its mean, one scale per tile. Stored in out's dtype: INT8 (amax -> 127), e4m3 or fp16
-        (amax -> 448, e4m3's largest value).
+        MODE 0 (Q): INT8, one scale per token (times `factor`). MODE 1 (K): minus its smoothing mean, INT8, one
+        scale per tile. MODE 2 (V): minus its mean, one scale per tile, stored in out's dtype (e4m3 or fp16).
         ROTATE (Q and K): multiply by a Hadamard matrix first, which spreads outlier channels over all channels
         (q.k is unchanged up to the factor D), so the INT8 step shrinks with the largest value.
         Rows past L are written as zeros (the padding the attention kernel reads).
@@ -104,22 +90,21 @@ if triton is not None:
         if MODE != 2 and ROTATE:
             rotation = tl.load(hadamard_ptr + tl.arange(0, D)[:, None] * D + cols[None, :])
             x = tl.dot(x.to(tl.bfloat16), rotation)                 # D * (q.k) after both: 1/D is in Q's factor
-        if out_ptr.dtype.element_ty == tl.int8:
-            top = 127.0
-        else:
-            top = 448.0
         if MODE == 0:
             amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-20)
-            q = _encode(x * (top / amax)[:, None], out_ptr)
-            tl.store(scale_ptr + bh * scales_per_bh + rows, amax * (factor / top))
+            q = _round_to_int8(x * (127.0 / amax)[:, None])
+            tl.store(scale_ptr + bh * scales_per_bh + rows, amax * (factor / 127.0))
         else:
             amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-20)
-            if MODE == 2:
+            if MODE == 1:
+                q = _round_to_int8(x * (127.0 / amax))
+                tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 127.0)
+            else:
                 # floor: a block that smoothing made (nearly) zero gets a plain scale, so the ratio of successive
                 # V scales in the attention kernel's rescale stays far from fp32 overflow
                 amax = tl.maximum(amax, 1e-6)
-            q = _encode(x * (top / amax), out_ptr)
-            tl.store(scale_ptr + bh * scales_per_bh + pid, amax / top)
+                q = (x * (448.0 / amax)).to(out_ptr.dtype.element_ty)
+                tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 448.0)
         dst = out_ptr + bh * out_stride_bh + rows.to(tl.int64)[:, None] * out_stride_l + cols[None, :] * out_stride_d
         tl.store(dst, q)
 
@@ -133,61 +118,20 @@ if triton is not None:
                                          is_pure=True, pack=1)
 
     @triton.jit
-    def _exp2_poly(x, DEGREE: tl.constexpr):
-        """exp2 without the special-function unit, for x <= 127: 2^x = 2^j * 2^f, j = round(x) added into the
-        exponent bits by an integer add, 2^f (f in [-1/2, 1/2]) by EXP2_POLY[DEGREE]. x is clamped at -126 so -inf
-        and very negative x give a tiny non-negative value (zero once P is rounded), never NaN or a wrapped
-        exponent."""
-        tl.static_assert(DEGREE == 2 or DEGREE == 3)
-        x = tl.maximum(x, -126.0)
-        t = x + 12582912.0                          # 1.5 * 2^23 + round(x): j sits in the low mantissa bits
-        f = x - (t - 12582912.0)
-        if DEGREE == 2:
-            p = (_EXP2_POLY2[2] * f + _EXP2_POLY2[1]) * f + _EXP2_POLY2[0]
-        else:
-            p = ((_EXP2_POLY3[3] * f + _EXP2_POLY3[2]) * f + _EXP2_POLY3[1]) * f + _EXP2_POLY3[0]
-        # the bits of t shifted by 23 are j << 23 (the magic's bits shift out): adds j to p's exponent
-        return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _exp2_tile(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POLY_QUARTERS: tl.constexpr,
-                   POLY_DEGREE: tl.constexpr):
-        """exp2 of a [BLOCK_M, BLOCK_N] tile, POLY_QUARTERS quarters of its columns by _exp2_poly (FMA and integer
-        pipes), the rest by the special-function unit, so both kinds of pipe share the exps. Quarters: half the odd
-        columns, or all of them. A thread of a tensor-core layout holds column pairs (2c, 2c + 1) from both halves of
-        the tile, so these splits and joins move no data (offline sm90 SASS: 540 instructions per 64x128 tile in the
-        loop, +113 with one quarter, +225 with two; other splits cost extra register permutes)."""
-        tl.static_assert(POLY_QUARTERS == 0 or POLY_QUARTERS == 1 or POLY_QUARTERS == 2)
-        if POLY_QUARTERS == 0:
-            p = _exp2(x)
-        else:
-            mufu, poly = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))          # even and odd columns
-            if POLY_QUARTERS == 2:
-                poly = _exp2_poly(poly, POLY_DEGREE)
-            else:
-                poly_mufu, poly = tl.split(tl.permute(tl.reshape(poly, [BLOCK_M, 2, BLOCK_N // 4]), [0, 2, 1]))
-                poly = tl.reshape(tl.permute(tl.join(_exp2(poly_mufu), _exp2_poly(poly, POLY_DEGREE)), [0, 2, 1]),
-                                  [BLOCK_M, BLOCK_N // 2])
-            p = tl.reshape(tl.join(_exp2(mufu), poly), [BLOCK_M, BLOCK_N])
-        return p
-
-    @triton.jit
     def _scores(q, k_desc, k_ptr, bh, start, LKP, D: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
-        """[BLOCK_M, BLOCK_N] q8 . k8^T for the key block at `start` (a block at or past LKP reads zeros): int32 for
-        INT8 q8/k8, float32 for e4m3."""
+        """int32 [BLOCK_M, BLOCK_N] = q8 . k8^T for the key block at `start` (a block at or past LKP reads zeros)."""
         if USE_TMA:
             k = k_desc.load([bh * LKP + start, 0])
         else:
             keys = start + tl.arange(0, BLOCK_N)
             k = tl.load(k_ptr + (bh.to(tl.int64) * LKP + keys)[:, None] * D + tl.arange(0, D)[None, :],
-                        mask=(keys < LKP)[:, None], other=0.0)
+                        mask=(keys < LKP)[:, None], other=0)
         return tl.dot(q, tl.trans(k))
 
     @triton.jit
     def _softmax_pv(acc, l_i, m_i, c_i, s, q, qs, k_desc, k_ptr, v_desc, v_ptr, ks_ptr, vs_ptr, bh, start, Lk, LKP,
                     D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-                    ROWSUM_MMA: tl.constexpr, PIPELINE: tl.constexpr, POLY_QUARTERS: tl.constexpr,
-                    POLY_DEGREE: tl.constexpr):
+                    ROWSUM_MMA: tl.constexpr, PIPELINE: tl.constexpr):
         """Online softmax of one key block's scores s and its P.V. acc is kept in units of the V scale c_i.
         Returns the new state and, with PIPELINE, the next block's scores: their Q.K is issued between this
         block's softmax and its P.V, so the tensor cores work while the exps of this block finish (H100: 817 vs
@@ -203,20 +147,16 @@ if triton is not None:
             s = tl.where((keys < Lk)[None, :], s, -(1 << 22))
         ks = tl.load(ks_ptr + bh * (LKP // 128) + start // 128)
         vs = tl.load(vs_ptr + bh * (LKP // 128) + start // 128)
-        coef = qs * ks                                               # log2-domain logit per unit of s
-        if s.dtype == tl.int32:
-            m_new = tl.maximum(m_i, tl.max(s, axis=1).to(tl.float32) * coef)
-            # (s + magic) as float is 1.5 * 2^23 + s; one FMA takes off the magic and the row max and adds log2(448)
-            # (P in [0, 448]). Rounding the per-row constant shifts a whole row by ~1e-7 of its logit range.
-            bias = 8.807354922057604 - m_new - 12582912.0 * coef
-            x = (s + 0x4B400000).to(tl.float32, bitcast=True) * coef[:, None] + bias[:, None]
-        else:                                                        # e4m3 Q.K: float scores, no conversion
-            m_new = tl.maximum(m_i, tl.max(s, axis=1) * coef)
-            x = s * coef[:, None] + (8.807354922057604 - m_new)[:, None]
+        coef = qs * ks                                               # log2-domain logit per integer step
+        m_new = tl.maximum(m_i, tl.max(s, axis=1).to(tl.float32) * coef)
+        # (s + magic) as float is 1.5 * 2^23 + s; one FMA takes off the magic and the row max and adds log2(448)
+        # (P in [0, 448]). Rounding the per-row constant shifts a whole row by ~1e-7 of its logit range.
+        bias = 8.807354922057604 - m_new - 12582912.0 * coef
+        x = (s + 0x4B400000).to(tl.float32, bitcast=True) * coef[:, None] + bias[:, None]
         if MASKED:
             x = tl.where((keys < Lk)[None, :], x, float("-inf"))
         alpha = tl.math.exp2(m_i - m_new)
-        p = _exp2_tile(x, x.shape[0], BLOCK_N, POLY_QUARTERS, POLY_DEGREE)
+        p = _exp2(x)
         if not ROWSUM_MMA:
             l_i = l_i * alpha + tl.sum(p, axis=1)
         p = p.to(vt.dtype)
@@ -237,8 +177,7 @@ if triton is not None:
                           o_stride_b, o_stride_l, o_stride_h, HQ_PER_KV,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           USE_TMA: tl.constexpr, LK_CLASS: tl.constexpr, ROWSUM_MMA: tl.constexpr = True,
-                          PIPELINE: tl.constexpr = True, POLY_QUARTERS: tl.constexpr = 0,
-                          POLY_DEGREE: tl.constexpr = 3):
+                          PIPELINE: tl.constexpr = True):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         bh_kv = bh // HQ_PER_KV
@@ -272,13 +211,13 @@ if triton is not None:
                 s = _scores(q, k_desc, k_ptr, bh_kv, start, LKP, D, BLOCK_N, USE_TMA)
             acc, l_i, m_i, c_i, s = _softmax_pv(acc, l_i, m_i, c_i, s, q, qs, k_desc, k_ptr, v_desc, v_ptr, ks_ptr,
                                                 vs_ptr, bh_kv, start, Lk, LKP, D, BLOCK_N, False, USE_TMA, ROWSUM_MMA,
-                                                PIPELINE, POLY_QUARTERS, POLY_DEGREE)
+                                                PIPELINE)
         if full_end < Lk:
             if not PIPELINE:
                 s = _scores(q, k_desc, k_ptr, bh_kv, full_end, LKP, D, BLOCK_N, USE_TMA)
             acc, l_i, m_i, c_i, s = _softmax_pv(acc, l_i, m_i, c_i, s, q, qs, k_desc, k_ptr, v_desc, v_ptr, ks_ptr,
                                                 vs_ptr, bh_kv, full_end, Lk, LKP, D, BLOCK_N, True, USE_TMA, ROWSUM_MMA,
-                                                False, POLY_QUARTERS, POLY_DEGREE)
+                                                False)
         if ROWSUM_MMA:
             l_i = tl.sum(l_i, axis=1)
         out = acc * (c_i / l_i)[:, None] + tl.load(vmean_ptr + bh_kv.to(tl.int64) * D + cols)[None, :]
@@ -328,23 +267,21 @@ def _quantize(x, out, scales, mean, mode: int, block: int, factor: float = 1.0, 
         num_warps=8 if block * d > 8192 else 4)
 
 
-def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = True,
-                 qk_dtype: torch.dtype = torch.int8):
+def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = True):
     """8-bit copies of q, k, v ([B, L, H, D]) and their scales, in the layouts the attention kernel reads:
-    q8 [B*H, LQP, D] + per-token scales (times scale * log2 e), k8 [B*Hk, LKP, D] (smoothed) + one scale per KBLK
-    keys, both in qk_dtype (int8, or e4m3: float scores skip the kernel's int -> float step but keep 3 mantissa
-    bits instead of INT8's ~7), vt [B*Hk, D, LKP] (transposed: FP8 dots want both operands K-major) + one scale per KBLK keys,
+    q8 [B*H, LQP, D] int8 + per-token scales (times scale * log2 e), k8 [B*Hk, LKP, D] int8 (smoothed) + one scale
+    per KBLK keys, vt [B*Hk, D, LKP] (transposed: FP8 dots want both operands K-major) + one scale per KBLK keys,
     and V's smoothing mean (added back after the normalised P.V: each row of P sums to one).
     """
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
     lqp, lkp = _padded(lq), _padded(lk)
     dev = q.device
-    q8 = torch.empty(b * h, lqp, d, dtype=qk_dtype, device=dev)
+    q8 = torch.empty(b * h, lqp, d, dtype=torch.int8, device=dev)
     qs = torch.empty(b * h, lqp, dtype=torch.float32, device=dev)
     _quantize(q, q8, qs, qs, 0, 64, scale * math.log2(math.e) / (d if rotate else 1), rotate)
     mean = smoothing_mean(k)
-    k8 = torch.empty(b * hk, lkp, d, dtype=qk_dtype, device=dev)
+    k8 = torch.empty(b * hk, lkp, d, dtype=torch.int8, device=dev)
     ks = torch.empty(b * hk, lkp // KBLK, dtype=torch.float32, device=dev)
     _quantize(k, k8, ks, mean, 1, KBLK, rotate=rotate)
     vmean = smoothing_mean(v)
@@ -374,14 +311,13 @@ def _tma_allocator(size: int, alignment: int, stream):
 
 def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                         pv_fp8: bool | None = None, use_tma: bool | None = None, rotate: bool = True,
-                        qk_fp8: bool = False, config: dict | None = None) -> torch.Tensor:
+                        config: dict | None = None) -> torch.Tensor:
     """Softmax(q k^T * scale) v for [B, L, H, D] fp16/bf16 CUDA tensors (last dim contiguous; D in HEAD_DIMS;
     k/v heads divide q heads). Returns [B, Lq, H, D] in q's dtype; inputs are never modified.
 
-    pv_fp8 / use_tma default to what the GPU supports (FP8 dots from sm89, TMA from sm90); qk_fp8 takes Q.K^T in
-    e4m3 instead of INT8 (sm89+; benchmarks: issue 16); `config` pins
-    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} and optionally the kernel's switches (ROWSUM_MMA, PIPELINE,
-    POLY_QUARTERS, POLY_DEGREE) instead of the autotuned choice (benchmarks).
+    pv_fp8 / use_tma default to what the GPU supports (FP8 dots from sm89, TMA from sm90); `config` pins
+    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} and optionally the kernel's switches (ROWSUM_MMA, PIPELINE)
+    instead of the autotuned choice (benchmarks).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"expected [B, L, H, D] q, k, v with matching B, D and k == v shape, got "
@@ -404,8 +340,7 @@ def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if lq == 0:
         return out
     with torch.cuda.device(q.device):
-        quantized = quantize_qkv(q, k, v, scale, torch.float8_e4m3fn if pv_fp8 else torch.float16, rotate,
-                                 torch.float8_e4m3fn if qk_fp8 else torch.int8)
+        quantized = quantize_qkv(q, k, v, scale, torch.float8_e4m3fn if pv_fp8 else torch.float16, rotate)
         if use_tma:
             triton.set_allocator(_tma_allocator)
         attend_quantized(quantized, out, lk, hk, use_tma, config)
