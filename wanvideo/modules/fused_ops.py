@@ -37,9 +37,11 @@ FP8_CODES = torch.float8_e4m3fn  # the activation format of the fast FP8 matmul
 GELU_BETA = 1.41421356237309504880 * 1.12837916709551257390 * 0.5
 GELU_KAPPA = 0.044715
 GELU_STEP = 2048  # columns per step of the GELU kernel: 16 per thread with 4 warps
-# ptxas register cap of the LayerNorm kernel: fewer registers, more rows in flight per SM (ptxas uses 84-90 uncapped:
-# two 8-warp rows per SM). It changes no arithmetic; None lets ptxas choose. bench/block_stages.py times the choices.
-NORM_MAX_REGISTERS = None
+# ptxas register cap of the LayerNorm kernel, without / with a residual to add: fewer registers, more rows in flight
+# per SM (uncapped ptxas takes 84-90: two 8-warp rows per SM). It changes no arithmetic (bit-identical on the H200);
+# bench/block_stages.py, 32,760 x 5120 -> FP8 rows: LN-mod 0.398 ms uncapped, 0.346 at 80, 0.316 at 64; gated
+# residual + LN-mod 0.663, 0.545 at 80, 0.634 at 64 (its 64 spills).
+NORM_MAX_REGISTERS = {"plain": 64, "residual": 80}
 
 
 def _use_triton(*tensors: torch.Tensor) -> bool:
@@ -124,7 +126,7 @@ def _norm_rows(x, y, gate, eps, weight, bias, scale, shift, out_dtype, fp8_rows)
         given(scale, True), given(shift, True), l, c, eps, HAS_RESIDUAL=y is not None, HAS_GATE=gate is not None,
         HAS_AFFINE=weight is not None, HAS_MOD=scale is not None, FP8_ROWS=fp8_rows,
         ROUND_TO=_triton_dtype(out_dtype or torch.float32), QMAX=FP8_MAX[FP8_CODES],
-        BLOCK=triton.next_power_of_2(c), num_warps=8, maxnreg=NORM_MAX_REGISTERS)
+        BLOCK=triton.next_power_of_2(c), num_warps=8, maxnreg=NORM_MAX_REGISTERS["plain" if y is None else "residual"])
     return x_out, FP8Rows(out, row_scales, out_dtype) if fp8_rows else out
 
 
@@ -236,6 +238,28 @@ if triton is not None:
             q = fp8_codes(_gelu_tanh(h, BETA, KAPPA).to(dt).to(tl.float32), row_scale, QMAX)
             tl.store(q_ptr + base + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + tl.program_id(0), row_scale)
+
+
+if triton is not None:
+    @triton.jit
+    def _gelu_tanh_kernel(h_ptr, out_ptr, n, BETA: tl.constexpr, KAPPA: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        raw = tl.load(h_ptr + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, _gelu_tanh(raw.to(tl.float32), BETA, KAPPA).to(raw.dtype), mask=mask)
+
+
+def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(h, approximate="tanh")` bit for bit; on CUDA a Triton pass (torch's kernel moves the bf16 FFN hidden
+    at 2.1 TB/s on an H200: 0.86 ms at 32,760 x 13824, limited by its instruction rate, not memory)."""
+    if not _use_triton(h) or not h.is_contiguous():
+        return F.gelu(h, approximate="tanh")
+    out = torch.empty_like(h)
+    n = h.numel()
+    if n:
+        _gelu_tanh_kernel[(triton.cdiv(n, GELU_STEP),)](h, out, n, BETA=GELU_BETA, KAPPA=GELU_KAPPA, BLOCK=GELU_STEP,
+                                                        num_warps=4)
+    return out
 
 
 def gelu_tanh_fp8_rows(h: torch.Tensor) -> FP8Rows:
