@@ -60,16 +60,23 @@ def stream(tokens: int, dim: int, gen) -> dict:
             "w": (1 + 0.1 * r(dim)).to(BF16), "b": (0.1 * r(dim)).to(BF16)}
 
 
-def with_setting(name: str, value, fn):
-    """`fn` run with the fused_ops launch setting `name` (NORM_MAX_REGISTERS, GELU_STEP) set to `value`."""
+def patched(module, values: dict, fn):
+    """`fn` run with the attributes `values` of `module` set (launch settings, unfused stand-ins)."""
     def run():
-        saved = getattr(fo, name)
-        setattr(fo, name, value)
+        saved = {name: getattr(module, name) for name in values}
+        for name, value in values.items():
+            setattr(module, name, value)
         try:
             return fn()
         finally:
-            setattr(fo, name, saved)
+            for name, value in saved.items():
+                setattr(module, name, value)
     return run
+
+
+def with_setting(name: str, value, fn):
+    """`fn` run with the fused_ops launch setting `name` (NORM_MAX_REGISTERS, GELU_STEP) set to `value`."""
+    return patched(fo, {name: value}, fn)
 
 
 def caps(registers):
@@ -156,9 +163,15 @@ def fp8_block(dim: int, heads: int, ffn: int, gen) -> wan.WanAttentionBlock:
     return block
 
 
-def block_identity(tokens_per_frame: int, frames: int, dim: int, ffn: int, gen) -> tuple[str, float, float]:
-    """A whole fp8 block's forward with the fusions against the same block with every stage unfused: (identical,
-    ms fused, ms unfused)."""
+def kernel_totals(fn) -> dict:
+    """GPU ms per kernel name in one call of `fn` (bench/forward.py's profiler summary)."""
+    from forward import profiled
+    return {k["name"]: k["total_ms"] for k in profiled(fn, top=60)["top_kernels"]}
+
+
+def block_comparison(tokens_per_frame: int, frames: int, dim: int, ffn: int, gen) -> None:
+    """A whole fp8 block's forward with the fusions against the same block with every stage unfused: identity,
+    time (unfused and fused alternated three times: clock drift hits both), and the kernels whose time differs."""
     heads = dim // 128
     block = fp8_block(dim, heads, ffn, gen)
     h, w = 2, tokens_per_frame // 2
@@ -168,16 +181,19 @@ def block_identity(tokens_per_frame: int, frames: int, dim: int, ffn: int, gen) 
     e0 = torch.randn(1, 6, dim, device=DEV, generator=gen) * 0.1
     inp = wan.BlockInputs(e0, wan.rope_cos_sin((frames, h, w), dim // heads, DEV), context, (frames, h, w))
     fused = lambda: block(x, inp)
-    out = fused()
-    saved = wan.wants_fp8_rows, wan.residual_layer_norm_modulate
-    wan.wants_fp8_rows = lambda *a: False
-    wan.residual_layer_norm_modulate = fo.residual_then_layer_norm_modulate
-    try:
-        ref = fused()
-        unfused_ms = ms(fused, warmup=100, rep=500)
-    finally:
-        wan.wants_fp8_rows, wan.residual_layer_norm_modulate = saved
-    return identity(out, ref), ms(fused, warmup=100, rep=500), unfused_ms
+    unfused = patched(wan, {"wants_fp8_rows": lambda *a: False,
+                            "residual_layer_norm_modulate": fo.residual_then_layer_norm_modulate}, fused)
+    identical = identity(fused(), unfused())
+    runs = {"unfused": [], "fused": []}
+    for _ in range(3):
+        for name, fn in (("unfused", unfused), ("fused", fused)):
+            runs[name].append(ms(fn, warmup=50, rep=300))
+    print(f"whole fp8 block at {tokens} tokens: fused {' / '.join(f'{t:.2f}' for t in runs['fused'])} ms, unfused "
+          f"{' / '.join(f'{t:.2f}' for t in runs['unfused'])} ms, bit-identical output: {identical}")
+    new, old = kernel_totals(fused), kernel_totals(unfused)
+    print(f"{'kernel (one block, largest differences)':70s} {'unfused ms':>10s} {'fused ms':>9s}")
+    for name in sorted(set(new) | set(old), key=lambda k: -abs(new.get(k, 0) - old.get(k, 0)))[:12]:
+        print(f"{name[:70]:70s} {old.get(name, 0):10.3f} {new.get(name, 0):9.3f}")
 
 
 def main():
@@ -208,9 +224,7 @@ def main():
     print(f"bf16 FFN up + GELU: linear then torch GELU {two_pass:.3f} ms, cuBLASLt GELU epilogue {epilogue:.3f} ms "
           f"({two_pass / epilogue:.2f}x), relative difference {rel:.2e}")
     if args.block_tokens:
-        identical, new_ms, old_ms = block_identity(args.block_tokens // 21, 21, args.dim, args.ffn, gen)
-        print(f"whole fp8 block at {args.block_tokens // 21 // 2 * 2 * 21} tokens: fused {new_ms:.2f} ms, unfused "
-              f"{old_ms:.2f} ms, bit-identical output: {identical}")
+        block_comparison(args.block_tokens // 21, 21, args.dim, args.ffn, gen)
 
 
 if __name__ == "__main__":
