@@ -1,7 +1,9 @@
 """The Wan block's elementwise stages on the GPU, unfused (each stage its own pass, as before issue 16) against
 fused (`fused_ops`): median time of each, achieved bandwidth of the fused kernel, and whether the fused result
-is bit for bit the unfused one. Also the cuBLASLt GELU epilogue (`torch._addmm_activation`) for the bf16 FFN,
-which rounds differently (GELU before the bf16 rounding): its time and error are shown, not its identity.
+is bit for bit the unfused one; indented rows time other launch settings of the row above (register caps, GELU
+steps). Also the cuBLASLt GELU epilogue (`torch._addmm_activation`) for the bf16 FFN, which rounds differently
+(GELU before the bf16 rounding): its time and error are shown, not its identity. Last, one whole block with fast
+FP8 linears, fused against unfused: identity, alternated timings, the kernels whose time differs.
 
     python bench/block_stages.py                       # 480x832x81: 32,760 tokens, dim 5120, FFN 13824
     python bench/block_stages.py --tokens 8190 --block-tokens 2048
