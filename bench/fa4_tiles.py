@@ -15,6 +15,7 @@ cross-attention, the odd shape: key lengths shorter than a tile and not a multip
     python3 bench/fa4_tiles.py                              # 6 tile_n x 2 x 2 = 24 configs, 32,760 and 75,600 tokens
     python3 bench/fa4_tiles.py --tile-n 128,176 --tokens 32760
     python3 bench/fa4_tiles.py --tile-m 192 --tile-n 96,112,128    # three MMA warpgroups
+    python3 bench/fa4_tiles.py --alternate 6     # FA4's own config against the listed one, A B / B A, 6 rounds
 """
 import argparse
 import itertools
@@ -100,24 +101,9 @@ def compile_first(run, inputs) -> tuple[float, str | None]:
     return time.perf_counter() - start, None
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--tile-m", default="128")
-    p.add_argument("--tile-n", default="112,128,144,160,176,192")
-    p.add_argument("--tokens", default="32760,75600", help="self-attention lengths (81 frames 480x832, 720x1280)")
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
-    import_pack()
-    from wantalk.wanvideo.modules import attention_kernels as kernels
-
-    missing = kernels.KERNELS["flash_attn_4"].unavailable()
-    if missing is not None:
-        raise SystemExit(missing)
-    shapes = {int(n): wan_inputs(1, int(n), int(n)) for n in args.tokens.split(",")}
+def sweep(kernels, shapes, args, device) -> None:
+    """Every candidate config at every shape (rows as measured), then one table per shape sorted by speed."""
     short_shapes = [wan_inputs(b, lq, lk) for b, lq, lk, _, _ in SHAPES.values() if lq != lk]
-    device = torch.cuda.get_device_name()
-    print(f"# {device} (sm{''.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, "
-          f"B 1 H {HEADS} D {HEAD_DIM} bf16, median of {args.repeats} timed batches")
     cudnn = cudnn_runner(kernels)
     cudnn_short_err = max(rel_err(cudnn, *shape) for shape in short_shapes)
     results = {n: [("cuDNN", *measure(cudnn, *shapes[n], args.repeats), cudnn_short_err)] for n in shapes}
@@ -143,6 +129,53 @@ def main():
               "\n|---|---|---|---|---|")
         for name, tflops, err, short_err in sorted(rows, key=lambda r: -r[1]):
             print(f"| {name} | {tflops:.0f} | {tflops / default:.3f} | {err:.4f} | {short_err:.4f} |")
+
+
+def alternate(kernels, shapes, rounds: int, repeats: int, device) -> None:
+    """FA4's own config against the one listed for this GPU, timed in alternation (A B, then B A) `rounds` times
+    at each shape: a few percent told apart from drift between runs by the per-round ratios and their median."""
+    listed = kernels.FA4_TUNED_CONFIGS.get((torch.cuda.get_device_capability(), torch.bfloat16, HEAD_DIM, 1))
+    if listed is None:
+        raise SystemExit("no tuned FlashAttention-4 config listed for this GPU")
+    own, tuned = fa4_runner(kernels, None), fa4_runner(kernels, listed)
+    for n, (inputs, rows, ref) in shapes.items():
+        ratios = []
+        for r in range(rounds):
+            order = (own, tuned) if r % 2 == 0 else (tuned, own)
+            timed = {run: measure(run, inputs, rows, ref, repeats) for run in order}
+            ratios.append(timed[tuned][0] / timed[own][0])
+            print(f"{n} tokens, round {r + 1}: FA4 own {timed[own][0]:.0f}, {label(listed)} {timed[tuned][0]:.0f} "
+                  f"TFLOP/s (x{ratios[-1]:.3f}), rel. err {timed[own][1]:.4f} / {timed[tuned][1]:.4f}")
+        median = sorted(ratios)[len(ratios) // 2]
+        print(f"{n} tokens: {label(listed)} / FA4 own, median of {rounds} rounds x{median:.3f} "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+        write_result("fa4_tiles_ab", dict(config=listed, tokens=n, ratios=[round(x, 4) for x in ratios],
+                                          median_ratio=round(median, 4), device=device, torch=torch.__version__))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tile-m", default="128")
+    p.add_argument("--tile-n", default="112,128,144,160,176,192")
+    p.add_argument("--tokens", default="32760,75600", help="self-attention lengths (81 frames 480x832, 720x1280)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                   help="instead of the sweep: FA4's own config against the listed one, alternated ROUNDS times")
+    args = p.parse_args()
+    import_pack()
+    from wantalk.wanvideo.modules import attention_kernels as kernels
+
+    missing = kernels.KERNELS["flash_attn_4"].unavailable()
+    if missing is not None:
+        raise SystemExit(missing)
+    shapes = {int(n): wan_inputs(1, int(n), int(n)) for n in args.tokens.split(",")}
+    device = torch.cuda.get_device_name()
+    print(f"# {device} (sm{''.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, "
+          f"B 1 H {HEADS} D {HEAD_DIM} bf16, median of {args.repeats} timed batches")
+    if args.alternate:
+        alternate(kernels, shapes, args.alternate, args.repeats, device)
+    else:
+        sweep(kernels, shapes, args, device)
 
 
 if __name__ == "__main__":
