@@ -28,6 +28,7 @@ empty stand-in `PIL` modules are put into `sys.modules` for this process only (`
 
     COMFYUI_DIR=/path/to/ComfyUI python3 bench/native_forward.py --precision fp8
     python3 bench/native_forward.py --comfyui-dir .comfy_src --precision bf16 --top-kernels 15   # + both profiles
+    python3 bench/native_forward.py --comfyui-dir .comfy_src --attention auto,int8_triton   # our 8-bit row too
     python3 bench/native_forward.py --comfyui-dir /work/comfy/ComfyUI --tiny     # CPU smoke test, tiny model
 """
 import argparse
@@ -238,11 +239,13 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def time_ours(shapes, quantization, attention, args, device):
-    """Our forward's median seconds, and its inputs (reused for the native forward)."""
-    model, _ = build_model(LISTING, device, quantization, attention, shapes=shapes)
+def time_ours(shapes, quantization, modes, args, device):
+    """Our forward's median seconds with each attention mode in `modes`, and its inputs (reused for the native
+    forward)."""
+    model, _ = build_model(LISTING, device, quantization, modes[0], shapes=shapes)
     inputs = forward_inputs(model, args.frames, args.height, args.width, device)
-    seconds = measure("wantalk", lambda: run_forward(model, inputs), args, device)
+    seconds = {mode: measure(f"wantalk, attention {mode}", lambda: run_forward(model, inputs, mode), args, device)
+               for mode in modes}
     cfg = model.cfg
     del model
     inputs["audio"] = None
@@ -282,7 +285,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR"))
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp8")
-    p.add_argument("--attention", default="auto", help="our attention mode")
+    p.add_argument("--attention", default="auto", help="our attention mode(s), comma-separated: one row each")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="a 2-block model of dim 640 at 5 frames 64x64 (CPU test)")
     p.add_argument("--top-kernels", type=int, default=0, metavar="N",
@@ -299,25 +302,26 @@ def main():
     shapes = tiny_shapes() if args.tiny else reference_shapes(LISTING)
     native_dtype, quantization = PRECISIONS[args.precision]
 
-    ours, inputs, cfg = time_ours(shapes, quantization, args.attention, args, device)
+    ours, inputs, cfg = time_ours(shapes, quantization, args.attention.split(","), args, device)
     native, fallbacks = time_native(comfy, cfg, shapes, args.precision, inputs, args, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"# {name}, torch {torch.__version__}, ComfyUI {comfy.version}, {cfg.num_layers} blocks dim {cfg.dim}, "
           f"{args.frames} frames {args.height}x{args.width}, median of {args.repeats} after one warm-up"
           + f", comfy_kitchen backends {'/'.join(comfy.kitchen_backends)}"
           + (", Pillow stubbed" if comfy.pillow_stubbed else ""))
-    print(f"| precision | ComfyUI native ({native_dtype}, cuDNN-first SDPA) | wantalk ({quantization}, attention "
-          f"{args.attention}) | wantalk / native |\n|---|---|---|---|\n"
-          f"| {args.precision} | {native:.3f} s | {ours:.3f} s | {ours / native:.3f}x |")
+    print(f"| {args.precision} forward | seconds | x native |\n|---|---|---|\n"
+          f"| ComfyUI native ({native_dtype}, cuDNN-first SDPA) | {native:.3f} | 1.000 |")
+    for mode, seconds in ours.items():
+        print(f"| wantalk ({quantization}, attention {mode}) | {seconds:.3f} | {seconds / native:.3f} |")
     if fallbacks:
         print(f"WARNING: ComfyUI's FP8 linear fell back to dequantized weights {fallbacks} times: the native "
               "figure is not its FP8 path")
     write_result("native_forward", dict(
-        precision=args.precision, native_weight_dtype=native_dtype, quantization=quantization,
-        attention=args.attention, native_s=native, wantalk_s=ours, ratio=ours / native, native_fp8_fallbacks=fallbacks,
-        tiny=args.tiny, frames=args.frames, size=f"{args.height}x{args.width}", comfyui=comfy.version,
-        kitchen_backends=comfy.kitchen_backends, device=name,
-        torch=torch.__version__, date=time.strftime("%Y-%m-%d")))
+        precision=args.precision, native_weight_dtype=native_dtype, quantization=quantization, native_s=native,
+        wantalk_s=ours, ratio={mode: seconds / native for mode, seconds in ours.items()},
+        native_fp8_fallbacks=fallbacks, tiny=args.tiny, frames=args.frames, size=f"{args.height}x{args.width}",
+        comfyui=comfy.version, kitchen_backends=comfy.kitchen_backends, device=name, torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d")))
 
 
 if __name__ == "__main__":
