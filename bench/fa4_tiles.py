@@ -16,6 +16,7 @@ cross-attention, the odd shape: key lengths shorter than a tile and not a multip
     python3 bench/fa4_tiles.py --tile-n 128,176 --tokens 32760
     python3 bench/fa4_tiles.py --tile-m 192 --tile-n 96,112,128    # three MMA warpgroups
     python3 bench/fa4_tiles.py --alternate 6     # FA4's own config against the listed one, A B / B A, 6 rounds
+    python3 bench/fa4_tiles.py --alternate 3 --in-forward    # the same over whole fp8 forwards (14B, random)
 """
 import argparse
 import itertools
@@ -23,8 +24,9 @@ import time
 
 import torch
 
-from _common import import_pack, write_result
+from _common import cuda_time, import_pack, write_result
 from attention import SHAPES, fp32_rows_reference, seconds_per_call
+from forward import build_model, forward_inputs, run_forward
 
 HEADS, HEAD_DIM = 40, 128
 
@@ -131,26 +133,71 @@ def sweep(kernels, shapes, args, device) -> None:
             print(f"| {name} | {tflops:.0f} | {tflops / default:.3f} | {err:.4f} | {short_err:.4f} |")
 
 
-def alternate(kernels, shapes, rounds: int, repeats: int, device) -> None:
-    """FA4's own config against the one listed for this GPU, timed in alternation (A B, then B A) `rounds` times
-    at each shape: a few percent told apart from drift between runs by the per-round ratios and their median."""
+def listed_config(kernels) -> dict:
     listed = kernels.FA4_TUNED_CONFIGS.get((torch.cuda.get_device_capability(), torch.bfloat16, HEAD_DIM, 1))
     if listed is None:
         raise SystemExit("no tuned FlashAttention-4 config listed for this GPU")
+    return listed
+
+
+def alternated(rounds: int, own, tuned) -> list[tuple]:
+    """(own(), tuned()) per round, called A B then B A in turn, so drift during the run hits both alike."""
+    results = []
+    for r in range(rounds):
+        if r % 2:
+            b = tuned()
+            a = own()
+        else:
+            a = own()
+            b = tuned()
+        results.append((a, b))
+    return results
+
+
+def report_speedups(what: str, speedups: list[float], config: dict, device) -> None:
+    median = sorted(speedups)[len(speedups) // 2]
+    print(f"{what}: {label(config)} / FA4 own speed, median of {len(speedups)} rounds x{median:.3f} "
+          f"(min {min(speedups):.3f}, max {max(speedups):.3f})")
+    write_result("fa4_tiles_ab", dict(what=what, config=config, speedups=[round(x, 4) for x in speedups],
+                                      median=round(median, 4), device=device, torch=torch.__version__))
+
+
+def alternate(kernels, shapes, rounds: int, repeats: int, device) -> None:
+    """FA4's own config against the one listed for this GPU, alternated `rounds` times at each shape: a few
+    percent told apart from drift between runs by the per-round ratios and their median."""
+    listed = listed_config(kernels)
     own, tuned = fa4_runner(kernels, None), fa4_runner(kernels, listed)
     for n, (inputs, rows, ref) in shapes.items():
-        ratios = []
-        for r in range(rounds):
-            order = (own, tuned) if r % 2 == 0 else (tuned, own)
-            timed = {run: measure(run, inputs, rows, ref, repeats) for run in order}
-            ratios.append(timed[tuned][0] / timed[own][0])
-            print(f"{n} tokens, round {r + 1}: FA4 own {timed[own][0]:.0f}, {label(listed)} {timed[tuned][0]:.0f} "
-                  f"TFLOP/s (x{ratios[-1]:.3f}), rel. err {timed[own][1]:.4f} / {timed[tuned][1]:.4f}")
-        median = sorted(ratios)[len(ratios) // 2]
-        print(f"{n} tokens: {label(listed)} / FA4 own, median of {rounds} rounds x{median:.3f} "
-              f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
-        write_result("fa4_tiles_ab", dict(config=listed, tokens=n, ratios=[round(x, 4) for x in ratios],
-                                          median_ratio=round(median, 4), device=device, torch=torch.__version__))
+        pairs = alternated(rounds, lambda: measure(own, inputs, rows, ref, repeats),
+                           lambda: measure(tuned, inputs, rows, ref, repeats))
+        for r, ((own_tflops, own_err), (tuned_tflops, tuned_err)) in enumerate(pairs):
+            print(f"{n} tokens, round {r + 1}: FA4 own {own_tflops:.0f}, listed {tuned_tflops:.0f} TFLOP/s, "
+                  f"rel. err {own_err:.4f} / {tuned_err:.4f}")
+        report_speedups(f"self-attention {n} tokens", [t[0] / o[0] for o, t in pairs], listed, device)
+
+
+def alternate_in_forward(kernels, rounds: int, device) -> None:
+    """The same alternation over whole fp8 forwards (Wan I2V 14B + InfiniteTalk, 480x832x81, random weights):
+    FA4 runs between the GEMMs there, under another power and clock state than alone. The config is switched by
+    swapping the call the adapter keeps for the compiled family."""
+    listed = listed_config(kernels)
+    model, _ = build_model("keys_infinitetalk.txt", torch.device("cuda"), "fp8_e4m3fn_scaled_fast", "auto")
+    inputs = forward_inputs(model, 81, 480, 832, torch.device("cuda"))
+    with torch.no_grad():
+        run_forward(model, inputs)
+    family = next(f for f in kernels._fa4_compiled if f[:3] == (torch.bfloat16, HEAD_DIM, 1))
+
+    def timed(call):
+        def run():
+            kernels._fa4_compiled[family] = call
+            with torch.no_grad():
+                times = sorted(cuda_time(lambda: run_forward(model, inputs), warmup=1, repeats=3))
+            return times[1]
+        return run
+    pairs = alternated(rounds, timed(kernels._fa4_default), timed(kernels._fa4_tuned(listed)))
+    for r, (own_s, tuned_s) in enumerate(pairs):
+        print(f"fp8 forward, round {r + 1}: FA4 own {own_s:.3f} s, listed {tuned_s:.3f} s")
+    report_speedups("fp8 forward", [o / t for o, t in pairs], listed, device)
 
 
 def main():
@@ -161,6 +208,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
                    help="instead of the sweep: FA4's own config against the listed one, alternated ROUNDS times")
+    p.add_argument("--in-forward", action="store_true", help="with --alternate: over whole fp8 forwards")
     args = p.parse_args()
     import_pack()
     from wantalk.wanvideo.modules import attention_kernels as kernels
@@ -168,10 +216,13 @@ def main():
     missing = kernels.KERNELS["flash_attn_4"].unavailable()
     if missing is not None:
         raise SystemExit(missing)
-    shapes = {int(n): wan_inputs(1, int(n), int(n)) for n in args.tokens.split(",")}
     device = torch.cuda.get_device_name()
     print(f"# {device} (sm{''.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, "
           f"B 1 H {HEADS} D {HEAD_DIM} bf16, median of {args.repeats} timed batches")
+    if args.alternate and args.in_forward:
+        alternate_in_forward(kernels, args.alternate, device)
+        return
+    shapes = {int(n): wan_inputs(1, int(n), int(n)) for n in args.tokens.split(",")}
     if args.alternate:
         alternate(kernels, shapes, args.alternate, args.repeats, device)
     else:
