@@ -2,7 +2,6 @@
 
     python bench/sage_int8.py                    # L 32760, H 40, D 128 (Wan 14B 480p, 81 frames)
     python bench/sage_int8.py --tokens 75600 --configs auto --pv fp8
-    python bench/sage_int8.py --configs rowmax --pv fp8     # issue 16: row maxima by a tree
 
 TFLOP/s counts 4 * B * H * Lq * Lk * D. rel. err: against float32 SDPA on 256 sampled query rows; inputs are
 randn plus a per-channel offset in K and V as linear outputs have; the last column is the hard case: zero-mean V
@@ -24,10 +23,6 @@ CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, ROWSUM_MMA=r, 
                                       # candidates beyond the autotune list (issue 16: >= 870 TFLOP/s on the H200)
                                       (128, 128, 8, 2, True, True), (128, 128, 8, 3, True, True),
                                       (64, 64, 4, 3, True, True), (64, 64, 4, 4, True, True))]
-# issue 16: row maxima by a tree of pairwise maxima instead of one sequential chain per row (ROWMAX_TREE)
-ROWMAX_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=128, num_warps=w, num_stages=st, ROWSUM_MMA=True, PIPELINE=True,
-                       ROWMAX_TREE=tree)
-                  for m, w, st, tree in ((64, 4, 3, False), (64, 4, 3, True), (64, 4, 2, True), (128, 8, 3, True))]
 
 
 def sdpa(backend):
@@ -46,9 +41,8 @@ def main():
     p.add_argument("--keys", type=int, default=None)
     p.add_argument("--heads", type=int, default=40)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--configs", choices=("all", "auto", "pipelined", "rowmax"), default="all",
-                   help="pipelined: only the configs that issue the next Q.K early; rowmax: the row-max tree "
-                        "against the autotuned choice")
+    p.add_argument("--configs", choices=("all", "auto", "pipelined"), default="all",
+                   help="pipelined: only the configs that issue the next Q.K early")
     p.add_argument("--pv", default="fp8,fp16", help="P.V precisions to time")
     p.add_argument("--no-rotate", action="store_true", help="quantize Q and K without the Hadamard rotation")
     args = p.parse_args()
@@ -95,8 +89,7 @@ def main():
         report(backend, "-", sdpa(backend))
     for pv_fp8 in [name == "fp8" for name in args.pv.split(",")]:
         name = "int8_triton " + ("fp8 PV" if pv_fp8 else "fp16 PV")
-        chosen = {"all": CONFIGS, "auto": [None], "pipelined": [c for c in CONFIGS if c["PIPELINE"]],
-                  "rowmax": ROWMAX_CONFIGS}[args.configs]
+        chosen = {"all": CONFIGS, "auto": [None], "pipelined": [c for c in CONFIGS if c["PIPELINE"]]}[args.configs]
         for config in chosen:
             report(name, config or "autotuned",
                    lambda *t, c=config, f=pv_fp8: sage_int8.sage_int8_attention(

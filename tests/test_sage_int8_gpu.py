@@ -198,17 +198,3 @@ def test_small_bad_inputs_are_refused():
     q, k, v = wan_like(1, 10, 10, 2, 64, dtype=torch.float32)
     with pytest.raises(ValueError, match="fp16/bf16"):
         sage_int8.sage_int8_attention(q, k, v)
-
-
-def test_small_rowmax_tree_is_bit_identical():
-    """Row maxima by a tree of pairwise maxima (ROWMAX_TREE, issue 16) give the same output bit for bit: the maxima
-    are exact in any order. Both load paths, a partial last tile and more than one key block."""
-    needs_kernel()
-    cap = torch.cuda.get_device_capability()
-    for lk in (129, 4099):
-        q, k, v = wan_like(1, 200, lk, 4, 128, offsets=True)
-        for use_tma in (True, False) if cap >= (9, 0) else (False,):
-            plain, tree = (sage_int8.sage_int8_attention(q, k, v, use_tma=use_tma, config=dict(
-                BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, ROWSUM_MMA=True, PIPELINE=True, ROWMAX_TREE=t))
-                for t in (False, True))
-            assert torch.equal(plain, tree), (lk, use_tma)

@@ -79,8 +79,7 @@ def _inputs(lq, lk, hard, heads=2, d=128):
 
 
 def _attention_errors(sage):
-    """{"case/P.V type/config index": (error against float32 attention, inf if any output is not finite; whether
-    the output with the row maxima by a tree (ROWMAX_TREE) is the same bit for bit)}."""
+    """{"case/P.V type/config index": error against float32 attention (inf if any output is not finite)}."""
     result = {}
     for case, (lq, lk, hard) in CASES.items():
         q, k, v = _inputs(lq, lk, hard)
@@ -89,16 +88,12 @@ def _attention_errors(sage):
         for path, pv in PATHS.items():
             quantized = sage.quantize_qkv(q, k, v, q.shape[-1] ** -0.5, pv)
             for index, tuned in enumerate(sage._CONFIGS):
-                outs = []
-                for tree in (False, True):
-                    out = torch.empty_like(q)
-                    config = dict(tuned.kwargs, num_warps=tuned.num_warps, num_stages=tuned.num_stages,
-                                  ROWMAX_TREE=tree)
-                    sage.attend_quantized(quantized, out, lk, q.shape[2], False, config)
-                    outs.append(out.float())
-                finite = bool(torch.isfinite(outs[0]).all())
-                result[f"{case}/{path}/{index}"] = (((outs[0] - ref).norm() / ref.norm()).item() if finite
-                                                    else float("inf"), torch.equal(*outs))
+                out = torch.empty_like(q)
+                config = dict(tuned.kwargs, num_warps=tuned.num_warps, num_stages=tuned.num_stages)
+                sage.attend_quantized(quantized, out, lk, q.shape[2], False, config)
+                out = out.float()
+                finite = bool(torch.isfinite(out).all())
+                result[f"{case}/{path}/{index}"] = ((out - ref).norm() / ref.norm()).item() if finite else float("inf")
     return result
 
 
@@ -112,15 +107,13 @@ def interpreted():
 
 
 def test_every_config_matches_float32_attention(interpreted):
-    """Each autotune config, with and without the row-max tree, on both P.V types, key lengths 1, 129 and 300
-    (partial last tiles), realistic and hard inputs. Measured here: realistic 0.75% (FP8 P.V) / 0.40% (FP16), hard
-    4.3% / 3.2%. The tree must not change a bit: the maxima are exact either way."""
+    """Each autotune config on both P.V types, key lengths 1, 129 and 300 (partial last tiles), realistic and hard
+    inputs. Measured here: realistic 0.75% (FP8 P.V) / 0.40% (FP16), hard 4.3% / 3.2%."""
     bound = {("realistic", "fp8"): 0.03, ("realistic", "fp16"): 0.01, ("hard", "fp8"): 0.06, ("hard", "fp16"): 0.05}
-    for name, (err, tree_identical) in interpreted.items():
+    for name, err in interpreted.items():
         print(f"{name:24s} rel err {err:.4f}")
         case, path = name.split("/")[:2]
         assert err < bound[case.split("_")[0], path], name
-        assert tree_identical, name
 
 
 if __name__ == "__main__":          # the child process of the `interpreted` fixture

@@ -118,22 +118,6 @@ if triton is not None:
                                          is_pure=True, pack=1)
 
     @triton.jit
-    def _row_max(s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TREE: tl.constexpr):
-        """Row maxima of a score tile. TREE: first the elementwise max of column pairs, then of halves twice, then the
-        row reduction over the last eighth: a dependency chain ~6 deep instead of 16 (offline sm90 SASS) for 8
-        more instructions per tile. A thread holds columns of every pair and half, so the splits move no data."""
-        if TREE:
-            even, odd = tl.split(tl.reshape(s, [BLOCK_M, BLOCK_N // 2, 2]))
-            s = _max_of_halves(_max_of_halves(tl.maximum(even, odd), BLOCK_M, BLOCK_N // 2), BLOCK_M, BLOCK_N // 4)
-        return tl.max(s, axis=1)
-
-    @triton.jit
-    def _max_of_halves(s, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
-        """Elementwise max of the left and right column halves of a [BLOCK_M, WIDTH] tile."""
-        left, right = tl.split(tl.permute(tl.reshape(s, [BLOCK_M, 2, WIDTH // 2]), [0, 2, 1]))
-        return tl.maximum(left, right)
-
-    @triton.jit
     def _scores(q, k_desc, k_ptr, bh, start, LKP, D: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
         """int32 [BLOCK_M, BLOCK_N] = q8 . k8^T for the key block at `start` (a block at or past LKP reads zeros)."""
         if USE_TMA:
@@ -147,7 +131,7 @@ if triton is not None:
     @triton.jit
     def _softmax_pv(acc, l_i, m_i, c_i, s, q, qs, k_desc, k_ptr, v_desc, v_ptr, ks_ptr, vs_ptr, bh, start, Lk, LKP,
                     D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-                    ROWSUM_MMA: tl.constexpr, PIPELINE: tl.constexpr, ROWMAX_TREE: tl.constexpr):
+                    ROWSUM_MMA: tl.constexpr, PIPELINE: tl.constexpr):
         """Online softmax of one key block's scores s and its P.V. acc is kept in units of the V scale c_i.
         Returns the new state and, with PIPELINE, the next block's scores: their Q.K is issued between this
         block's softmax and its P.V, so the tensor cores work while the exps of this block finish (H100: 817 vs
@@ -164,7 +148,7 @@ if triton is not None:
         ks = tl.load(ks_ptr + bh * (LKP // 128) + start // 128)
         vs = tl.load(vs_ptr + bh * (LKP // 128) + start // 128)
         coef = qs * ks                                               # log2-domain logit per integer step
-        m_new = tl.maximum(m_i, _row_max(s, s.shape[0], BLOCK_N, ROWMAX_TREE).to(tl.float32) * coef)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1).to(tl.float32) * coef)
         # (s + magic) as float is 1.5 * 2^23 + s; one FMA takes off the magic and the row max and adds log2(448)
         # (P in [0, 448]). Rounding the per-row constant shifts a whole row by ~1e-7 of its logit range.
         bias = 8.807354922057604 - m_new - 12582912.0 * coef
@@ -193,7 +177,7 @@ if triton is not None:
                           o_stride_b, o_stride_l, o_stride_h, HQ_PER_KV,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           USE_TMA: tl.constexpr, LK_CLASS: tl.constexpr, ROWSUM_MMA: tl.constexpr = True,
-                          PIPELINE: tl.constexpr = True, ROWMAX_TREE: tl.constexpr = False):
+                          PIPELINE: tl.constexpr = True):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         bh_kv = bh // HQ_PER_KV
@@ -227,13 +211,13 @@ if triton is not None:
                 s = _scores(q, k_desc, k_ptr, bh_kv, start, LKP, D, BLOCK_N, USE_TMA)
             acc, l_i, m_i, c_i, s = _softmax_pv(acc, l_i, m_i, c_i, s, q, qs, k_desc, k_ptr, v_desc, v_ptr, ks_ptr,
                                                 vs_ptr, bh_kv, start, Lk, LKP, D, BLOCK_N, False, USE_TMA, ROWSUM_MMA,
-                                                PIPELINE, ROWMAX_TREE)
+                                                PIPELINE)
         if full_end < Lk:
             if not PIPELINE:
                 s = _scores(q, k_desc, k_ptr, bh_kv, full_end, LKP, D, BLOCK_N, USE_TMA)
             acc, l_i, m_i, c_i, s = _softmax_pv(acc, l_i, m_i, c_i, s, q, qs, k_desc, k_ptr, v_desc, v_ptr, ks_ptr,
                                                 vs_ptr, bh_kv, full_end, Lk, LKP, D, BLOCK_N, True, USE_TMA, ROWSUM_MMA,
-                                                False, ROWMAX_TREE)
+                                                False)
         if ROWSUM_MMA:
             l_i = tl.sum(l_i, axis=1)
         out = acc * (c_i / l_i)[:, None] + tl.load(vmean_ptr + bh_kv.to(tl.int64) * D + cols)[None, :]
@@ -332,8 +316,8 @@ def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     k/v heads divide q heads). Returns [B, Lq, H, D] in q's dtype; inputs are never modified.
 
     pv_fp8 / use_tma default to what the GPU supports (FP8 dots from sm89, TMA from sm90); `config` pins
-    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} and optionally the kernel's switches (ROWSUM_MMA, PIPELINE,
-    ROWMAX_TREE) instead of the autotuned choice (benchmarks).
+    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} and optionally the kernel's switches (ROWSUM_MMA, PIPELINE)
+    instead of the autotuned choice (benchmarks).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"expected [B, L, H, D] q, k, v with matching B, D and k == v shape, got "
