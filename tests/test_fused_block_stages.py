@@ -185,7 +185,6 @@ def test_gelu_rows_follow_torch_gelu_tanh(rng, triton_on_cpu):
     assert ((g - F.gelu(h, approximate="tanh")).abs().max() < 1e-5)
     assert rows.dtype == torch.float32 and rows.shape == h.shape
     assert_rows_equal(rows, *quantize_rows(triton_on_cpu, g))
-    assert torch.equal(bits(fo.gelu_tanh(h)), bits(g))  # the plain GELU pass (bf16 FFN) computes the same values
 
 
 def fast_fp8_blocks(model):
@@ -214,7 +213,6 @@ def test_model_with_fused_stages_equals_unfused(rng, triton_on_cpu, monkeypatch)
     monkeypatch.setattr(wan, "gelu_tanh_fp8_rows", lambda h: fp8.quantize_activation(F.gelu(h, approximate="tanh")))
     monkeypatch.setattr(wan, "rms_norm_rope", fo.rms_norm_rope_reference)
     monkeypatch.setattr(wan, "add_fp8_rows", lambda a, b: fp8.quantize_activation(a + b))
-    monkeypatch.setattr(wan, "gelu_tanh", lambda h: F.gelu(h, approximate="tanh"))
     model, _ = tiny_infinitetalk(rng, dtype=torch.bfloat16)
     fast_fp8_blocks(model)
     f, h, w = 3, 8, 12
@@ -265,6 +263,5 @@ def test_gpu_fused_stages_are_bit_identical(rng, kind):
     h[0, 7] = -h[0, 7].abs() - 0.1                # rows whose scale comes from every element (max h < 0.5)
     h[1, 9] = (0.1 * torch.randn(13824, device="cuda")).bfloat16()
     assert_rows_equal(fo.gelu_tanh_fp8_rows(h), *quantize_rows(qt, F.gelu(h, approximate="tanh")))
-    assert torch.equal(bits(fo.gelu_tanh(h)), bits(F.gelu(h, approximate="tanh")))
     a, b = t["y"], (torch.randn_like(t["y"], dtype=torch.float32) * 0.7).bfloat16()
     assert_rows_equal(fo.add_fp8_rows(a, b), *quantize_rows(qt, a + b))

@@ -36,7 +36,9 @@ FP8_CODES = torch.float8_e4m3fn  # the activation format of the fast FP8 matmul
 # torch's GELU(tanh) constants, as its CUDA kernel rounds them to float32: sqrt(2) * (2/sqrt(pi)) / 2 and 0.044715
 GELU_BETA = 1.41421356237309504880 * 1.12837916709551257390 * 0.5
 GELU_KAPPA = 0.044715
-GELU_STEP = 2048  # columns per step of the GELU kernel: 16 per thread with 4 warps
+# Columns per step of the GELU -> FP8 rows kernel, 16 per thread (GELU_STEP // 512 warps). Its second sweep over a row
+# reads it again: cheap only while the rows in flight on an SM stay in its L1.
+GELU_STEP = 2048
 # ptxas register cap of the LayerNorm kernel, without / with a residual to add: fewer registers, more rows in flight
 # per SM (uncapped ptxas takes 84-90: two 8-warp rows per SM). It changes no arithmetic (bit-identical on the H200);
 # bench/block_stages.py, 32,760 x 5120 -> FP8 rows: LN-mod 0.398 ms uncapped, 0.346 at 80, 0.316 at 64; gated
@@ -240,28 +242,6 @@ if triton is not None:
         tl.store(s_ptr + tl.program_id(0), row_scale)
 
 
-if triton is not None:
-    @triton.jit
-    def _gelu_tanh_kernel(h_ptr, out_ptr, n, BETA: tl.constexpr, KAPPA: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        raw = tl.load(h_ptr + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, _gelu_tanh(raw.to(tl.float32), BETA, KAPPA).to(raw.dtype), mask=mask)
-
-
-def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
-    """`F.gelu(h, approximate="tanh")` bit for bit; on CUDA a Triton pass (torch's kernel moves the bf16 FFN hidden
-    at 2.1 TB/s on an H200: 0.86 ms at 32,760 x 13824, limited by its instruction rate, not memory)."""
-    if not _use_triton(h) or not h.is_contiguous():
-        return F.gelu(h, approximate="tanh")
-    out = torch.empty_like(h)
-    n = h.numel()
-    if n:
-        _gelu_tanh_kernel[(triton.cdiv(n, GELU_STEP),)](h, out, n, BETA=GELU_BETA, KAPPA=GELU_KAPPA, BLOCK=GELU_STEP,
-                                                        num_warps=4)
-    return out
-
-
 def gelu_tanh_fp8_rows(h: torch.Tensor) -> FP8Rows:
     """`quantize_activation(F.gelu(h, approximate="tanh"))` (h bf16/fp16, CUDA) in one pass: the FFN hidden is
     read once and its E4M3 rows written, instead of a GELU pass and a quantization pass over 13824-wide rows."""
@@ -271,7 +251,8 @@ def gelu_tanh_fp8_rows(h: torch.Tensor) -> FP8Rows:
     codes = torch.empty(h.shape, device=h.device, dtype=FP8_CODES)
     row_scales = torch.empty(h.numel() // k, 1, device=h.device, dtype=torch.float32)
     _gelu_tanh_fp8_kernel[(row_scales.shape[0],)](h, codes, row_scales, k, BETA=GELU_BETA, KAPPA=GELU_KAPPA,
-                                                  QMAX=FP8_MAX[FP8_CODES], BLOCK=GELU_STEP, num_warps=4)
+                                                  QMAX=FP8_MAX[FP8_CODES], BLOCK=GELU_STEP,
+                                                  num_warps=GELU_STEP // 512)
     return FP8Rows(codes, row_scales, h.dtype)
 
 

@@ -20,8 +20,8 @@ import torch.nn as nn
 from ...fp8_optimization import wants_fp8_rows
 from . import cast_ops
 from .attention import AUTO, AttentionPolicy, attention, policy_of, use_attention_policy
-from .fused_ops import (PendingResidual, add_fp8_rows, gelu_tanh, gelu_tanh_fp8_rows, layer_norm_modulate,
-                        residual_add, residual_layer_norm_modulate, residual_parts, rms_norm_reference, rms_norm_rope)
+from .fused_ops import (PendingResidual, add_fp8_rows, gelu_tanh_fp8_rows, layer_norm_modulate, residual_add,
+                        residual_layer_norm_modulate, residual_parts, rms_norm_reference, rms_norm_rope)
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ class WanAttentionBlock(nn.Module):
         x, xn = residual_layer_norm_modulate(x, y, None, self.eps, scale=m[4], shift=m[3], out_dtype=cd,
                                              fp8_rows=fp8(self.ffn[0]))
         h = self.ffn[0](xn)
-        h = gelu_tanh_fp8_rows(h) if fp8(self.ffn[2]) else gelu_tanh(h)  # ffn[1]'s GELU(tanh), fused ops
+        h = gelu_tanh_fp8_rows(h) if fp8(self.ffn[2]) else self.ffn[1](h)
         y = self.ffn[2](h)
         return PendingResidual(x, y, m[5]) if inp.chain_residuals else residual_add(x, y, m[5])
 
