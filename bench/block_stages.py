@@ -114,11 +114,11 @@ def stage_cases(s: dict, hidden: torch.Tensor) -> list:
     return [
         ("LN-mod -> q,k,v FP8 rows", qkv_unfused, qkv_fused, 4 * n * c + fp8_out),
         *[(f"  same, maxnreg {r}", qkv_unfused, with_setting("NORM_MAX_REGISTERS", caps(r), qkv_fused),
-           4 * n * c + fp8_out) for r in (None, 48, 40)],
+           4 * n * c + fp8_out) for r in (48, 40)],
         ("+gated FFN residual, next LN-mod -> FP8", lambda: residual_unfused(gate, mod, True), chain_fused,
          10 * n * c + fp8_out),
         *[(f"  same, maxnreg {r}", lambda: residual_unfused(gate, mod, True),
-           with_setting("NORM_MAX_REGISTERS", caps(r), chain_fused), 10 * n * c + fp8_out) for r in (None,)],
+           with_setting("NORM_MAX_REGISTERS", caps(r), chain_fused), 10 * n * c + fp8_out) for r in (48,)],
         ("+gated residual, norm3 -> FP8", lambda: residual_unfused(gate, affine, True),
          lambda: residual_fused(gate, affine, True), 10 * n * c + fp8_out),
         ("+residual, FFN LN-mod -> FP8", lambda: residual_unfused(None, mod, True),

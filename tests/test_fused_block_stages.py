@@ -145,6 +145,8 @@ def test_norm_emits_the_rows_quantize_rows_would(rng, triton_on_cpu, kind):
     assert rows.dtype == torch.bfloat16 and rows.shape == t["x"].shape
     assert_rows_equal(rows, *quantize_rows(triton_on_cpu, plain))
     assert (rows.codes.float().abs().reshape(-1, 320).amax(1) == 448).all()   # every row uses the full range
+    ref = fo.layer_norm_modulate_reference(t["x"], EPS, **norm_args(t, kind))  # the kernel's LayerNorm itself
+    assert ((plain.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("kind", list(NORMS))

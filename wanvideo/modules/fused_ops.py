@@ -28,7 +28,7 @@ try:  # optional accelerator
     import triton.language as tl
     from triton.language.extra.cuda import libdevice
 
-    from ..kernels.quant_triton import fp8_codes, fp8_row, fp8_scale, quantize_rows
+    from ..kernels.quant_triton import fp8_codes, fp8_scale, quantize_rows
 except Exception:  # pragma: no cover - depends on the environment
     triton = None
 
@@ -39,11 +39,11 @@ GELU_KAPPA = 0.044715
 # Columns per step of the GELU -> FP8 rows kernel, 16 per thread (GELU_STEP // 512 warps). Its second sweep over a row
 # reads it again: cheap only while the rows in flight on an SM stay in its L1.
 GELU_STEP = 2048
-# ptxas register cap of the LayerNorm kernel, without / with a residual to add: fewer registers, more rows in flight
-# per SM (uncapped ptxas takes 84-90: two 8-warp rows per SM). It changes no arithmetic (bit-identical on the H200);
-# bench/block_stages.py, 32,760 x 5120 -> FP8 rows: LN-mod 0.398 ms uncapped, 0.346 at 80, 0.316 at 64; gated
-# residual + LN-mod 0.663, 0.545 at 80, 0.634 at 64 (its 64 spills).
-NORM_MAX_REGISTERS = {"plain": 64, "residual": 80}
+# ptxas register cap of the LayerNorm kernel, without / with a residual to add (None: ptxas chooses). It changes no
+# arithmetic. With a row in one 8192-lane block ptxas took 84-90 registers (two 8-warp rows per SM) and caps paid
+# (bench/block_stages.py, 32,760 x 5120 -> FP8 rows: 0.398 -> 0.316 ms at 64; with a residual 0.663 -> 0.545 at 80);
+# held as 4096 + 1024 lanes it takes 64 / 60 by itself (four rows per SM), so no cap is set; the bench times 48 / 40.
+NORM_MAX_REGISTERS = {"plain": None, "residual": None}
 
 
 def _use_triton(*tensors: torch.Tensor) -> bool:
@@ -80,40 +80,77 @@ def layer_norm_modulate_reference(x, eps, weight=None, bias=None, scale=None, sh
 
 if triton is not None:
     @triton.jit
-    def _norm_rows_kernel(x_ptr, y_ptr, gate_ptr, x_out_ptr, out_ptr, row_scale_ptr, w_ptr, b_ptr, scale_ptr,
-                          shift_ptr, rows_per_batch, n_cols, eps, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
-                          HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, FP8_ROWS: tl.constexpr,
-                          ROUND_TO: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: [x += y * gate, stored] -> LayerNorm [-> affine] [-> modulation] -> stored in out's dtype,
-        or rounded to ROUND_TO and stored as an E4M3 row plus its scale."""
-        row = tl.program_id(0)
-        batch = row // rows_per_batch
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        offs = row.to(tl.int64) * n_cols + cols
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    def _row_part(x_ptr, y_ptr, gate_ptr, x_out_ptr, base, gate_base, cols, mask, HAS_RESIDUAL: tl.constexpr,
+                  HAS_GATE: tl.constexpr):
+        """Columns `cols` of a row as float32, after `+= y * gate` (the sum stored) when there is a residual."""
+        x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            x = x + _gated(y_ptr, gate_ptr, offs, batch * n_cols + cols, mask, HAS_GATE)
-            tl.store(x_out_ptr + offs, x, mask=mask)
-        mean = tl.sum(x, axis=0) / n_cols
-        diff = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(diff * diff, axis=0) / n_cols
-        y = diff * tl.rsqrt(var + eps)
+            x = x + _gated(y_ptr, gate_ptr, base + cols, gate_base + cols, mask, HAS_GATE)
+            tl.store(x_out_ptr + base + cols, x, mask=mask)
+        return x
+
+    @triton.jit
+    def _affine_modulated(y, w_ptr, b_ptr, scale_ptr, shift_ptr, gate_base, cols, mask, HAS_AFFINE: tl.constexpr,
+                          HAS_MOD: tl.constexpr):
+        """Normalised values of columns `cols` [* weight + bias] [* (1 + scale) + shift]."""
         if HAS_AFFINE:
             y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) \
                 + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_MOD:
-            s = tl.load(scale_ptr + batch * n_cols + cols, mask=mask, other=0.0)
-            t = tl.load(shift_ptr + batch * n_cols + cols, mask=mask, other=0.0)
+            s = tl.load(scale_ptr + gate_base + cols, mask=mask, other=0.0)
+            t = tl.load(shift_ptr + gate_base + cols, mask=mask, other=0.0)
             y = y * (1 + s) + t
+        return y
+
+    @triton.jit
+    def _store_part(out_ptr, base, cols, mask, y, row_scale, FP8_ROWS: tl.constexpr, QMAX: tl.constexpr):
         if FP8_ROWS:
-            q, row_scale = fp8_row(tl.where(mask, y.to(ROUND_TO).to(tl.float32), 0.0), QMAX)
-            # 8-byte stores: a 16-byte store would give the whole row a 16-per-thread layout and so another
-            # summation order for the LayerNorm than `layer_norm_modulate` has (its bf16 store: 8 per thread)
-            tl.store(out_ptr + tl.multiple_of(offs, 8), q.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(row_scale_ptr + row, row_scale)
+            # 8-byte stores: a 16-byte store would give the part a 16-per-thread layout, and the LayerNorm's sums
+            # another order in the FP8 variants than in the bf16 ones
+            codes = fp8_codes(y, row_scale, QMAX).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + tl.multiple_of(base + cols, 8), codes, mask=mask)
         else:
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + base + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _norm_rows_kernel(x_ptr, y_ptr, gate_ptr, x_out_ptr, out_ptr, row_scale_ptr, w_ptr, b_ptr, scale_ptr,
+                          shift_ptr, rows_per_batch, n_cols, eps, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+                          HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, FP8_ROWS: tl.constexpr,
+                          ROUND_TO: tl.constexpr, QMAX: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+        """One row: [x += y * gate, stored] -> LayerNorm [-> affine] [-> modulation] -> stored in out's dtype,
+        or rounded to ROUND_TO and stored as an E4M3 row plus its scale. The row is held as two power-of-two parts
+        (`row_parts`: 4096 + 1024 for 5120 columns, not 8192 lanes of which 37.5% would be masked), every
+        variant alike, so all of them sum in the same order."""
+        row = tl.program_id(0)
+        base = row.to(tl.int64) * n_cols
+        gate_base = (row // rows_per_batch) * n_cols
+        cols_a = tl.arange(0, BLOCK_A)
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        mask_a, mask_b = cols_a < n_cols, cols_b < n_cols
+        x_a = _row_part(x_ptr, y_ptr, gate_ptr, x_out_ptr, base, gate_base, cols_a, mask_a, HAS_RESIDUAL, HAS_GATE)
+        x_b = _row_part(x_ptr, y_ptr, gate_ptr, x_out_ptr, base, gate_base, cols_b, mask_b, HAS_RESIDUAL, HAS_GATE)
+        mean = (tl.sum(x_a, axis=0) + tl.sum(x_b, axis=0)) / n_cols
+        d_a = tl.where(mask_a, x_a - mean, 0.0)
+        d_b = tl.where(mask_b, x_b - mean, 0.0)
+        inv = tl.rsqrt((tl.sum(d_a * d_a, axis=0) + tl.sum(d_b * d_b, axis=0)) / n_cols + eps)
+        y_a = _affine_modulated(d_a * inv, w_ptr, b_ptr, scale_ptr, shift_ptr, gate_base, cols_a, mask_a, HAS_AFFINE,
+                                HAS_MOD)
+        y_b = _affine_modulated(d_b * inv, w_ptr, b_ptr, scale_ptr, shift_ptr, gate_base, cols_b, mask_b, HAS_AFFINE,
+                                HAS_MOD)
+        row_scale = 1.0
+        if FP8_ROWS:
+            y_a = tl.where(mask_a, y_a.to(ROUND_TO).to(tl.float32), 0.0)
+            y_b = tl.where(mask_b, y_b.to(ROUND_TO).to(tl.float32), 0.0)
+            row_scale = fp8_scale(tl.maximum(tl.max(tl.abs(y_a), axis=0), tl.max(tl.abs(y_b), axis=0)), QMAX)
+            tl.store(row_scale_ptr + row, row_scale)
+        _store_part(out_ptr, base, cols_a, mask_a, y_a, row_scale, FP8_ROWS, QMAX)
+        _store_part(out_ptr, base, cols_b, mask_b, y_b, row_scale, FP8_ROWS, QMAX)
+
+
+def row_parts(n_cols: int) -> tuple[int, int]:
+    """Two powers of two covering a row with little padding: the largest below n_cols, then the rest rounded up."""
+    first = 1 << max((n_cols - 1).bit_length() - 1, 0)
+    return first, triton.next_power_of_2(max(n_cols - first, 1))
 
 
 def _norm_rows(x, y, gate, eps, weight, bias, scale, shift, out_dtype, fp8_rows):
@@ -123,12 +160,13 @@ def _norm_rows(x, y, gate, eps, weight, bias, scale, shift, out_dtype, fp8_rows)
     out = torch.empty(b, l, c, device=x.device, dtype=FP8_CODES if fp8_rows else out_dtype or torch.float32)
     row_scales = torch.empty(b * l, 1, device=x.device, dtype=torch.float32) if fp8_rows else None
     given = lambda t, fp32=False: x if t is None else (t.float().contiguous() if fp32 else t)
+    parts = row_parts(c)
     _norm_rows_kernel[(b * l,)](
         x, given(y), given(gate, True), given(x_out), out, given(row_scales), given(weight), given(bias),
         given(scale, True), given(shift, True), l, c, eps, HAS_RESIDUAL=y is not None, HAS_GATE=gate is not None,
         HAS_AFFINE=weight is not None, HAS_MOD=scale is not None, FP8_ROWS=fp8_rows,
-        ROUND_TO=_triton_dtype(out_dtype or torch.float32), QMAX=FP8_MAX[FP8_CODES],
-        BLOCK=triton.next_power_of_2(c), num_warps=8, maxnreg=NORM_MAX_REGISTERS["plain" if y is None else "residual"])
+        ROUND_TO=_triton_dtype(out_dtype or torch.float32), QMAX=FP8_MAX[FP8_CODES], BLOCK_A=parts[0],
+        BLOCK_B=parts[1], num_warps=8, maxnreg=NORM_MAX_REGISTERS["plain" if y is None else "residual"])
     return x_out, FP8Rows(out, row_scales, out_dtype) if fp8_rows else out
 
 
