@@ -350,11 +350,11 @@ def _talk_embeds(g: Graph, parts: dict, speech: int, title=None) -> int:
 
 
 def _talk_sampler(g: Graph, parts: dict, prompt: int, embeds: int, start_image: tuple, *, extra_links=None,
-                  widgets=None, title=None) -> int:
+                  title=None) -> int:
     links = {"model": (parts["model"], 0), "vae": (parts["vae"], 0), "audio_embeds": (embeds, 0),
              "positive": (parts["prompts"][prompt], 0), "negative": (parts["negative"], 0),
              "start_image": start_image, "clip_vision": (parts["clip_vision"], 0), **(extra_links or {})}
-    return g.add("WanTalkInfiniteTalkSampler", {**OFFICIAL, **OFFICIAL_INPUT, **(widgets or {})}, links, column=3,
+    return g.add("WanTalkInfiniteTalkSampler", {**OFFICIAL, **OFFICIAL_INPUT}, links, column=3,
                  ui_after={"seed": ["fixed"]}, title=title)
 
 
