@@ -283,14 +283,19 @@ def model_note(g: Graph, title: str, files: list[str], text: str):
     g.note("\n".join(lines + ["", text]), column=3, height=420)
 
 
+def talk_files(addon: str = "wan2.1_infiniteTalk_single_fp16.safetensors") -> list[str]:
+    """The model files of an InfiniteTalk graph with the add-on `addon`, in the order its note lists them."""
+    return ["wan2.1_i2v_480p_14B_bf16.safetensors", addon, "wan_2.1_vae.safetensors",
+            "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision_h.safetensors",
+            "wav2vec2-chinese-base_fp16.safetensors"]
+
+
 def infinitetalk_workflow(name: str, *, addon: str, lora: str | None = None, extra: str, **graph) -> Graph:
     """An InfiniteTalk graph (talking_graph's options) with its note under the sampler."""
     g = talking_graph(name, addon=addon, lora=lora, **graph)
-    files = ["wan2.1_i2v_480p_14B_bf16.safetensors", addon, "wan_2.1_vae.safetensors",
-             "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision_h.safetensors",
-             "wav2vec2-chinese-base_fp16.safetensors"] + ([lora] if lora else [])
-    model_note(g, "InfiniteTalk", files, "The video follows the whole audio (25 fps, 81-frame windows). Connect "
-               "your own image and speech to the Load nodes.\n\n" + extra)
+    model_note(g, "InfiniteTalk", talk_files(addon) + ([lora] if lora else []),
+               "The video follows the whole audio (25 fps, 81-frame windows). Connect your own image and speech "
+               "to the Load nodes.\n\n" + extra)
     return g
 
 
@@ -358,11 +363,6 @@ def _talk_sampler(g: Graph, parts: dict, prompt: int, embeds: int, start_image: 
                  ui_after={"seed": ["fixed"]}, title=title)
 
 
-TALK_FILES = ["wan2.1_i2v_480p_14B_bf16.safetensors", "wan2.1_infiniteTalk_single_fp16.safetensors",
-              "wan_2.1_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision_h.safetensors",
-              "wav2vec2-chinese-base_fp16.safetensors"]
-
-
 def dubbing_workflow(name: str) -> Graph:
     """Video dubbing: a video of a person plus new speech -> the same video with lips, face and body following the
     new speech (official InfiniteTalk video-to-video)."""
@@ -375,7 +375,7 @@ def dubbing_workflow(name: str) -> Graph:
     embeds = _talk_embeds(g, parts, speech)
     sampler = _talk_sampler(g, parts, 0, embeds, (components, 0), extra_links={"video_fps": (components, 2)})
     save_video(g, name, (sampler, 0), (sampler, 1), (sampler, 2))
-    model_note(g, "InfiniteTalk video dubbing", TALK_FILES,
+    model_note(g, "InfiniteTalk video dubbing", talk_files(),
                "Connect your video and the new speech. Each 81-frame window is conditioned on the video frame "
                "at its start time (the video's frame rate comes from Get Video Components) and the output "
                "follows the new speech. The speech sets the length: a shorter video holds its last frame, a "
@@ -402,7 +402,7 @@ def chained_workflow(name: str) -> Graph:
     frames = g.add("BatchImagesNode", {}, {"images.image0": (first, 0), "images.image1": (second, 0)}, column=4)
     audio = g.add("AudioConcat", {"direction": "after"}, {"audio1": (first, 1), "audio2": (second, 1)}, column=4)
     save_video(g, name, (frames, 0), (audio, 0), (first, 2))
-    model_note(g, "InfiniteTalk, two chained samplers", TALK_FILES,
+    model_note(g, "InfiniteTalk, two chained samplers", talk_files(),
                "Sampler 2 continues Sampler 1's video (previous_frames: its last motion_frames frames start "
                "the first window, as inside one sampler) with another prompt and the second speech. Its "
                "audio embeds cover both parts (the continuation needs the speech under the frames it "
