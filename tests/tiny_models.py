@@ -274,10 +274,10 @@ TINY_INPUTS = {"image": "wantalk_portrait.png", "audio_1": "wantalk_speech_1.wav
 def make_tiny_inputs(input_dir: str, seconds: float = 1.2) -> dict:
     """The start image, the two speeches and the video to dub the example workflows load from ComfyUI's input
     folder."""
-    write_png(os.path.join(input_dir, TINY_INPUTS["image"]), procedural_portrait(96, 128))
+    portrait = procedural_portrait(96, 128)
+    write_png(os.path.join(input_dir, TINY_INPUTS["image"]), portrait)
     write_wav(os.path.join(input_dir, TINY_INPUTS["audio_1"]), synth_speech(seconds, seed=1))
     write_wav(os.path.join(input_dir, TINY_INPUTS["audio_2"]), synth_speech(seconds, seed=2))
-    portrait = procedural_portrait(96, 128)      # a video to dub: the portrait drifting sideways, 25 fps
-    write_video(os.path.join(input_dir, TINY_INPUTS["video"]),
+    write_video(os.path.join(input_dir, TINY_INPUTS["video"]),  # a video to dub: the portrait drifting sideways
                 torch.stack([portrait.roll(2 * i, dims=2) for i in range(int(seconds * 25))]))
     return dict(TINY_INPUTS)
