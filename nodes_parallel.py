@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from . import host
+from . import host, validation
 from .nodes_common import CATEGORY, MODEL_TYPE, NodeInputError
 from .wanvideo.parallel import hosting
 from .wanvideo.parallel.layout import Layout
@@ -86,10 +86,8 @@ class WanTalkMultiGPU:
         if not hasattr(model, "cfg") or not hasattr(model, "blocks"):
             raise NodeInputError(NODE, "model", f"expected the model from Load Wan Model (wantalk), got "
                                  f"{type(model).__name__}")
-        if not isinstance(guidance_groups, int) or guidance_groups < 0:
-            raise NodeInputError(NODE, "guidance_groups", f"expected 0 (automatic) or a positive count, got "
-                                 f"{guidance_groups!r}")
-        devices = parse_devices(str(gpus), torch.cuda.device_count())
+        validation.widgets(NODE, self.INPUT_TYPES(), {"gpus": gpus, "guidance_groups": guidance_groups})
+        devices = parse_devices(gpus, torch.cuda.device_count())
         layout = choose_layout(len(devices), guidance_groups, model.cfg.num_heads)
         try:
             hosting.recipe_of(model)

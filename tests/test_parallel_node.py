@@ -44,6 +44,17 @@ def test_model_without_load_recipe_is_refused():
         WanTalkMultiGPU().configure(model, "cpu,cpu", 0)
 
 
+@pytest.mark.parametrize("gpus, groups, message", [
+    ("cpu,cpu", -1, r"input 'guidance_groups': must be between 0 and 8, got -1"),
+    ("cpu,cpu", 1.5, r"input 'guidance_groups': expected a whole number"),
+    (5, 0, r"input 'gpus': expected text, got 5")])
+def test_widget_values_are_checked_against_the_inputs(gpus, groups, message):
+    from tiny_models import tiny_infinitetalk
+    model, _ = tiny_infinitetalk(torch.Generator().manual_seed(0))
+    with pytest.raises(NodeInputError, match=message):
+        WanTalkMultiGPU().configure(model, gpus, groups)
+
+
 def test_node_model_samples_like_one_process_and_free_memory_stops_workers(tmp_path, monkeypatch):
     fake_mm = types.SimpleNamespace(unload_all_models=lambda: None,
                                     throw_exception_if_processing_interrupted=lambda: None)
