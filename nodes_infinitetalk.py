@@ -469,7 +469,7 @@ class WanTalkInfiniteTalkSampler(VideoSamplerNode):
             if not model.cfg.image_branch or features.shape[-1] != model.cfg.clip_dim:
                 raise NodeInputError(node, "clip_vision", f"CLIP features of width {features.shape[-1]} do not fit "
                                      f"this model; use clip_vision_h.safetensors with an I2V model.")
-            return validation.finite(node, "clip_vision", features, "CLIP feature values")
+            return features
         return encode
 
     @staticmethod
