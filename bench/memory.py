@@ -25,7 +25,7 @@ import time
 import torch
 
 from _common import add_clip_size_args, cuda_time, import_pack, reference_shapes, write_result
-from forward import random_fetch
+from forward import forward_inputs, random_fetch, run_forward
 
 GB = 10**9
 GIB = 2**30
@@ -47,19 +47,10 @@ def build(shapes, mode: str, listing: str):
     return model, time.perf_counter() - t0
 
 
-def forward_inputs(model, frames: int, height: int, width: int, speakers: int = 1, device="cuda"):
-    cfg = model.cfg
-    device = torch.device(device)
-    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
-    g = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(1, 16, lat_f, lat_h, lat_w, device=device, generator=g)
-    y = torch.randn(1, cfg.in_dim - 16, lat_f, lat_h, lat_w, device=device, generator=g)
-    ctx = torch.randn(1, 512, cfg.text_dim, device=device, generator=g)
-    clip = torch.randn(1, 257, cfg.clip_dim, device=device, generator=g)
-    with torch.no_grad():
-        audio = cfg.audio.random_conditioning(model, lat_f, device, speakers=speakers)
-    t = torch.tensor([700.0], device=device)
-    return lambda: model.forward_batched(x, t, ctx, clip, y, audio=audio)
+def forward_call(model, frames: int, height: int, width: int, speakers: int = 1, device="cuda"):
+    """One conditional forward over bench/forward.py's random inputs, as a call to time."""
+    inputs = forward_inputs(model, frames, height, width, torch.device(device), speakers)
+    return lambda: run_forward(model, inputs)
 
 
 def timed(fn, repeats: int):
@@ -104,7 +95,7 @@ def capped_case(model, args, total, cap_gb, mode, uncapped_s, passes, speakers=1
     block_swap.release_vram(model)  # each case starts as on a fresh card of its size
     set_cap(total, cap_gb)
     swapper = block_swap.configure_block_swap(model, -1, device="cuda", prefetch=args.prefetch)
-    fn = forward_inputs(model, args.frames, args.height, args.width, speakers)
+    fn = forward_call(model, args.frames, args.height, args.width, speakers)
     t0 = time.perf_counter()
     try:
         s, peak, reserved = timed(fn, args.repeats)
@@ -137,7 +128,7 @@ def capped_case(model, args, total, cap_gb, mode, uncapped_s, passes, speakers=1
 def run_mode(shapes, args, total, mode, caps, passes, extra=()):
     model, build_s = build(shapes, mode, args.listing)
     weights = torch.cuda.memory_allocated()
-    uncapped_s, peak, _ = timed(forward_inputs(model, args.frames, args.height, args.width), args.repeats)
+    uncapped_s, peak, _ = timed(forward_call(model, args.frames, args.height, args.width), args.repeats)
     write_result("memory", {"bench": "memory", "case": f"{mode} uncapped", "quantization": mode,
                             "seconds_per_forward": uncapped_s, "seconds_per_step": uncapped_s * passes,
                             "peak_gib": peak / GIB, "weights_gib": weights / GIB, "build_s": build_s})

@@ -75,7 +75,7 @@ def run_part(part: str, deadline: float, tiny: bool) -> list[dict]:
     sys.path.insert(0, ROOT)
     from _common import reference_shapes
     from forward import random_fetch
-    from memory import forward_inputs
+    from memory import forward_call
     import_core()
     from wantalk.wanvideo import block_swap, memory_plan
     from wantalk.wanvideo.loader import assemble_model
@@ -140,7 +140,7 @@ def run_part(part: str, deadline: float, tiny: bool) -> list[dict]:
             try:
                 memory_plan.check_before_sampling(model, run)  # as the InfiniteTalk and HuMo pipelines do
                 model.block_runner = runner
-                fn = forward_inputs(model, frames, height, width, speakers, device=device)
+                fn = forward_call(model, frames, height, width, speakers, device=device)
                 peaks = forward_peaks(fn, tiny)
                 plan = swapper.plan
                 row.update(outcome="ran", blocks_to_swap=swapper.blocks_to_swap, computed=runner.computed,
