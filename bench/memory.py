@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from _common import add_clip_size_args, cuda_time, import_pack, reference_shapes, write_result
+from _common import add_clip_size_args, cuda_time, import_pack, random_vae_state_dict, reference_shapes, write_result
 from forward import forward_inputs, random_fetch, run_forward
 
 GB = 10**9
@@ -63,16 +63,8 @@ def timed(fn, repeats: int):
 def vae_decode_under_cap(args, plan_module):
     """Tiled decode of one window's latents with random full-size VAE weights; (seconds, peak, estimate)."""
     from wantalk.wanvideo.vae import WanVAE
-    import math
     device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(2)
-    sd = {}
-    for key, shape in reference_shapes("keys_vae.txt").items():
-        r = torch.randn(shape, device=device, generator=gen)
-        sd[key] = 1 + 0.1 * r if key.endswith("gamma") else (r / math.prod(shape[1:]) ** 0.5 if len(shape) > 1
-                                                              else 0.1 * r)
-    vae = WanVAE.from_state_dict(sd, device=device, dtype=torch.bfloat16)
-    del sd
+    vae = WanVAE.from_state_dict(random_vae_state_dict(device, seed=2), device=device, dtype=torch.bfloat16)
     lat = torch.randn(1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, device=device)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
