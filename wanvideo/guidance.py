@@ -96,10 +96,9 @@ def _over_sample(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(-min(x.dim(), 4), 0))
 
 
-def projected_update(diff: torch.Tensor, pred_cond: torch.Tensor, norm_threshold: float,
-                     eta: float = 0.0) -> torch.Tensor:
-    """One APG guidance direction: `diff` shrunk to at most `norm_threshold` in L2 norm (per sample), then split
-    (in float64) into its part along `pred_cond` and the rest; the rest plus `eta` times the part is returned."""
+def projected_update(diff: torch.Tensor, pred_cond: torch.Tensor, norm_threshold: float) -> torch.Tensor:
+    """One APG guidance direction: `diff` shrunk to at most `norm_threshold` in L2 norm (per sample), less (in
+    float64) its part along `pred_cond` (eta 0, the official default: none of that part is kept)."""
     dims = _over_sample(diff)
     if norm_threshold > 0:
         norm = diff.norm(p=2, dim=dims, keepdim=True)
@@ -107,7 +106,7 @@ def projected_update(diff: torch.Tensor, pred_cond: torch.Tensor, norm_threshold
     d, c = diff.double(), pred_cond.double()
     unit = c / c.norm(p=2, dim=dims, keepdim=True).clamp_min(1e-12)
     parallel = (d * unit).sum(dim=dims, keepdim=True) * unit
-    return ((d - parallel) + eta * parallel).to(diff.dtype)
+    return (d - parallel).to(diff.dtype)
 
 
 class AdaptiveProjectedGuidance:
