@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from _common import add_clip_size_args, cuda_time, import_pack, reference_shapes, write_result
-from forward import random_fetch
+from forward import forward_inputs, random_fetch, run_forward
 
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                  "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")
@@ -47,16 +47,6 @@ def write_lora(path: str, shapes: dict, rank: int, device) -> int:
     return os.path.getsize(path)
 
 
-def forward_inputs(model, frames: int, height: int, width: int, device):
-    cfg = model.cfg
-    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
-    x = torch.randn(1, 16, lat_f, lat_h, lat_w, device=device)
-    y = torch.randn(1, cfg.in_dim - 16, lat_f, lat_h, lat_w, device=device) if cfg.in_dim > 16 else None
-    clip = torch.randn(1, 257, cfg.clip_dim, device=device) if cfg.image_branch else None
-    audio = cfg.audio.random_conditioning(model, lat_f, device) if cfg.audio is not None else None
-    return x, torch.tensor([700.0], device=device), torch.randn(1, 512, cfg.text_dim, device=device), clip, y, audio
-
-
 def run_case(shapes, lora_path, args, device) -> dict:
     from wantalk.wanvideo.loader import assemble_model
     from wantalk.wanvideo.lora import lora_merge_transform
@@ -70,14 +60,14 @@ def run_case(shapes, lora_path, args, device) -> dict:
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
     weights_gib = torch.cuda.memory_allocated() / 2**30
-    x, t, ctx, clip, y, audio = forward_inputs(model, args.frames, args.height, args.width, device)
+    inputs = forward_inputs(model, args.frames, args.height, args.width, device)
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        times = cuda_time(lambda: model.forward_batched(x, t, ctx, clip, y, audio=audio), 1, args.repeats)
+        times = cuda_time(lambda: run_forward(model, inputs), 1, args.repeats)
     result = {"lora": bool(lora_path), "load_s": load_s, "seconds_per_forward": sorted(times)[len(times) // 2],
               "all_seconds": times, "weights_gib": weights_gib, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
               "addon": model.addon_name}
-    del model, x, y, ctx, clip, audio
+    del model, inputs
     torch.cuda.empty_cache()
     return result
 
