@@ -251,9 +251,13 @@ class Wav2Vec2Encoder(nn.Module):
         positions, which differ from exact positions by ~3e-5 relative)."""
         features = self.cnn_features(waveform)
         if num_frames is not None:
-            features = F.interpolate(features.transpose(1, 2), size=num_frames, mode="linear",
-                                     align_corners=True).transpose(1, 2)
+            features = to_video_frames(features, num_frames)
         return self.layer_outputs(features)
+
+
+def to_video_frames(features: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """CNN features `[B, frames, C]` linearly interpolated (align_corners=True) to `num_frames`, as InfiniteTalk."""
+    return F.interpolate(features.transpose(1, 2), size=num_frames, mode="linear", align_corners=True).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,9 +440,7 @@ def encode_for_infinitetalk(encoder: Wav2Vec2Encoder, waveform_16k_mono: torch.T
             progress(done[0], total)
 
     with torch.no_grad():
-        features = cnn_features_chunked(encoder, x, chunking, tick)
-        features = F.interpolate(features.transpose(1, 2), size=n_frames, mode="linear",
-                                 align_corners=True).transpose(1, 2)
+        features = to_video_frames(cnn_features_chunked(encoder, x, chunking, tick), n_frames)
         return layer_outputs_chunked(encoder, features, chunking, tick)
 
 
