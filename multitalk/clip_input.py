@@ -19,10 +19,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_SIZE = 224
 
 
+def official_unit_pixels(frame: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
+    """`[3, H, W]` frame in [-1, 1] -> the official CLIP resize `[1, 3, size, size]` in about [0, 1] (float32)."""
+    pixels = F.interpolate(frame[None].float(), size=(size, size), mode="bicubic", align_corners=False)
+    return pixels * 0.5 + 0.5
+
+
 def official_clip_pixels(frame: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
     """`[3, H, W]` frame in [-1, 1] -> the normalised CLIP input `[1, 3, size, size]` (float32)."""
-    pixels = F.interpolate(frame[None].float(), size=(size, size), mode="bicubic", align_corners=False)
-    pixels = pixels * 0.5 + 0.5
+    pixels = official_unit_pixels(frame, size)
     mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std
@@ -33,13 +38,13 @@ def encode_official(clip_vision, frame: torch.Tensor) -> torch.Tensor:
     """Penultimate-layer CLIP features `[1, 257, 1280]` of `frame` (`[3, H, W]`, [-1, 1]) as the official code
     computes them, with ComfyUI's CLIP_VISION model (its `model` on our pixels, after ComfyUI loads it)."""
     size = getattr(clip_vision, "image_size", CLIP_SIZE)
-    pixels = official_clip_pixels(frame, size)
     model = getattr(clip_vision, "model", None)
     if model is None or not hasattr(clip_vision, "patcher"):
         log.warning("wantalk: this CLIP vision object has no ComfyUI model inside; using its encode_image, which "
                     "rounds the pixels to 8 bits (close to, not exactly, the official features)")
-        unit = (pixels * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))
+        unit = official_unit_pixels(frame, size)
         return clip_vision.encode_image(unit.permute(0, 2, 3, 1), crop=False)["penultimate_hidden_states"][:1]
+    pixels = official_clip_pixels(frame, size)
     try:  # a model with a patcher comes from ComfyUI, which moves it to its device on request
         import comfy.model_management as model_management  # type: ignore
         model_management.load_model_gpu(clip_vision.patcher)
