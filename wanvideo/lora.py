@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..fp8_optimization import QuantizedLinear
 from .checkpoint import CheckpointError, CheckpointReader, checked_tensor
-from .modules.cast_ops import CastLinear, activation_dtype
+from .modules.cast_ops import CastLinear
 
 log = logging.getLogger("wantalk")
 
@@ -350,9 +350,7 @@ class LoraLinear(nn.Module):
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.fixed_dtype or activation_dtype(self.weight.dtype)
+    compute_dtype = CastLinear.compute_dtype  # the wrapped layer's rule (read at call time: block swap re-points)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.casts:
