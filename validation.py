@@ -151,8 +151,10 @@ def lora_chain(node: str, name: str, lora) -> tuple:
 def windows_folder_error(node: str, resume_dir: str | None, exc: OSError) -> Exception:
     """An OSError on the resumable windows folder (a file in its place, no permission, no space) as an error on
     'save_windows'; any other OSError is returned unchanged, to be raised as it was."""
-    where = os.fspath(getattr(exc, "filename", None) or "")
-    if resume_dir is None or not os.path.abspath(where).startswith(os.path.abspath(resume_dir)):
+    if resume_dir is None:
+        return exc
+    where, folder = os.path.abspath(os.fspath(getattr(exc, "filename", None) or "")), os.path.abspath(resume_dir)
+    if where != folder and not where.startswith(folder + os.sep):  # not a sibling sharing the name's prefix
         return exc
     return NodeInputError(node, "save_windows", f"the windows folder '{resume_dir}' cannot be used ({exc}); remove "
                           f"what is in its place, fix its permissions or free disk space, or turn save_windows off.")

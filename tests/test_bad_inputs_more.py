@@ -224,6 +224,16 @@ def test_windows_folder_that_cannot_be_used_names_save_windows(parts, rng, tmp_p
         sample(parts, graph_inputs(rng), save_windows=True)
 
 
+def test_an_error_beside_the_windows_folder_is_not_blamed_on_save_windows(tmp_path):
+    from wantalk.validation import windows_folder_error
+    folder = tmp_path / "wantalk_windows"
+    sibling = PermissionError(13, "Permission denied", str(tmp_path / "wantalk_windows_old" / "x"))
+    assert windows_folder_error(IT, str(folder), sibling) is sibling
+    for inside in (folder, folder / "run" / "0.safetensors"):
+        error = windows_folder_error(IT, str(folder), PermissionError(13, "Permission denied", str(inside)))
+        assert isinstance(error, NodeInputError) and "input 'save_windows'" in str(error)
+
+
 @pytest.fixture
 def gguf_file(tmp_path):
     import gguf
