@@ -98,7 +98,7 @@ class WanTalkMultiGPU:
                      "so load it to 'offload_device' to leave that memory free", NODE)
         log.info("wantalk %s: %d GPUs, %d guidance group(s) x %d sequence", NODE, len(devices), layout.guidance,
                  layout.sequence)
-        return (hosting.ParallelModel(model, lambda: hosting.pack_for(model, devices, layout.guidance),
+        return (hosting.ParallelModel(model, lambda: hosting.pack_for(model, devices, layout),
                                       host.check_interrupt),)
 
 

@@ -22,11 +22,10 @@ def recipe_of(model) -> dict:
     return recipe
 
 
-def pack_for(model, devices: list[str], guidance: int) -> WorkerPack:
-    """The live pack on these devices, set up for this model split into `guidance` groups. The pack (and the model
-    its workers hold) is kept across prompts; another device set stops it first (one pack at a time)."""
+def pack_for(model, devices: list[str], layout: Layout) -> WorkerPack:
+    """The live pack on these devices, set up for this model split as `layout`. The pack (and the model its
+    workers hold) is kept across prompts; another device set stops it first (one pack at a time)."""
     recipe = recipe_of(model)
-    layout = Layout.for_devices(len(devices), guidance)
     key = tuple(devices)
     if key not in _live:
         stop_all()

@@ -31,10 +31,3 @@ class Layout:
     def passes_of(self, group: int, names) -> list[str]:
         """Pass names (in plan order) that `group` runs: round robin, so 3 passes on 3 groups run at once."""
         return list(names)[group::self.guidance]
-
-    @staticmethod
-    def for_devices(count: int, guidance: int) -> "Layout":
-        if guidance < 1 or count % guidance:
-            raise ValueError(f"{count} GPUs cannot be split into {guidance} guidance groups of equal size; choose a "
-                             f"guidance parallel size that divides the number of GPUs")
-        return Layout(guidance, count // guidance)
