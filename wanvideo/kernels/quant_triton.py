@@ -1,8 +1,9 @@
 """Triton kernels for quantized linear layers (imported lazily; `available()` says whether they can run).
 
 - `quantize_rows`: dynamic per-row FP8 quantization of activations in ONE pass over memory (each program
-  holds a whole row in registers: amax, scale, cast, store), the input of a row-wise `torch._scaled_mm`. Its step
-  `fp8_row` is also called by the fused producers of `wanvideo/modules/fused_ops.py` (LayerNorm, GELU).
+  holds a whole row in registers: amax, scale, cast, store), the input of a row-wise `torch._scaled_mm`. Its two
+  steps `fp8_scale` and `fp8_codes` are also called by the fused producers of `wanvideo/modules/fused_ops.py`
+  (LayerNorm, GELU).
 - `nvfp4_quantize_rows`: activations -> NVFP4 (E2M1 codes, one E4M3 scale per 16, a given global scale) in one
   pass, bit for bit `quant_formats.nvfp4_quantize`; the input of the native FP4 matmul on Blackwell.
 - `nvfp4_dequantize` / `nvfp4_to_fp8`: NVFP4 weight -> bf16/fp16/fp32, or -> E4M3 codes plus the per-row scale
