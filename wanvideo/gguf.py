@@ -18,6 +18,7 @@ raw blocks (`uint8 [rows, row_bytes]`) with a `gguf_type` marker, never dequanti
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -42,10 +43,7 @@ CITY96_UNQUANTIZED = ("modulation", "patch_embedding.", "text_embedding.", "time
 def city96_quantizes(key: str, shape: tuple[int, ...], qtype: str) -> bool:
     """Whether city96's tools store tensor `key` in the block type `qtype` (else F32/F16/BF16): 2-D, more than
     1024 values, not in `CITY96_UNQUANTIZED`, rows of whole blocks. For test files and bench stand-ins."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    return (len(shape) == 2 and numel > 1024 and not any(k in key for k in CITY96_UNQUANTIZED)
+    return (len(shape) == 2 and math.prod(shape) > 1024 and not any(k in key for k in CITY96_UNQUANTIZED)
             and shape[1] % BLOCK_FORMATS[qtype][0] == 0)
 
 
