@@ -209,8 +209,6 @@ def read_lora(path: str, strength: float, names: LayerNames, index: int = 0) -> 
         raise LoraError(f"LoRA '{path}': strength {strength} is not a finite number; give e.g. 1.0.")
     try:
         reader = CheckpointReader(path)
-    except LoraError:
-        raise
     except CheckpointError as exc:  # a damaged LoRA file is the LoRA input's fault, not the model's
         raise LoraError(f"LoRA: {exc}") from None
     keys = reader.keys()
