@@ -26,7 +26,6 @@ from .layout import Layout
 from .sequence import SequenceParallel
 
 
-
 class Stopped(Exception):
     """The sampler process asked this worker to stop the current step (interrupt)."""
 
