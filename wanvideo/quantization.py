@@ -226,10 +226,10 @@ def plan_layers(model: nn.Module, mode: str, params_to_keep: Iterable[str], stor
     keep, spec, stored = tuple(params_to_keep), MODE_SPECS[mode], stored or {}
     coarse = sorted({s for s in stored.values() if s in gguf_dequant.BLOCK_FORMATS and s not in GGUF_REQUANTIZABLE})
     if spec.kind is not None and coarse:  # re-quantizing would round twice, for no memory gain
-        raise QuantizationModeError(f"quantization '{mode}' cannot be applied to GGUF weights stored as {', '.join(coarse)}: "
-                              f"they are already smaller than {mode} and would be rounded twice. Choose quantization "
-                              f"'disabled' (the GGUF blocks are used as they are); only "
-                              f"{', '.join(GGUF_REQUANTIZABLE)} files can be re-quantized at load.")
+        raise QuantizationModeError(f"quantization '{mode}' cannot be applied to GGUF weights stored as "
+                                    f"{', '.join(coarse)}: they are already smaller than {mode} and would be rounded "
+                                    f"twice. Choose quantization 'disabled' (the GGUF blocks are used as they are); "
+                                    f"only {', '.join(GGUF_REQUANTIZABLE)} files can be re-quantized at load.")
     device = torch.device(compute_device) if compute_device is not None else None
     plan, slow = {}, {}
     for name, module in model.named_modules():
