@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from ..wanvideo import memory_plan
+from ..wanvideo.guidance import AdaptiveProjectedGuidance
 from ..wanvideo.resume import WindowStore, model_identity, run_key, vae_identity
 from ..wanvideo.sampling import Conditioning, Guidance, i2v_mask
 from ..wanvideo.schedulers import make_scheduler
@@ -240,7 +241,6 @@ class TalkContinuation(Continuation):
         s = self.settings
         if not s.apg:
             return Guidance("infinitetalk", text_scale=s.text_scale, audio_scale=s.audio_scale)
-        from ..wanvideo.guidance import AdaptiveProjectedGuidance
         return AdaptiveProjectedGuidance(s.text_scale, s.audio_scale, s.apg_momentum, s.apg_norm_threshold)
 
     def finish(self, latent: torch.Tensor) -> torch.Tensor:
@@ -332,5 +332,5 @@ def _noise_and_store(model, vae, frames, count, fps, audio, text, settings, geom
                       audio.masks, *(frames[i] for i in used),
                       text=f"{geometry}|fps={fps}|frames={count}|used={used}|clip={encode_clip is not None}|"
                            f"noise={noise_key}|{model_identity(model)}|{vae_identity(vae)}|{run_identity}")
-    store = WindowStore(resume_dir, key, lambda i: geometry.stored_shape(height, width))
+    store = WindowStore(resume_dir, key, geometry.stored_shape(height, width))
     return noise, store
