@@ -202,7 +202,7 @@ def generate_humo_video(model, vae, text: Conditioning, bands: torch.Tensor, ref
         key = run_key(settings, bands, text.context, text.negative_context, *(references or []),
                       text=f"{height}x{width}|references={len(references or [])}|{model_identity(model)}|"
                            f"{vae_identity(vae)}")
-    store = WindowStore(resume_dir, key, lambda i: geometry.stored_shape(height, width))
+    store = WindowStore(resume_dir, key, geometry.stored_shape(height, width))
     lat_frames = (frames - 1) // 4 + 1 + (1 if references is not None else 0)
     memory_plan.check_before_sampling(model, memory_plan.RunSettings(lat_frames * (height // 16) * (width // 16)),
                                       memory_plan.DecodeSettings(frames, height, width, dtype_bytes=vae.dtype.itemsize))

@@ -173,12 +173,12 @@ class _FolderLock:
 
 
 class WindowStore:
-    """Finished windows of one run (`<root>/<key>/window_0003.safetensors`, uint8 frames). `expected(index)` gives
-    the `(frames, H, W, 3)` shape each window must have; a file with another key, shape, dtype or checksum, or one
+    """Finished windows of one run (`<root>/<key>/window_0003.safetensors`, uint8 frames). `shape` is the
+    `(frames, H, W, 3)` every window must have; a file with another key, shape, dtype or checksum, or one
     that does not parse, is reported and computed again. Without a root nothing is stored."""
 
-    def __init__(self, root: str | None, key: str, expected):
-        self.key, self.expected = key, expected
+    def __init__(self, root: str | None, key: str, shape: tuple):
+        self.key, self.shape = key, tuple(shape)
         self.folder = os.path.join(root, key[:24]) if root else None
         if self.folder:
             os.makedirs(self.folder, exist_ok=True)
@@ -208,9 +208,8 @@ class WindowStore:
     def _problem(self, index: int, frames: torch.Tensor, meta: dict) -> str:
         if meta.get("key") != self.key or meta.get("index") != str(index):
             return "written by another run"
-        shape = tuple(self.expected(index))
-        if frames.dtype != torch.uint8 or tuple(frames.shape) != shape:
-            return f"{frames.dtype} {tuple(frames.shape)} instead of uint8 {shape}"
+        if frames.dtype != torch.uint8 or tuple(frames.shape) != self.shape:
+            return f"{frames.dtype} {tuple(frames.shape)} instead of uint8 {self.shape}"
         if meta.get("checksum") != checksum(frames):
             return "checksum mismatch"
         return ""
