@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sys
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = os.path.join(ROOT, "tests", "data", "keys")
@@ -17,6 +18,15 @@ def import_pack(name: str = "wantalk"):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def import_core(name: str = "wantalk") -> None:
+    """The pack as a package without running its `__init__` (the node modules): for scripts that need only the
+    model or the audio encoders, so that a node module being edited elsewhere cannot stop them."""
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [ROOT]
+        sys.modules[name] = package
 
 
 def reference_shapes(listing: str) -> dict:

@@ -13,8 +13,7 @@ import time
 
 import torch
 
-from _common import write_result
-from memory_sweep import import_core
+from _common import import_core, write_result
 
 POSITIONS, LAYERS, CHANNELS = 1500, 33, 1280
 

@@ -17,8 +17,7 @@ import time
 
 import torch
 
-from _common import write_result
-from memory_sweep import import_core
+from _common import import_core, write_result
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 

@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GB = 10**9
@@ -73,7 +72,7 @@ def run_part(part: str, deadline: float, tiny: bool) -> list[dict]:
     """One allocator's cases in this process; stops starting cases at `deadline` (time.time())."""
     import torch
     sys.path.insert(0, ROOT)
-    from _common import reference_shapes
+    from _common import import_core, reference_shapes
     from forward import random_fetch
     from memory import forward_call
     import_core()
@@ -191,15 +190,6 @@ def forward_peaks(fn, tiny: bool) -> dict:
     torch.cuda.synchronize()
     return {"allocated_gib": torch.cuda.max_memory_allocated() / GIB,
             "reserved_gib": torch.cuda.max_memory_reserved() / GIB}
-
-
-def import_core(name: str = "wantalk") -> None:
-    """The pack as a package without running its `__init__` (the node modules): the sweep needs only the model,
-    and a node module being edited elsewhere must not stop it."""
-    if name not in sys.modules:
-        package = types.ModuleType(name)
-        package.__path__ = [os.path.dirname(ROOT)]
-        sys.modules[name] = package
 
 
 def tiny_shapes() -> dict:
