@@ -216,3 +216,21 @@ def test_available_vram_counts_what_the_allocator_can_still_reserve(monkeypatch)
     assert mp.available_vram("cuda") == 20 * GB - 10 * GB  # cudaMallocAsync checks bytes in use
     FakeCuda(monkeypatch, backend="cudaMallocAsync")
     assert mp.available_vram("cuda") == 52 * GB  # its pool's cached bytes are reused
+
+
+@pytest.mark.parametrize("triton_stages", [True, False])
+def test_resident_cuda_model_is_planned_with_the_stages_that_will_run(monkeypatch, triton_stages):
+    """A model resident on CUDA is planned with the torch (unfused) stages' memory where Triton cannot serve it, as a
+    block-swapped one is: planning it as fused would under-count its activations."""
+    from types import SimpleNamespace
+    planned = []
+    monkeypatch.setattr(mp, "fused_stages", lambda device: triton_stages and device.type == "cuda")
+    monkeypatch.setattr(mp.ModelBytes, "of", staticmethod(lambda model: "sizes"))
+    monkeypatch.setattr(mp, "use_expandable_segments", lambda: "allocator")
+    monkeypatch.setattr(mp, "available_vram", lambda device: 10 ** 12)
+    monkeypatch.setattr(mp, "plan_memory", lambda cfg, sizes, run, **kw: planned.append(run) or
+                        SimpleNamespace(peak=1, weights=0))
+    model = SimpleNamespace(cfg="cfg", block_runner=None,
+                            parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda"))]))
+    mp.check_before_sampling(model, RUN_480P)
+    assert [run.fused for run in planned] == [triton_stages]

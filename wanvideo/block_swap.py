@@ -402,7 +402,7 @@ class BlockSwapper:
         audio = getattr(inputs, "audio", None)
         self.plan_run(model, memory_plan.RunSettings(tokens=x.shape[1], batch=x.shape[0], audio=audio is not None,
                                                      two_speakers=bool(getattr(audio, "needs_qk", False)),
-                                                     fused=memory_plan.fused_stages(x)))
+                                                     fused=memory_plan.fused_stages(x.device)))
 
     def plan_run(self, model: nn.Module, run: memory_plan.RunSettings,
                  decode: memory_plan.DecodeSettings | None = None) -> None:

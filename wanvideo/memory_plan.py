@@ -370,10 +370,10 @@ def available_vram(device) -> int:
     return max(0, available)
 
 
-def fused_stages(x: torch.Tensor) -> bool:
-    """Whether the block's fused (Triton) stages serve tensors like `x` (they use less memory)."""
+def fused_stages(device: torch.device) -> bool:
+    """Whether the block's fused (Triton) stages serve tensors on `device` (they use less memory)."""
     from .modules import fused_ops
-    return fused_ops._use_triton(x)
+    return fused_ops._use_triton(torch.empty(0, device=device))
 
 
 def check_before_sampling(model: nn.Module, run: RunSettings, decode: DecodeSettings | None = None) -> None:
@@ -385,12 +385,12 @@ def check_before_sampling(model: nn.Module, run: RunSettings, decode: DecodeSett
     on a CUDA device is checked against its resident weights; CPU models are not checked."""
     runner = getattr(model, "block_runner", None)
     if hasattr(runner, "plan_run"):
-        fused = fused_stages(torch.empty(0, device=runner.device))
-        runner.plan_run(model, replace(run, fused=fused), decode)
+        runner.plan_run(model, replace(run, fused=fused_stages(runner.device)), decode)
         return
     device = next(model.parameters()).device
     if device.type != "cuda" or runner is not None:
         return
+    run = replace(run, fused=fused_stages(device))  # CUDA without Triton runs the torch stages: more memory
     sizes = ModelBytes.of(model)
     allocator = use_expandable_segments()
     plan = plan_memory(model.cfg, sizes, run, blocks_to_swap=0, decode=decode, allocator=allocator)
