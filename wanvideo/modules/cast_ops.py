@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn import Conv1d, Conv2d, Conv3d, GroupNorm, LayerNorm  # noqa: F401  (the seam's other operations)
+from torch.nn import Conv3d, LayerNorm  # noqa: F401  (the seam's other operations: patch embedding, norms)
 
 
 def activation_dtype(dtype: torch.dtype) -> torch.dtype:
