@@ -18,12 +18,14 @@ log = logging.getLogger("wantalk")
 LORA_MODES = ("merge", "unmerged")
 
 
-def expected_model_bytes(paths: list[str], quantization: str, base_dtype=torch.bfloat16, params_to_keep=None) -> int:
+def expected_model_bytes(paths: list[str], quantization: str, base_dtype=torch.bfloat16, params_to_keep=None,
+                         loras=()) -> int:
     """What the loaded model will occupy on the load device: the layer plan's bytes, from the files' headers
-    (no tensor is read; GGUF blocks and pre-quantized layers count as stored). Bytes do not depend on the matmul
-    path, so no compute device is planned for (nor warned about)."""
+    (no tensor is read; GGUF blocks and pre-quantized layers count as stored, layers a merged LoRA changes as they
+    are stored after the merge). Bytes do not depend on the matmul path, so no compute device is planned for (nor
+    warned about)."""
     planned, _ = plan_load(paths[0], extra_weights=tuple(paths[1:]), quantization=quantization,
-                           base_dtype=base_dtype, params_to_keep=params_to_keep, compute_device=None)
+                           base_dtype=base_dtype, params_to_keep=params_to_keep, loras=loras, compute_device=None)
     return planned.weight_bytes
 
 
@@ -143,17 +145,18 @@ class WanTalkModelLoader:
                 return (reused, reused.quant_report.summary())
             except LoraError as exc:  # e.g. norm deltas already copied by block swap: load afresh
                 log.info("wantalk: reloading instead of changing LoRA strengths: %s", exc)
+        merged = loras if lora_mode == "merge" else ()
         if device.type == "cuda":
             try:
                 host.free_memory(expected_model_bytes([path, *extra], quantization, BASE_DTYPES[base_precision],
-                                                      params_to_keep), device)
+                                                      params_to_keep, merged), device)
             except ValueError:
                 pass  # an unreadable file is reported by the loader below, with its reason
         try:
             wan = load_wan_model(path, device=device, base_dtype=BASE_DTYPES[base_precision],
                                  quantization=quantization, attention_mode=attention_mode,
                                  params_to_keep=params_to_keep, extra_weights=tuple(extra),
-                                 loras=loras if lora_mode == "merge" else (), compute_device=host.torch_device())
+                                 loras=merged, compute_device=host.torch_device())
             if loras and lora_mode == "unmerged":
                 attach_unmerged_loras(wan, loras)
                 self._unmerged = (settings, weakref.ref(wan))

@@ -214,6 +214,11 @@ def test_lora_merges_into_gguf_model_and_stays_in_blocks(tmp_path, rng):
     assert error < 0.01 and error < effect / 10, (error, effect)
     layers = _gguf_layers(model)  # the tiny LoRA changes every block linear: each one went back into Q8_0 blocks
     assert "blocks.1.ffn.2" in layers and {m.qtype for m in layers.values()} == {"Q8_0"}
+    # the bytes planned before the load (what ComfyUI is asked to free) are the merged model's, not the Q4_K file's
+    from wantalk import nodes_model_loading
+    held_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert nodes_model_loading.expected_model_bytes([path], "disabled", torch.float32, loras=[(lora, 0.8)]) == held_bytes
+    assert nodes_model_loading.expected_model_bytes([path], "disabled", torch.float32) < held_bytes
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
