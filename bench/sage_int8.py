@@ -24,6 +24,9 @@ CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, ROWSUM_MMA=r, 
                                       (128, 128, 8, 2, True, True), (128, 128, 8, 3, True, True),
                                       (64, 64, 4, 3, True, True), (64, 64, 4, 4, True, True))]
 
+# the warp-specialized sm90 schedule (wanvideo/kernels/sage_int8_ws.py): stages of two 128-key blocks in flight
+WS_VARIANTS = [dict(stages=st) for st in (2, 3)]
+
 
 def sdpa(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,8 +44,9 @@ def main():
     p.add_argument("--keys", type=int, default=None)
     p.add_argument("--heads", type=int, default=40)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--configs", choices=("all", "auto", "pipelined"), default="all",
-                   help="pipelined: only the configs that issue the next Q.K early")
+    p.add_argument("--configs", choices=("all", "auto", "pipelined", "ws"), default="all",
+                   help="pipelined: only the configs that issue the next Q.K early; ws: the autotuned Triton kernel "
+                        "against the warp-specialized sm90 schedule (sage_int8_ws) in its variants")
     p.add_argument("--pv", default="fp8,fp16", help="P.V precisions to time")
     p.add_argument("--no-rotate", action="store_true", help="quantize Q and K without the Hadamard rotation")
     args = p.parse_args()
@@ -87,6 +91,21 @@ def main():
 
     for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
         report(backend, "-", sdpa(backend))
+    if args.configs == "ws":
+        from wantalk.wanvideo.kernels import sage_int8_ws
+
+        def ws(variant):
+            def run(q_, k_, v_):
+                out = torch.empty_like(q_)
+                quantized = sage_int8.quantize_qkv(q_, k_, v_, q_.shape[-1] ** -0.5, torch.float8_e4m3fn)
+                sage_int8_ws.attend_quantized_ws(quantized, out, k_.shape[1], k_.shape[2], **variant)
+                return out
+            return run
+        report("int8_triton fp8 PV", "autotuned", lambda *t: sage_int8.sage_int8_attention(*t))
+        for variant in WS_VARIANTS:
+            report("int8 ws sm90", variant, ws(variant))
+        report("int8_triton fp8 PV", "autotuned (again)", lambda *t: sage_int8.sage_int8_attention(*t))
+        return
     for pv_fp8 in [name == "fp8" for name in args.pv.split(",")]:
         name = "int8_triton " + ("fp8 PV" if pv_fp8 else "fp16 PV")
         chosen = {"all": CONFIGS, "auto": [None], "pipelined": [c for c in CONFIGS if c["PIPELINE"]]}[args.configs]
