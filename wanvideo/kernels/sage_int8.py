@@ -41,7 +41,8 @@ KBLK = 128             # keys per K/V scale block (and the padding unit of every
 MEAN_SAMPLES = 1024    # keys averaged for the K smoothing vector
 HEAD_DIMS = (64, 128)
 P_SCALE = 448.0        # e4m3 max: P in [0, 448]
-INT_MAGIC = 0x4B400000  # float bits of 1.5 * 2^23
+LOG2_P_SCALE = math.log2(P_SCALE)
+INT_MAGIC = 0x4B400000  # float bits of 1.5 * 2^23: (int32 s + INT_MAGIC) as float is FLOAT_MAGIC + s for |s| < 2^22
 FLOAT_MAGIC = 12582912.0
 # the Triton interpreter (CPU checks: TRITON_INTERPRET=1) runs no inline PTX
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -61,6 +62,9 @@ def unavailable(device: torch.device | None = None) -> str | None:
 
 if triton is not None:
     _INTERPRETED = tl.constexpr(INTERPRETED)
+    _LOG2_P_SCALE = tl.constexpr(LOG2_P_SCALE)
+    _INT_MAGIC = tl.constexpr(INT_MAGIC)
+    _FLOAT_MAGIC = tl.constexpr(FLOAT_MAGIC)
 
     @triton.jit
     def _round_to_int8(x):
@@ -154,8 +158,8 @@ if triton is not None:
         m_new = tl.maximum(m_i, tl.max(s, axis=1).to(tl.float32) * coef)
         # (s + magic) as float is 1.5 * 2^23 + s; one FMA takes off the magic and the row max and adds log2(448)
         # (P in [0, 448]). Rounding the per-row constant shifts a whole row by ~1e-7 of its logit range.
-        bias = 8.807354922057604 - m_new - 12582912.0 * coef
-        x = (s + 0x4B400000).to(tl.float32, bitcast=True) * coef[:, None] + bias[:, None]
+        bias = _LOG2_P_SCALE - m_new - _FLOAT_MAGIC * coef
+        x = (s + _INT_MAGIC).to(tl.float32, bitcast=True) * coef[:, None] + bias[:, None]
         if MASKED:
             x = tl.where((keys < Lk)[None, :], x, float("-inf"))
         alpha = tl.math.exp2(m_i - m_new)

@@ -54,6 +54,9 @@ def unavailable(device: torch.device | None = None) -> str | None:
 if gluon is not None:
     _ROWS = gl.constexpr(ROWS)
     _BLOCK_M = gl.constexpr(BLOCK_M)
+    _LOG2_P_SCALE = gl.constexpr(sage_int8.LOG2_P_SCALE)
+    _INT_MAGIC = gl.constexpr(sage_int8.INT_MAGIC)
+    _FLOAT_MAGIC = gl.constexpr(sage_int8.FLOAT_MAGIC)
 
     @gluon.jit
     def _exp2(x):
@@ -89,7 +92,7 @@ if gluon is not None:
         """P = exp2(s * coef + bias) of int32 scores s: (s + magic) as float is 1.5 * 2^23 + s exactly
         (|s| < 2^22), whose magic part the bias takes off. Returns P in FP8 (the P.V operand) and its row sums.
         MASKED: zero where `valid` ([1, BLOCK_N]) is false."""
-        x = gl.fma((s + 0x4B400000).to(gl.float32, bitcast=True), coef[:, None], bias[:, None])
+        x = gl.fma((s + _INT_MAGIC).to(gl.float32, bitcast=True), coef[:, None], bias[:, None])
         if MASKED:
             x = gl.where(valid, x, float("-inf"))
         p = _exp2(x)
@@ -126,10 +129,10 @@ if gluon is not None:
         c = gl.maximum(vs_a, vs_b)
         m_new = gl.maximum(m_i, gl.maximum(gl.max(sa, axis=1).to(gl.float32) * coef_a,
                                            gl.max(sb, axis=1).to(gl.float32) * coef_b))
-        bias = 8.807354922057604 - m_new                          # log2(448): P in [0, 448]
-        pa, la = _probabilities(sa, coef_a, bias - 12582912.0 * coef_a + gl.log2(vs_a / c), valid_a, p_layout,
+        bias = _LOG2_P_SCALE - m_new                              # P in [0, 448]
+        pa, la = _probabilities(sa, coef_a, bias - _FLOAT_MAGIC * coef_a + gl.log2(vs_a / c), valid_a, p_layout,
                                 MASKED)
-        pb, lb = _probabilities(sb, coef_b, bias - 12582912.0 * coef_b + gl.log2(vs_b / c), valid_b, p_layout,
+        pb, lb = _probabilities(sb, coef_b, bias - _FLOAT_MAGIC * coef_b + gl.log2(vs_b / c), valid_b, p_layout,
                                 MASKED)
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + la * (c / vs_a) + lb * (c / vs_b)
