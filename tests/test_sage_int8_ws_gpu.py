@@ -32,10 +32,10 @@ def needs_kernel():
 
 def run_ws(q, k, v, **variant):
     b, lq, h, d = q.shape
-    quantized = sage_int8.quantize_qkv(q, k, v, d ** -0.5, torch.float8_e4m3fn)
+    quantized = sage_int8.quantize_qkv(q, k, v, d ** -0.5, torch.float8_e4m3fn, mma_key_order=True)
     out = torch.empty_like(q)
     sage_int8_ws.attend_quantized_ws(quantized, out, k.shape[1], k.shape[2], **variant)
-    return out, quantized
+    return out
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -47,7 +47,7 @@ def test_ws_against_float32_and_triton(name, variant):
     q = torch.randn(b, lq, h, d, device="cuda", generator=g).bfloat16()
     k = (torch.randn(b, lk, hk, d, device="cuda", generator=g) + torch.randn(d, device="cuda", generator=g)).bfloat16()
     v = torch.randn(b, lk, hk, d, device="cuda", generator=g).bfloat16()
-    out, quantized = run_ws(q, k, v, **variant)
+    out = run_ws(q, k, v, **variant)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
     rows = torch.randperm(lq, device="cuda", generator=g)[:256]
@@ -56,7 +56,30 @@ def test_ws_against_float32_and_triton(name, variant):
     assert err < TOL[(True, False)], f"{name}: {err:.4f} off float32"
     triton_out = torch.empty_like(q)
     sage_int8.triton.set_allocator(sage_int8._tma_allocator)   # what sage_int8_attention does before TMA
+    quantized = sage_int8.quantize_qkv(q, k, v, d ** -0.5, torch.float8_e4m3fn)   # the same codes, in key order
     sage_int8.attend_quantized(quantized, triton_out, lk, hk, True, None)
     triton_err = ((triton_out[:, rows].float() - ref).norm() / ref.norm()).item()
     # the same 8-bit inputs: as accurate as the Triton kernel (P's rounding differs, so not bit for bit)
     assert err <= 1.1 * triton_err + 1e-3, f"{name}: {err:.4f} off float32, the Triton kernel {triton_err:.4f}"
+
+
+def test_a_compile_refusal_runs_the_triton_kernel_on_v_in_key_order(monkeypatch):
+    """Where this Triton's Gluon cannot compile the kernel, sage_int8_attention logs it once and runs the Triton
+    kernel, on V quantized again in plain key order (the sm90 order would scramble P.V)."""
+    needs_kernel()
+    import triton
+
+    def refuse(*args, **kwargs):
+        raise triton.compiler.errors.CompilationError(None, None, "stand-in refusal")
+
+    monkeypatch.setattr(sage_int8_ws, "attend_quantized_ws", refuse)
+    monkeypatch.setattr(sage_int8, "_WS_REFUSAL", {})
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(1, 1000, 4, 128, device="cuda", generator=g).bfloat16() for _ in range(3))
+    out = sage_int8.sage_int8_attention(q, k, v)
+    rows = torch.arange(1000, device="cuda")
+    ref = fp32_reference(q, k, v, rows)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < TOL[(True, False)]
+    assert "stand-in refusal" in sage_int8._WS_REFUSAL[torch.cuda.current_device()]
+    out = sage_int8.sage_int8_attention(q, k, v)   # refused once: straight to the Triton kernel
+    assert ((out.float() - ref).norm() / ref.norm()).item() < TOL[(True, False)]

@@ -72,9 +72,17 @@ if triton is not None:
         return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
 
     @triton.jit
+    def _mma_key_position(key):
+        """Where a key sits in a V tile read by the sm90 kernel: within each 32 keys, key bits (h, i1, q1, q0, i0)
+        go to (h, q1, q0, i1, i0), the order in which an FP8 MMA's A operand holds the columns that the
+        previous MMA's accumulator gave each thread (see sage_int8_ws._probabilities)."""
+        return (key & ~14) | ((key & 6) << 1) | ((key >> 2) & 2)
+
+    @triton.jit
     def _quantize_kernel(x_ptr, out_ptr, scale_ptr, mean_ptr, hadamard_ptr, L, H, stride_b, stride_l, stride_h,
                          out_stride_bh, out_stride_l, out_stride_d, scales_per_bh, factor,
-                         D: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ROTATE: tl.constexpr):
+                         D: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ROTATE: tl.constexpr,
+                         MMA_KEY_ORDER: tl.constexpr = False):
         """One [BLOCK, D] tile of x ([B, L, H, D], last dim contiguous) of head bh -> 8-bit out and its scale.
 
         MODE 0 (Q): INT8, one scale per token (times `factor`). MODE 1 (K): minus its smoothing mean, INT8, one
@@ -82,6 +90,7 @@ if triton is not None:
         ROTATE (Q and K): multiply by a Hadamard matrix first, which spreads outlier channels over all channels
         (q.k is unchanged up to the factor D), so the INT8 step shrinks with the largest value.
         Rows past L are written as zeros (the padding the attention kernel reads).
+        MMA_KEY_ORDER (V): keys stored in `_mma_key_position` order (the sm90 kernel's P operand order).
         """
         pid = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
@@ -112,6 +121,8 @@ if triton is not None:
                 amax = tl.maximum(amax, 1e-6)
                 q = (x * (448.0 / amax)).to(out_ptr.dtype.element_ty)
                 tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 448.0)
+        if MMA_KEY_ORDER:
+            rows = _mma_key_position(rows)
         dst = out_ptr + bh * out_stride_bh + rows.to(tl.int64)[:, None] * out_stride_l + cols[None, :] * out_stride_d
         tl.store(dst, q)
 
@@ -265,20 +276,22 @@ def hadamard(d: int, device: torch.device) -> torch.Tensor:
     return (1 - 2 * parity).to(torch.bfloat16).to(device)
 
 
-def _quantize(x, out, scales, mean, mode: int, block: int, factor: float = 1.0, rotate: bool = False):
+def _quantize(x, out, scales, mean, mode: int, block: int, factor: float = 1.0, rotate: bool = False,
+              mma_key_order: bool = False):
     b, length, heads, d = x.shape
     out_strides = (out.stride(0), out.stride(1), out.stride(2)) if mode < 2 else (out.stride(0), 1, out.stride(1))
     _quantize_kernel[(out.numel() // (b * heads * d * block), b * heads)](
         x, out, scales, mean, hadamard(d, x.device), length, heads, x.stride(0), x.stride(1), x.stride(2),
         *out_strides, scales.shape[1], factor, D=d, BLOCK=block, MODE=mode, ROTATE=rotate,
-        num_warps=8 if block * d > 8192 else 4)
+        MMA_KEY_ORDER=mma_key_order, num_warps=8 if block * d > 8192 else 4)
 
 
-def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = True):
+def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = True, mma_key_order: bool = False):
     """8-bit copies of q, k, v ([B, L, H, D]) and their scales, in the layouts the attention kernel reads:
     q8 [B*H, LQP, D] int8 + per-token scales (times scale * log2 e), k8 [B*Hk, LKP, D] int8 (smoothed) + one scale
     per KBLK keys, vt [B*Hk, D, LKP] (transposed: FP8 dots want both operands K-major) + one scale per KBLK keys,
     and V's smoothing mean (added back after the normalised P.V: each row of P sums to one).
+    mma_key_order: V's keys permuted within each 32 as the sm90 kernel (sage_int8_ws) reads them.
     """
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
@@ -294,7 +307,7 @@ def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = Tr
     vmean = smoothing_mean(v)
     vt = torch.empty(b * hk, d, lkp, dtype=pv_dtype, device=dev)
     vs = torch.empty(b * hk, lkp // KBLK, dtype=torch.float32, device=dev)
-    _quantize(v, vt, vs, vmean, 2, KBLK)
+    _quantize(v, vt, vs, vmean, 2, KBLK, mma_key_order=mma_key_order)
     return q8, qs, k8, ks, vt, vs, vmean
 
 
@@ -316,28 +329,36 @@ def _tma_allocator(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-_WS_REFUSED: dict[tuple[int, int], str] = {}   # GPU capability -> why the sm90 schedule cannot run there
+_WS_REFUSAL: dict[int, str | None] = {}   # CUDA device index -> why the sm90 schedule cannot run there (None: it can)
+
+
+def _warp_specialized_refusal(device: torch.device) -> str | None:
+    """Why Hopper's warp-specialized schedule (sage_int8_ws) cannot run on this device, asked once per device
+    (None: it can). A Hopper GPU that cannot run it is logged once."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _WS_REFUSAL:
+        from . import sage_int8_ws
+        _refuse_warp_specialized(index, sage_int8_ws.unavailable(device))
+    return _WS_REFUSAL[index]
+
+
+def _refuse_warp_specialized(index: int, reason: str | None):
+    _WS_REFUSAL[index] = reason
+    if reason is not None and torch.cuda.get_device_capability(index)[0] == 9:
+        log.warning("int8_triton: the warp-specialized sm90 schedule is unavailable (%s); using the Triton kernel",
+                    reason)
 
 
 def _attend_warp_specialized(quantized, out, lk: int, hk: int) -> bool:
-    """Hopper's warp-specialized schedule (sage_int8_ws: same arithmetic, 2-5% faster at Wan sizes on the H200)
-    where it can run; False (the caller runs the Triton kernel) where it cannot, logged once for a Hopper GPU."""
-    capability = torch.cuda.get_device_capability(out.device)
-    if capability in _WS_REFUSED:
-        return False
+    """Run the sm90 schedule on quantize_qkv(..., mma_key_order=True)'s output; False (recorded, logged once)
+    where this Triton's Gluon cannot compile it."""
     from . import sage_int8_ws
-    reason = sage_int8_ws.unavailable(out.device)
-    if reason is None:
-        try:
-            sage_int8_ws.attend_quantized_ws(quantized, out, lk, hk)
-            return True
-        except triton.compiler.errors.CompilationError as e:   # a Triton whose Gluon lacks what the kernel uses
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
-    _WS_REFUSED[capability] = reason
-    if capability[0] == 9:
-        log.warning("int8_triton: the warp-specialized sm90 schedule is unavailable (%s); using the Triton kernel",
-                    reason)
-    return False
+    try:
+        sage_int8_ws.attend_quantized_ws(quantized, out, lk, hk)
+        return True
+    except triton.compiler.errors.CompilationError as e:   # a Triton whose Gluon lacks what the kernel uses
+        _refuse_warp_specialized(out.device.index, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
+        return False
 
 
 def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -372,9 +393,16 @@ def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if lq == 0:
         return out
     with torch.cuda.device(q.device):
-        quantized = quantize_qkv(q, k, v, scale, torch.float8_e4m3fn if pv_fp8 else torch.float16, rotate)
+        # sm90 with FP8 P.V and TMA: the warp-specialized schedule (2-5% faster at Wan sizes on the H200), whose
+        # V tiles hold their keys in MMA operand order
+        warp_specialized = config is None and pv_fp8 and use_tma and _warp_specialized_refusal(q.device) is None
+        pv_dtype = torch.float8_e4m3fn if pv_fp8 else torch.float16
+        quantized = quantize_qkv(q, k, v, scale, pv_dtype, rotate, mma_key_order=warp_specialized)
         if use_tma:
             triton.set_allocator(_tma_allocator)
-        if not (config is None and pv_fp8 and use_tma and _attend_warp_specialized(quantized, out, lk, hk)):
-            attend_quantized(quantized, out, lk, hk, use_tma, config)
+        if warp_specialized and _attend_warp_specialized(quantized, out, lk, hk):
+            return out
+        if warp_specialized:   # refused at compile time: V again, in key order
+            quantized = quantize_qkv(q, k, v, scale, pv_dtype, rotate)
+        attend_quantized(quantized, out, lk, hk, use_tma, config)
     return out
