@@ -14,7 +14,8 @@ step() {
     shift 2
     echo "=== $(date +%T) $name" | tee -a "$LOG"
     timeout "$limit" "$@" >>"$LOG" 2>&1
-    echo "=== $(date +%T) $name: exit $?" | tee -a "$LOG"
+    local rc=$?   # before any command substitution below resets $?
+    echo "=== $(date +%T) $name: exit $rc" | tee -a "$LOG"
 }
 
 install_fa4() {

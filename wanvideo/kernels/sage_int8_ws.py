@@ -40,7 +40,8 @@ except ImportError:   # optional accelerator: older Triton has no Gluon
 ROWS = 64              # query rows per consumer warpgroup (the wgmma M of one warpgroup)
 BLOCK_M = 2 * ROWS     # query rows per program
 BLOCK_N = sage_int8.KBLK   # keys per block: one K and one V scale each
-STAGES = 3             # stages in flight (64 KB each at D 128: two K and two V blocks)
+STAGES = 2             # stages in flight (64 KB each at D 128: two K and two V blocks; H200: 889-894 TFLOP/s with
+                       # two, 816-820 with three, the shared memory left to L1 being the likely difference)
 VALIDATED_TRITON = "3.6."  # Gluon's API moves between releases: other versions take the Triton kernel
 
 
@@ -69,6 +70,12 @@ if gluon is not None:
     def _exp2(x):
         """exp2 on the special-function unit with flush-to-zero (P is rounded to 8 bits next)."""
         return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _log2(x):
+        """log2 on the special-function unit (V scales: positive normal floats)."""
+        return gl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32,
                                          is_pure=True, pack=1)
 
     @gluon.jit
@@ -120,12 +127,13 @@ if gluon is not None:
         return _to_fp8(gl.convert_layout(p, p_layout, assert_trivial=True))
 
     @gluon.jit
-    def _step(acc, l_i, m_i, c_i, qs, q_smem, k_bufs, v_bufs, ones, k_ready, v_ready, kv_empty, ks_ptr, vs_ptr, bh_kv,
+    def _step(acc, l_i, m_i, lc_i, qs, q_smem, k_bufs, v_bufs, ones, k_ready, v_ready, kv_empty, ks_ptr, vs_ptr, bh_kv,
               i, Lk, LKP, s_layout: gl.constexpr, o_layout: gl.constexpr, l_layout: gl.constexpr,
               MASKED: gl.constexpr):
-        """Key blocks 2i and 2i+1 (one stage): online softmax and P.V. acc is kept in units of the V scale c_i;
-        l_i ([rows, 8], every column alike) holds the row sums of the rounded P, taken by the tensor cores (P times
-        a ones tile) instead of one float add per score.
+        """Key blocks 2i and 2i+1 (one stage): online softmax and P.V. acc and l_i are kept in units of the V scale
+        2^lc_i (the output is acc / l_i, no division by a V scale on the way); l_i ([rows, 8], every column alike)
+        holds the row sums of the rounded P, taken by the tensor cores (P times a ones tile) instead of one float
+        add per score.
         MASKED (the last stage): keys past Lk, and a second block past the end, count for nothing."""
         BLOCK_N: gl.constexpr = k_bufs.type.shape[1]
         n_stages: gl.constexpr = k_ready.type.shape[0]
@@ -149,15 +157,15 @@ if gluon is not None:
             sb = gl.where(valid_b, sb, -(1 << 22))
         coef_a = qs * gl.load(ks_ptr + first)                     # log2-domain logit per integer step
         coef_b = qs * gl.load(ks_ptr + first + 1, mask=has_b, other=0.0)
-        vs_a = gl.load(vs_ptr + first)
-        vs_b = gl.where(has_b, gl.load(vs_ptr + first + 1, mask=has_b, other=1.0), vs_a)
-        c = gl.maximum(vs_a, vs_b)
+        lv_a = _log2(gl.load(vs_ptr + first))                    # log2 of the blocks' V scales
+        lv_b = gl.where(has_b, _log2(gl.load(vs_ptr + first + 1, mask=has_b, other=1.0)), lv_a)
+        lc = gl.maximum(lv_a, lv_b)                               # the new unit of acc and l: the larger V scale
         m_new = gl.maximum(m_i, gl.maximum(gl.max(sa, axis=1).to(gl.float32) * coef_a,
                                            gl.max(sb, axis=1).to(gl.float32) * coef_b))
         bias = _LOG2_P_SCALE - m_new                              # P in [0, 448]
-        pa = _probabilities(sa, coef_a, bias - _FLOAT_MAGIC * coef_a + gl.log2(vs_a / c), valid_a, p_layout, MASKED)
-        pb = _probabilities(sb, coef_b, bias - _FLOAT_MAGIC * coef_b + gl.log2(vs_b / c), valid_b, p_layout, MASKED)
-        alpha = gl.exp2(m_i - m_new)
+        pa = _probabilities(sa, coef_a, bias - _FLOAT_MAGIC * coef_a + (lv_a - lc), valid_a, p_layout, MASKED)
+        pb = _probabilities(sb, coef_b, bias - _FLOAT_MAGIC * coef_b + (lv_b - lc), valid_b, p_layout, MASKED)
+        rescale = _exp2(m_i - m_new + (lc_i - lc))                # old maximum and unit -> new ones
         mbarrier.wait(v_ready.index(stage), phase)
         zero_o = gl.zeros([_ROWS, acc.shape[1]], gl.float32, o_layout)
         zero_l = gl.zeros([_ROWS, 8], gl.float32, l_layout)
@@ -169,10 +177,11 @@ if gluon is not None:
                            use_acc=False, is_async=True)
         pv, la, lb = warpgroup_mma_wait(0, deps=(pv, la, lb))
         mbarrier.arrive(kv_empty.index(stage), count=1)
-        acc = gl.fma(acc, gl.convert_layout(alpha * (c_i / c), gl.SliceLayout(1, o_layout))[:, None], pv)
-        l_i = gl.fma(l_i, gl.convert_layout(alpha, gl.SliceLayout(1, l_layout))[:, None],
-                     la * (c / vs_a) + lb * (c / vs_b))
-        return acc, l_i, m_new, c
+        acc = gl.fma(acc, gl.convert_layout(rescale, gl.SliceLayout(1, o_layout))[:, None], pv)
+        # P of block a carries 2^(lv_a - lc): its row sums count 2^-lv_a each in units of 2^-lc
+        l_i = gl.fma(l_i, gl.convert_layout(rescale, gl.SliceLayout(1, l_layout))[:, None],
+                     la * _exp2(-lv_a) + lb * _exp2(-lv_b))
+        return acc, l_i, m_new, lc
 
     @gluon.jit
     def _consumer(args, ROLE: gl.constexpr):
@@ -201,17 +210,17 @@ if gluon is not None:
         acc = gl.zeros([_ROWS, D], gl.float32, o_layout)
         l_i = gl.zeros([_ROWS, 8], gl.float32, l_layout)
         m_i = gl.full([_ROWS], float("-inf"), gl.float32, row_s)
-        c_i = gl.load(vs_ptr + bh_kv * (LKP // BLOCK_N))           # any finite value: acc starts at zero
+        lc_i = 0.0                                                  # any finite value: acc and l_i start at zero
         n_stages_used = gl.cdiv(Lk, 2 * BLOCK_N)
         for i in range(n_stages_used - 1):
-            acc, l_i, m_i, c_i = _step(acc, l_i, m_i, c_i, qs, q_smem, k_bufs, v_bufs, ones, k_ready, v_ready,
+            acc, l_i, m_i, lc_i = _step(acc, l_i, m_i, lc_i, qs, q_smem, k_bufs, v_bufs, ones, k_ready, v_ready,
                                        kv_empty, ks_ptr, vs_ptr, bh_kv, i, Lk, LKP, s_layout, o_layout, l_layout,
                                        False)
-        acc, l_i, m_i, c_i = _step(acc, l_i, m_i, c_i, qs, q_smem, k_bufs, v_bufs, ones, k_ready, v_ready, kv_empty,
+        acc, l_i, m_i, lc_i = _step(acc, l_i, m_i, lc_i, qs, q_smem, k_bufs, v_bufs, ones, k_ready, v_ready, kv_empty,
                                    ks_ptr, vs_ptr, bh_kv, n_stages_used - 1, Lk, LKP, s_layout, o_layout, l_layout,
                                    True)
 
-        out = acc * gl.convert_layout(c_i / gl.max(l_i, axis=1), row_o)[:, None]
+        out = acc * gl.convert_layout(1.0 / gl.max(l_i, axis=1), row_o)[:, None]
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
         out = out + gl.load(vmean_ptr + bh_kv.to(gl.int64) * D + cols)[None, :]   # V's smoothing mean back
         rows = row0 + gl.arange(0, _ROWS, layout=row_o)
