@@ -393,8 +393,8 @@ def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if lq == 0:
         return out
     with torch.cuda.device(q.device):
-        # sm90 with FP8 P.V and TMA: the warp-specialized schedule (2-5% faster at Wan sizes on the H200), whose
-        # V tiles hold their keys in MMA operand order
+        # sm90 with FP8 P.V and TMA: the warp-specialized schedule (H200, 32,760 tokens: 891-895 TFLOP/s, the Triton
+        # kernel 762-790), whose V tiles hold their keys in MMA operand order
         warp_specialized = config is None and pv_fp8 and use_tma and _warp_specialized_refusal(q.device) is None
         pv_dtype = torch.float8_e4m3fn if pv_fp8 else torch.float16
         quantized = quantize_qkv(q, k, v, scale, pv_dtype, rotate, mma_key_order=warp_specialized)
