@@ -32,7 +32,7 @@ def needs_kernel():
 
 def run_ws(q, k, v, **variant):
     b, lq, h, d = q.shape
-    quantized = sage_int8.quantize_qkv(q, k, v, d ** -0.5, torch.float8_e4m3fn, mma_key_order=True)
+    quantized = sage_int8.quantize_qkv(q, k, v, d ** -0.5, torch.float8_e4m3fn, sm90=True)
     out = torch.empty_like(q)
     sage_int8_ws.attend_quantized_ws(quantized, out, k.shape[1], k.shape[2], **variant)
     return out
@@ -83,3 +83,30 @@ def test_a_compile_refusal_runs_the_triton_kernel_on_v_in_key_order(monkeypatch)
     assert "stand-in refusal" in sage_int8._WS_REFUSAL[torch.cuda.current_device()]
     out = sage_int8.sage_int8_attention(q, k, v)   # refused once: straight to the Triton kernel
     assert ((out.float() - ref).norm() / ref.norm()).item() < TOL[(True, False)]
+
+
+def hostile_values(case, g):
+    """q, k, v [1, 1000, 4, 128]: "spike": V is zero but for one key, so that key's 128-key block is about 1000x
+    the size of the block it shares a step with; "tiny": the first 512 keys' V is 1e-4 of the rest's."""
+    q, k, v = (torch.randn(1, 1000, 4, 128, device="cuda", generator=g) for _ in range(3))
+    if case == "spike":
+        v = torch.zeros_like(v)
+        v[:, 700] = 100 * torch.randn(4, 128, device="cuda", generator=g)
+    else:
+        v[:, :512] *= 1e-4
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+@pytest.mark.parametrize("case", ["spike", "tiny"])
+def test_v_blocks_of_very_different_size_keep_their_weight(case):
+    """The sm90 kernel's two blocks of a step share one FP8 P: with one V scale per block, a block far smaller
+    than its partner would have its P pushed under e4m3's range and its keys would drop out of the row sums
+    (sage_int8.quantize_qkv's sm90 layout has one scale per head for that reason). Every key keeps its weight."""
+    needs_kernel()
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = hostile_values(case, g)
+    rows = torch.arange(1000, device="cuda")
+    ref = fp32_reference(q, k, v, rows)
+    out = sage_int8.sage_int8_attention(q, k, v)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < TOL[(True, False)], f"{case}: {err:.4f} off float32"
