@@ -98,7 +98,7 @@ def main():
             def run(q_, k_, v_):
                 out = torch.empty_like(q_)
                 quantized = sage_int8.quantize_qkv(q_, k_, v_, q_.shape[-1] ** -0.5, torch.float8_e4m3fn,
-                                                   sm90=True)
+                                                   mma_key_order=True)
                 sage_int8_ws.attend_quantized_ws(quantized, out, k_.shape[1], k_.shape[2], **variant)
                 return out
             return run

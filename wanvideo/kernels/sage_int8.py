@@ -14,9 +14,9 @@ Why each piece (facts: docs/NOTES.md §5.1, §5.3):
 - int32 -> float without the slow conversion unit: |q.k| <= D * 127^2 < 2^22, so adding the bits of 1.5 * 2^23
   gives a float equal to 1.5 * 2^23 + dot, exactly.
 - P is scaled by 448 (e4m3's largest value) before the FP8 cast, so most of it stays in e4m3's normal range;
-  V is FP8 with one scale per `KBLK` keys, folded into the running rescale of the accumulator (the sm90 kernel
-  takes one per head instead, see quantize_qkv). FP8 is a float format, so a per-block scale loses nothing to
-  channels of very different size (they stay normal down to amax / 2^15). Each P.V block product starts from zero and is added to an FP32 accumulator: Hopper's FP8 MMA
+  V is FP8 with one scale per `KBLK` keys, folded into the running rescale of the accumulator. FP8 is a float
+  format, so a per-block scale loses nothing to channels of very different size (they stay normal down to
+  amax / 2^15). Each P.V block product starts from zero and is added to an FP32 accumulator: Hopper's FP8 MMA
   keeps about 22 bits across a long sum.
 - Where FP8 dots are unavailable (Ampere, sm80/86) P and V are FP16 instead (the same kernels otherwise).
 - One quantization launch per tensor reads it once; the attention kernel reads the 8-bit copies.
@@ -79,21 +79,18 @@ if triton is not None:
         return (key & ~14) | ((key & 6) << 1) | ((key >> 2) & 2)
 
     @triton.jit
-    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, mean_ptr, hadamard_ptr, head_amax_ptr, L, H, stride_b, stride_l,
-                         stride_h, out_stride_bh, out_stride_l, out_stride_d, scales_per_bh, factor,
+    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, mean_ptr, hadamard_ptr, L, H, stride_b, stride_l, stride_h,
+                         out_stride_bh, out_stride_l, out_stride_d, scales_per_bh, factor,
                          D: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ROTATE: tl.constexpr,
-                         SM90: tl.constexpr = False):
+                         MMA_KEY_ORDER: tl.constexpr = False):
         """One [BLOCK, D] tile of x ([B, L, H, D], last dim contiguous) of head bh -> 8-bit out and its scale.
 
         MODE 0 (Q): INT8, one scale per token (times `factor`). MODE 1 (K): minus its smoothing mean, INT8, one
         scale per tile. MODE 2 (V): minus its mean, one scale per tile, stored in out's dtype (e4m3 or fp16).
-        MODE 3 (V, first pass for SM90): only the largest |V - mean| of the head, into head_amax_ptr (float bits
-        as int32: for values >= 0 the integer order is the float order, so an atomic integer max takes it).
         ROTATE (Q and K): multiply by a Hadamard matrix first, which spreads outlier channels over all channels
         (q.k is unchanged up to the factor D), so the INT8 step shrinks with the largest value.
         Rows past L are written as zeros (the padding the attention kernel reads).
-        SM90 (V): the layout of the sm90 kernel: keys stored in `_mma_key_position` order (its P operand order) and
-        one scale for the whole head (MODE 3's), written to every tile.
+        MMA_KEY_ORDER (V): keys stored in `_mma_key_position` order (the sm90 kernel's P operand order).
         """
         pid = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
@@ -115,25 +112,19 @@ if triton is not None:
             tl.store(scale_ptr + bh * scales_per_bh + rows, amax * (factor / 127.0))
         else:
             amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-20)
-            if MODE == 3:
-                tl.atomic_max(head_amax_ptr + bh, amax.to(tl.int32, bitcast=True))
+            if MODE == 1:
+                q = _round_to_int8(x * (127.0 / amax))
+                tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 127.0)
             else:
-                if SM90:
-                    amax = tl.load(head_amax_ptr + bh).to(tl.float32, bitcast=True)
-                if MODE == 1:
-                    q = _round_to_int8(x * (127.0 / amax))
-                    tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 127.0)
-                else:
-                    # floor: a block that smoothing made (nearly) zero gets a plain scale, so the ratio of
-                    # successive V scales in the attention kernel's rescale stays far from fp32 overflow
-                    amax = tl.maximum(amax, 1e-6)
-                    q = (x * (448.0 / amax)).to(out_ptr.dtype.element_ty)
-                    tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 448.0)
-        if SM90:
+                # floor: a block that smoothing made (nearly) zero gets a plain scale, so the ratio of successive
+                # V scales in the attention kernel's rescale stays far from fp32 overflow
+                amax = tl.maximum(amax, 1e-6)
+                q = (x * (448.0 / amax)).to(out_ptr.dtype.element_ty)
+                tl.store(scale_ptr + bh * scales_per_bh + pid, amax / 448.0)
+        if MMA_KEY_ORDER:
             rows = _mma_key_position(rows)
-        if MODE != 3:
-            dst = out_ptr + bh * out_stride_bh + rows.to(tl.int64)[:, None] * out_stride_l
-            tl.store(dst + cols[None, :] * out_stride_d, q)
+        dst = out_ptr + bh * out_stride_bh + rows.to(tl.int64)[:, None] * out_stride_l + cols[None, :] * out_stride_d
+        tl.store(dst, q)
 
     @triton.jit
     def _exp2(x):
@@ -286,26 +277,21 @@ def hadamard(d: int, device: torch.device) -> torch.Tensor:
 
 
 def _quantize(x, out, scales, mean, mode: int, block: int, factor: float = 1.0, rotate: bool = False,
-              head_amax: torch.Tensor | None = None):
+              mma_key_order: bool = False):
     b, length, heads, d = x.shape
     out_strides = (out.stride(0), out.stride(1), out.stride(2)) if mode < 2 else (out.stride(0), 1, out.stride(1))
     _quantize_kernel[(out.numel() // (b * heads * d * block), b * heads)](
-        x, out, scales, mean, hadamard(d, x.device), scales if head_amax is None else head_amax, length, heads,
-        x.stride(0), x.stride(1), x.stride(2),
+        x, out, scales, mean, hadamard(d, x.device), length, heads, x.stride(0), x.stride(1), x.stride(2),
         *out_strides, scales.shape[1], factor, D=d, BLOCK=block, MODE=mode, ROTATE=rotate,
-        SM90=head_amax is not None and mode == 2, num_warps=8 if block * d > 8192 else 4)
+        MMA_KEY_ORDER=mma_key_order, num_warps=8 if block * d > 8192 else 4)
 
 
-def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = True, sm90: bool = False):
+def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = True, mma_key_order: bool = False):
     """8-bit copies of q, k, v ([B, L, H, D]) and their scales, in the layouts the attention kernel reads:
     q8 [B*H, LQP, D] int8 + per-token scales (times scale * log2 e), k8 [B*Hk, LKP, D] int8 (smoothed) + one scale
     per KBLK keys, vt [B*Hk, D, LKP] (transposed: FP8 dots want both operands K-major) + one scale per KBLK keys,
     and V's smoothing mean (added back after the normalised P.V: each row of P sums to one).
-    sm90: V in the sm90 kernel's layout (sage_int8_ws): its keys permuted within each 32 as that kernel reads them,
-    and one scale per head (a first pass over V finds it) instead of one per block. In that kernel a step's two blocks
-    share one FP8 P; with per-block scales, a block whose scale is far below its partner's (a block of V that
-    smoothing made nearly zero next to one with a large value) would see its P scaled below e4m3's range, and its
-    keys would drop out of the row sums. FP8 is a float format: one scale per head costs no precision.
+    mma_key_order: V's keys permuted within each 32 as the sm90 kernel (sage_int8_ws) reads them.
     """
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
@@ -321,11 +307,7 @@ def quantize_qkv(q, k, v, scale: float, pv_dtype: torch.dtype, rotate: bool = Tr
     vmean = smoothing_mean(v)
     vt = torch.empty(b * hk, d, lkp, dtype=pv_dtype, device=dev)
     vs = torch.empty(b * hk, lkp // KBLK, dtype=torch.float32, device=dev)
-    head_amax = None
-    if sm90:
-        head_amax = torch.zeros(b * hk, dtype=torch.int32, device=dev)
-        _quantize(v, vt, vs, vmean, 3, KBLK, head_amax=head_amax)
-    _quantize(v, vt, vs, vmean, 2, KBLK, head_amax=head_amax)
+    _quantize(v, vt, vs, vmean, 2, KBLK, mma_key_order=mma_key_order)
     return q8, qs, k8, ks, vt, vs, vmean
 
 
@@ -368,7 +350,7 @@ def _refuse_warp_specialized(index: int, reason: str | None):
 
 
 def _attend_warp_specialized(quantized, out, lk: int, hk: int) -> bool:
-    """Run the sm90 schedule on quantize_qkv(..., sm90=True)'s output; False (recorded, logged once)
+    """Run the sm90 schedule on quantize_qkv(..., mma_key_order=True)'s output; False (recorded, logged once)
     where this Triton's Gluon cannot compile it."""
     from . import sage_int8_ws
     try:
@@ -412,10 +394,10 @@ def sage_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
         return out
     with torch.cuda.device(q.device):
         # sm90 with FP8 P.V and TMA: the warp-specialized schedule (H200, 32,760 tokens: 891-895 TFLOP/s, the Triton
-        # kernel 762-790), with V in its own layout
+        # kernel 762-790), whose V tiles hold their keys in MMA operand order
         warp_specialized = config is None and pv_fp8 and use_tma and _warp_specialized_refusal(q.device) is None
         pv_dtype = torch.float8_e4m3fn if pv_fp8 else torch.float16
-        quantized = quantize_qkv(q, k, v, scale, pv_dtype, rotate, sm90=warp_specialized)
+        quantized = quantize_qkv(q, k, v, scale, pv_dtype, rotate, mma_key_order=warp_specialized)
         if use_tma:
             triton.set_allocator(_tma_allocator)
         if warp_specialized and _attend_warp_specialized(quantized, out, lk, hk):

@@ -7,10 +7,9 @@ product added to an FP32 accumulator); the schedule is what Triton's automatic p
   to the SM once per 128 rows instead of once per 64; each gets 240 registers (the producer gives its own back);
 - a consumer step takes both blocks of a stage: one row maximum, one rescale of the accumulator and one barrier
   arrival per 256 keys, the two P.V products summed inside the MMA (256 keys: far below the long sums where
-  Hopper's FP8 accumulation loses bits). Where the two blocks' V scales differ, each P is multiplied by its V scale
-  over the larger of the two inside the exp2 (a per-row bias, free), so P stays within e4m3's 448, and the row sums
-  are scaled back; sage_int8_attention gives it one V scale per head, so that factor is 1 (a block far smaller than
-  its partner would lose its P below e4m3's range);
+  Hopper's FP8 accumulation loses bits). The two blocks' V scales differ: each P is multiplied by its V scale over
+  the larger of the two inside the exp2 (a per-row bias, free), so P stays within e4m3's 448, and the row sums are
+  scaled back;
 - P goes from the Q.K accumulator registers to the FP8 operand of P.V without leaving its thread: V's keys are
   stored in the order in which the operand holds them (sage_int8._mma_key_position), and four P values are packed
   into each 32-bit register by two conversions (no shuffles, no byte permutes: 20% fewer instructions a step);
@@ -269,7 +268,7 @@ def _descriptor(t: torch.Tensor, block: list[int], dtype) -> "TensorDescriptor":
 
 
 def attend_quantized_ws(quantized, out: torch.Tensor, lk: int, hk: int, stages: int = STAGES):
-    """The warp-specialized kernel on sage_int8.quantize_qkv(..., sm90=True)'s output (FP8 P.V), into out
+    """The warp-specialized kernel on sage_int8.quantize_qkv(..., mma_key_order=True)'s output (FP8 P.V), into out
     ([B, Lq, H, D])."""
     q8, qs, k8, ks, vt, vs, vmean = quantized
     b, lq, h, d = out.shape
